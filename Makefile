@@ -1,0 +1,50 @@
+# nbzoo — `make demo` runs every notebook on the demo preset; `make test` runs the whole test suite.
+# Both create .venv and install into it first.
+
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+TORCH_VERSION ?= 2.13.0
+# Where a CPU-only machine gets torch when no local wheel serves: the CPU wheel index, never the
+# multi-GB CUDA build from PyPI. On a machine with an NVIDIA driver, PyPI's CUDA build is wanted.
+TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
+TORCH_INDEX_ARGS := $(if $(shell command -v nvidia-smi 2>/dev/null),,--index-url $(TORCH_CPU_INDEX))
+PYTEST_ARGS ?=
+
+.PHONY: install demo test lint format notebooks lab clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --no-index "torch==$(TORCH_VERSION)" 2>/dev/null \
+	  || $(BIN)/python -m pip install --quiet "torch==$(TORCH_VERSION)" $(TORCH_INDEX_ARGS)
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $@
+
+demo: install
+	$(BIN)/nbzoo demo
+
+test: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: install
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+# Re-execute every notebook in place on the demo preset, so the committed outputs are current.
+notebooks: install
+	$(BIN)/nbzoo demo --in-place
+
+lab: install
+	$(BIN)/python -m ipykernel install --sys-prefix --name nbzoo --display-name "Python (nbzoo)"
+	$(BIN)/jupyter lab --ip 127.0.0.1 --no-browser --ServerApp.root_dir=notebooks
+
+clean:
+	rm -rf $(VENV) results/*.ipynb checkpoints data .pytest_cache

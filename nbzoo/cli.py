@@ -1,0 +1,260 @@
+"""The ``nbzoo`` command: list, run and compare the notebooks.
+
+    nbzoo list
+    nbzoo run 01_albert_glue --preset demo -p epochs=3 -p task=sst2
+    nbzoo results
+    nbzoo bench [CASE ...] --quick
+
+Mistakes in what the user typed (an unknown notebook, preset or parameter, a value of the wrong
+type) end with one line naming it and the allowed choices, and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from nbzoo import paths
+
+EXIT_USAGE = 2
+
+
+class UsageError(Exception):
+    """Something the user typed is wrong: reported in one line, exit code 2."""
+
+
+def notebooks_dir() -> Path:
+    return paths.project_root() / "notebooks"
+
+
+def available_notebooks() -> list[str]:
+    return sorted(p.stem for p in notebooks_dir().glob("[0-9][0-9]_*.ipynb"))
+
+
+def find_notebook(name: str) -> Path:
+    """Accept a stem (01_albert_glue), a name without its number (albert_glue) or a path."""
+    stems = available_notebooks()
+    stem = Path(name).stem
+    matches = [s for s in stems if s == stem or s.split("_", 1)[1] == stem]
+    if len(matches) != 1:
+        raise UsageError(
+            f"unknown notebook {name!r}; choose one of: {', '.join(stems) or '(none found)'}"
+        )
+    return notebooks_dir() / f"{matches[0]}.ipynb"
+
+
+def notebook_parameters(path: Path) -> dict[str, dict[str, Any]]:
+    import papermill
+
+    return papermill.inspect_notebook(str(path))
+
+
+_TYPES = {"int": int, "float": float, "str": str, "bool": bool, "dict": dict, "list": list}
+
+
+def convert(name: str, text: str, type_name: str | None) -> Any:
+    """Parse ``text`` as the parameter's declared type (``int``, ``float | None``, ...)."""
+    type_name = (type_name or "").strip()
+    if type_name.startswith("Optional[") and type_name.endswith("]"):
+        type_name = f"{type_name[9:-1]} | None"
+    declared = [t.strip() for t in type_name.split("|") if t.strip() and t.strip() != "None"]
+    wanted = _TYPES.get(declared[0]) if len(declared) == 1 else None
+    if wanted is str or (wanted is None and not declared):
+        return text
+    if text == "None" and "None" in type_name:
+        return None
+    if wanted is bool:
+        if text.lower() in ("true", "1", "yes"):
+            return True
+        if text.lower() in ("false", "0", "no"):
+            return False
+        raise UsageError(f"parameter {name} expects bool (true/false), got {text!r}")
+    try:
+        value = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        value = text
+    if wanted is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if wanted is not None and not (
+        isinstance(value, wanted) and not (wanted is int and isinstance(value, bool))
+    ):
+        raise UsageError(f"parameter {name} expects {declared[0]}, got {text!r}")
+    return value
+
+
+def parse_overrides(path: Path, pairs: list[str]) -> dict[str, Any]:
+    declared = notebook_parameters(path)
+    values: dict[str, Any] = {}
+    for pair in pairs:
+        name, sep, text = pair.partition("=")
+        if not sep:
+            raise UsageError(f"-p expects key=value, got {pair!r}")
+        if name not in declared:
+            raise UsageError(
+                f"unknown parameter {name!r} for {path.stem}; choose one of: {', '.join(declared)}"
+            )
+        values[name] = convert(name, text, declared[name].get("inferred_type_name"))
+    return values
+
+
+def cmd_list(_args: argparse.Namespace) -> int:
+    from nbzoo import presets
+
+    for stem in available_notebooks():
+        try:
+            names = ", ".join(presets.names(stem))
+        except presets.PresetError:
+            names = "-"
+        print(f"{stem:28s} presets: {names}")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from nbzoo import presets
+
+    path = find_notebook(args.notebook)
+    try:
+        choices = presets.names(path.stem)
+    except presets.PresetError:
+        choices = ["demo"]
+    if args.preset not in choices:
+        raise UsageError(
+            f"unknown preset {args.preset!r} for {path.stem}; choose one of: {', '.join(choices)}"
+        )
+    parameters = {"preset": args.preset, **parse_overrides(path, args.param or [])}
+    output = paths.resolve(args.output_dir) / f"{path.stem}.ipynb"
+    print(f"running {path.name} (preset {args.preset}) → {output}", flush=True)
+    seconds = execute(path, output, parameters, args.kernel, args.verbose)
+    print(f"done in {seconds:.1f} s", flush=True)
+    return 0
+
+
+def execute(
+    path: Path, output: Path, parameters: dict[str, Any], kernel: str, verbose: bool = False
+) -> float:
+    """Run one notebook with papermill from its own folder; return the seconds it took."""
+    import papermill
+
+    output.parent.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    papermill.execute_notebook(
+        str(path),
+        str(output),
+        parameters=parameters,
+        cwd=str(path.parent),
+        kernel_name=kernel,
+        progress_bar=False,
+        log_output=verbose,
+    )
+    return time.perf_counter() - start
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """Every notebook on the demo preset (00_results last, since it reads the others), then the table."""
+    stems = [s for s in available_notebooks() if not s.startswith("00_")]
+    stems += [s for s in available_notebooks() if s.startswith("00_")]
+    for stem in stems:
+        path = notebooks_dir() / f"{stem}.ipynb"
+        output = path if args.in_place else paths.results_dir() / path.name
+        print(f"[demo] {stem} ...", flush=True)
+        seconds = execute(path, output, {}, args.kernel, args.verbose)
+        print(f"[demo] {stem} done in {seconds:.1f} s → {output}", flush=True)
+    return cmd_results(argparse.Namespace(dir=None))
+
+
+def cmd_results(args: argparse.Namespace) -> int:
+    import pandas as pd
+
+    from nbzoo import metrics
+
+    records = metrics.read_results(args.dir)
+    if not records:
+        print(
+            f"no results in {paths.resolve(args.dir) if args.dir else paths.results_dir()}; run `make demo` first"
+        )
+        return 1
+    table = metrics.results_table(records)
+    with pd.option_context(
+        "display.width", 200, "display.max_columns", 20, "display.max_rows", 200
+    ):
+        print(table.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="nbzoo", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("list", help="the notebooks and their presets").set_defaults(func=cmd_list)
+    run = sub.add_parser("run", help="execute a notebook with papermill")
+    run.add_argument("notebook")
+    run.add_argument("--preset", default="demo")
+    run.add_argument(
+        "-p", "--param", action="append", metavar="KEY=VALUE", help="override one parameter"
+    )
+    run.add_argument("--output-dir", default="results", help="where the executed notebook goes")
+    run.add_argument("--kernel", default="python3", help="Jupyter kernel name")
+    run.add_argument("--verbose", action="store_true", help="stream the notebook's output")
+    run.set_defaults(func=cmd_run)
+    demo = sub.add_parser(
+        "demo", help="run every notebook on the demo preset, then the results table"
+    )
+    demo.add_argument("--in-place", action="store_true", help="store outputs in notebooks/")
+    demo.add_argument("--kernel", default="python3")
+    demo.add_argument("--verbose", action="store_true")
+    demo.set_defaults(func=cmd_demo)
+    res = sub.add_parser(
+        "results", help="the table of every results file against the seeds' figures"
+    )
+    res.add_argument("--dir", default=None)
+    res.set_defaults(func=cmd_results)
+    bench = sub.add_parser("bench", help="stock transformers vs nbzoo's perf path")
+    bench.add_argument("cases", nargs="*")
+    bench.add_argument("--device", default="auto")
+    bench.add_argument("--steps", type=int, default=20)
+    bench.add_argument("--quick", action="store_true")
+    bench.set_defaults(func=cmd_bench)
+    return parser
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    try:
+        from nbzoo import bench
+    except ImportError:
+        raise UsageError("nbzoo bench is not available in this version") from None
+    return bench.main(args)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+
+    def one_line_error(message: str) -> None:
+        print(f"nbzoo: error: {message}", file=sys.stderr)
+        raise SystemExit(EXIT_USAGE)
+
+    parser.error = one_line_error  # type: ignore[method-assign]
+    for action in parser._subparsers._group_actions:  # sub-commands report the same way
+        for sub in action.choices.values():
+            sub.error = one_line_error  # type: ignore[method-assign]
+    args = parser.parse_args(argv)
+    from papermill.exceptions import PapermillExecutionError
+
+    try:
+        return args.func(args)
+    except UsageError as exc:
+        print(f"nbzoo: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except PapermillExecutionError as exc:
+        print(
+            f"nbzoo: the notebook failed in cell {exc.exec_count}: {exc.ename}: {exc.evalue} "
+            "(the executed notebook with the full traceback is in results/)",
+            file=sys.stderr,
+        )
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

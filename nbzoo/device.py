@@ -1,0 +1,220 @@
+"""Device selection (npu → cuda → cpu), precision policy, seeding and distributed set-up.
+
+torch_npu is optional. Since torch 2.x, installed device backends are auto-loaded when torch is
+imported; a machine with torch_npu but without CANN would then fail on ``import torch``. We turn
+the auto-loading off before torch is imported and import torch_npu ourselves, inside a guard.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import platform
+import random
+import shutil
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+os.environ.setdefault("TORCH_DEVICE_BACKEND_AUTOLOAD", "0")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+DEVICES = ("auto", "cpu", "cuda", "npu")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16", "O0", "O1", "O2")
+
+# The seeds use apex opt levels. Native AMP covers them:
+#   O0 → fp32; O1 → autocast (fp16 where the device has a scaler, bf16 on CPU);
+#   O2 → bf16 autocast with fp32 master weights (the optimizer always sees fp32 parameters).
+APEX_LEVELS = {"O0": "fp32", "O1": "fp16", "O2": "bf16"}
+
+_npu_import_error: str | None = None
+
+
+def _import_torch_npu() -> bool:
+    """Import torch_npu if it is installed and usable; remember why not otherwise."""
+    global _npu_import_error
+    if hasattr(torch, "npu") and getattr(torch.npu, "is_available", None):
+        return True
+    try:
+        import torch_npu  # noqa: F401
+    except Exception as exc:  # ImportError, or CANN libraries missing at load time
+        _npu_import_error = f"{type(exc).__name__}: {exc}"
+        return False
+    return True
+
+
+def npu_available() -> bool:
+    return _import_torch_npu() and bool(torch.npu.is_available())
+
+
+def resolve_device(name: str = "auto") -> str:
+    """Map ``auto`` to the best device present; check an explicit choice exists."""
+    if name not in DEVICES:
+        raise ValueError(f"device must be one of {', '.join(DEVICES)}; got {name!r}")
+    if name == "auto":
+        if npu_available():
+            return "npu"
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(
+            "device='cuda' but torch sees no CUDA GPU (torch.cuda.is_available() is False)"
+        )
+    if name == "npu" and not npu_available():
+        why = _npu_import_error or "torch.npu.is_available() is False"
+        raise RuntimeError(f"device='npu' but no usable Ascend NPU: {why}")
+    return name
+
+
+def resolve_precision(name: str, kind: str) -> str:
+    """Map a precision request onto fp32, bf16 or fp16 for the given device kind."""
+    if name not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}; got {name!r}")
+    name = APEX_LEVELS.get(name, name)
+    if name == "auto":
+        if kind == "cuda":
+            return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        if kind == "npu":
+            return "fp16"
+        return "fp32"
+    if kind == "cpu" and name == "fp16":
+        return "bf16"  # CPU autocast has no fp16 kernels worth using
+    return name
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch (all devices) for a reproducible run."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+@dataclass
+class Runtime:
+    """Where and how a notebook computes."""
+
+    kind: str
+    precision: str
+    seed: int = 0
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    threads: int = field(default_factory=torch.get_num_threads)
+
+    @property
+    def device(self) -> torch.device:
+        if self.kind == "cpu":
+            return torch.device("cpu")
+        return torch.device(self.kind, self.local_rank)
+
+    @property
+    def amp_dtype(self) -> torch.dtype | None:
+        return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @contextlib.contextmanager
+    def autocast(self) -> Iterator[None]:
+        if self.amp_dtype is None:
+            yield
+            return
+        with torch.autocast(device_type=self.kind, dtype=self.amp_dtype):
+            yield
+
+    def grad_scaler(self) -> torch.amp.GradScaler:
+        """A loss scaler, enabled only where fp16 needs one."""
+        enabled = self.precision == "fp16" and self.kind != "cpu"
+        return torch.amp.GradScaler(self.kind, enabled=enabled)
+
+    def to_device(self, batch: dict) -> dict:
+        return {
+            k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v
+            for k, v in batch.items()
+        }
+
+
+def setup(device: str = "auto", precision: str = "auto", seed: int = 0) -> Runtime:
+    """Pick the device and precision, seed everything, and join torch.distributed when launched
+    by torchrun (WORLD_SIZE > 1)."""
+    kind = resolve_device(device)
+    rt = Runtime(kind=kind, precision=resolve_precision(precision, kind), seed=seed)
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size > 1:
+        import torch.distributed as dist
+
+        rt.rank, rt.world_size = int(os.environ["RANK"]), world_size
+        rt.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        if not dist.is_initialized():
+            backend = {"cpu": "gloo", "cuda": "nccl", "npu": "hccl"}[kind]
+            dist.init_process_group(backend=backend)
+        if kind == "cuda":
+            torch.cuda.set_device(rt.local_rank)
+        elif kind == "npu":
+            torch.npu.set_device(rt.local_rank)
+    if kind == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+    seed_everything(seed)
+    return rt
+
+
+def cann_version() -> str | None:
+    """The CANN toolkit version, read from its install tree, or None when CANN is absent."""
+    home = os.environ.get("ASCEND_TOOLKIT_HOME") or os.environ.get("ASCEND_HOME_PATH")
+    candidates = [home] if home else []
+    candidates.append("/usr/local/Ascend/ascend-toolkit/latest")
+    for root in candidates:
+        for name in ("version.cfg", "ascend_toolkit_install.info"):
+            path = os.path.join(root, name) if root else ""
+            if path and os.path.exists(path):
+                with open(path, encoding="utf-8", errors="replace") as f:
+                    for line in f:
+                        if "version" in line.lower() and "=" in line:
+                            return line.split("=", 1)[1].strip().strip('"')
+    return None
+
+
+def accelerator_name(rt: Runtime) -> str:
+    if rt.kind == "cuda":
+        return torch.cuda.get_device_name(rt.local_rank)
+    if rt.kind == "npu":
+        return torch.npu.get_device_name(rt.local_rank)
+    return platform.processor() or platform.machine()
+
+
+def describe(rt: Runtime | None = None):
+    """A small table of what this run computes on, for the notebooks' environment cell."""
+    import pandas as pd
+    import transformers
+
+    from nbzoo import patching
+
+    rt = rt or setup()
+    rows = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "device": f"{rt.kind} ({accelerator_name(rt)})",
+        "precision": rt.precision,
+        "devices (world size)": rt.world_size,
+        "cpu threads": rt.threads,
+        "torch_npu": _npu_version() or "not installed",
+        "CANN": cann_version() or "not found",
+        "atc on PATH": "yes" if shutil.which("atc") else "no",
+        "active patches": ", ".join(patching.active()) or "none",
+    }
+    return pd.DataFrame({"value": [str(v) for v in rows.values()]}, index=list(rows))
+
+
+def _npu_version() -> str | None:
+    from importlib import metadata
+
+    try:
+        return metadata.version("torch_npu")
+    except metadata.PackageNotFoundError:
+        return None

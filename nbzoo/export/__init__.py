@@ -1,0 +1,1 @@
+"""Export to ONNX (and Ascend .om through ATC) and the offline-inference backends."""

@@ -1,0 +1,162 @@
+"""GLUE fine-tuning of a sequence classifier (SST-2 classification, STS-B regression).
+
+Notebook 01 walks through these steps one by one; notebook 02 calls :func:`finetune_glue` when
+it needs 01's checkpoint and finds none. The configuration is the notebook's resolved preset
+(``nbzoo.presets.resolve("01_albert_glue", ...)``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from transformers import (
+    AlbertConfig,
+    AlbertForSequenceClassification,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    get_linear_schedule_with_warmup,
+)
+
+from nbzoo import metrics, paths
+from nbzoo.data import glue
+from nbzoo.device import Runtime
+from nbzoo.text import word_tokenizer
+from nbzoo.train import TrainConfig, TrainResult, config_hash, fit, predict
+
+TINY = (
+    "tiny"  # model_name of the demo: an ALBERT built from ``model_config`` and trained from scratch
+)
+
+
+def prepare_data(task: str, cfg: Any) -> dict[str, glue.GlueSplit]:
+    """Generate (``data_source = "generate"``) or download (``"download"``) the task into
+    ``cfg.data_dir`` in GLUE's layout, or read what is there (``"local"``); return train and dev."""
+    data_dir = paths.resolve(cfg.data_dir)
+    if cfg.data_source == "generate":
+        glue.write_sample_dataset(data_dir, task, dict(cfg.sample_sizes), seed=cfg.seed)
+    elif cfg.data_source == "download":
+        glue.download_task(data_dir, task)
+    elif cfg.data_source != "local":
+        raise ValueError(
+            f"data_source must be generate, download or local; got {cfg.data_source!r}"
+        )
+    return {split: glue.read_split(data_dir, task, split) for split in ("train", "dev")}
+
+
+def build_tokenizer(cfg: Any, train: glue.GlueSplit):
+    if cfg.model_name == TINY:
+        return word_tokenizer(train.text_a + (train.text_b or []))
+    return AutoTokenizer.from_pretrained(cfg.model_name)
+
+
+def num_labels(task: str) -> int:
+    return 2 if task == "sst2" else 1
+
+
+def build_model(task: str, cfg: Any, tokenizer) -> torch.nn.Module:
+    if cfg.model_name == TINY:
+        config = AlbertConfig(
+            vocab_size=len(tokenizer),
+            max_position_embeddings=cfg.max_seq_length,
+            pad_token_id=tokenizer.pad_token_id,
+            num_labels=num_labels(task),
+            **cfg.model_config,
+        )
+        return AlbertForSequenceClassification(config)
+    return AutoModelForSequenceClassification.from_pretrained(
+        cfg.model_name, num_labels=num_labels(task)
+    )
+
+
+def task_metrics(task: str, outputs: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+    """The seed's metrics: accuracy for SST-2; Pearson and Spearman for STS-B."""
+    if task == "sst2":
+        return {"sst2_accuracy": metrics.accuracy(outputs.argmax(-1), labels)}
+    scores = outputs.reshape(-1)
+    return {
+        "stsb_pearson": metrics.pearson(scores, labels),
+        "stsb_spearman": metrics.spearman(scores, labels),
+    }
+
+
+def make_optimizer(model: torch.nn.Module, cfg: Any, total_steps: int):
+    """AdamW without weight decay on biases and LayerNorm, linear warm-up then linear decay."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        (no_decay if p.ndim < 2 or "LayerNorm" in name else decay).append(p)
+    groups = [
+        {"params": decay, "weight_decay": cfg.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    optimizer = torch.optim.AdamW(groups, lr=cfg.learning_rate)
+    scheduler = get_linear_schedule_with_warmup(
+        optimizer, int(cfg.warmup_ratio * total_steps), total_steps
+    )
+    return optimizer, scheduler
+
+
+def checkpoint_path(cfg: Any, task: str) -> Path:
+    return paths.resolve(cfg.checkpoint_dir) / task
+
+
+@dataclass
+class Finetuned:
+    task: str
+    model: torch.nn.Module
+    tokenizer: Any
+    result: TrainResult
+    metrics: dict[str, float]
+    checkpoint: Path
+
+
+def finetune_glue(
+    task: str, cfg: Any, rt: Runtime, data: dict[str, glue.GlueSplit] | None = None
+) -> Finetuned:
+    """Data → tokenizer → model → training → dev metrics → ``save_pretrained`` checkpoint."""
+    data = data or prepare_data(task, cfg)
+    tokenizer = build_tokenizer(cfg, data["train"])
+    train_set = glue.EncodedGlue(data["train"], tokenizer, cfg.max_seq_length)
+    dev_set = glue.EncodedGlue(data["dev"], tokenizer, cfg.max_seq_length)
+    torch.manual_seed(cfg.seed)
+    model = build_model(task, cfg, tokenizer).to(rt.device)
+    steps = cfg.epochs * -(-len(train_set) // (cfg.batch_size * rt.world_size))
+    optimizer, scheduler = make_optimizer(model, cfg, steps)
+
+    def evaluate(m: torch.nn.Module) -> dict[str, float]:
+        outputs, labels = predict(m, dev_set, rt, batch_size=128)
+        return task_metrics(task, outputs, labels)
+
+    folder = checkpoint_path(cfg, task)
+    train_cfg = TrainConfig(
+        epochs=cfg.epochs,
+        batch_size=cfg.batch_size,
+        max_steps=cfg.max_steps or None,
+        max_grad_norm=1.0,
+        checkpoint_dir=folder / "training",
+        checkpoint_every=cfg.checkpoint_every or None,
+        seed=cfg.seed,
+        run_id=config_hash(task, cfg, len(train_set)),
+        desc=f"{task} training",
+    )
+    result = fit(model, train_set, optimizer, rt, train_cfg, scheduler=scheduler, eval_fn=evaluate)
+    final = result.evals[-1] if result.evals else evaluate(model)
+    scores = {k: v for k, v in final.items() if k not in ("step", "epoch")}
+    if rt.is_main:
+        model.save_pretrained(folder, safe_serialization=True)
+        tokenizer.save_pretrained(folder)
+    return Finetuned(task, model, tokenizer, result, scores, folder)
+
+
+def load_finetuned(path: str | Path, device: torch.device | str = "cpu"):
+    """A checkpoint written by :func:`finetune_glue`: (model in eval mode, tokenizer)."""
+    path = Path(path)
+    if not (path / "config.json").exists():
+        raise FileNotFoundError(
+            f"{path}: no fine-tuned checkpoint here (config.json missing); run 01_albert_glue first"
+        )
+    model = AutoModelForSequenceClassification.from_pretrained(path).to(device).eval()
+    return model, AutoTokenizer.from_pretrained(path)

@@ -1,0 +1,222 @@
+"""Metrics, throughput and the results record every notebook writes.
+
+Metric functions wrap scikit-learn / scipy; the results record is ``results/<notebook-stem>.json``.
+The seeds' figures travel in the record under ``reference`` and are always labelled as the seed's.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import math
+import os
+import platform
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from scipy import stats
+from sklearn import metrics as skm
+
+from nbzoo import paths
+
+IGNORE_INDEX = -100
+
+
+def accuracy(predictions, labels) -> float:
+    return float(skm.accuracy_score(np.asarray(labels), np.asarray(predictions)))
+
+
+def f1(predictions, labels) -> float:
+    return float(skm.f1_score(np.asarray(labels), np.asarray(predictions)))
+
+
+def pearson(predictions, labels) -> float:
+    return float(
+        stats.pearsonr(np.asarray(predictions, float), np.asarray(labels, float)).statistic
+    )
+
+
+def spearman(predictions, labels) -> float:
+    return float(
+        stats.spearmanr(np.asarray(predictions, float), np.asarray(labels, float)).statistic
+    )
+
+
+def perplexity(mean_loss: float) -> float:
+    """exp of a mean token-level cross-entropy (nats)."""
+    return float(math.exp(mean_loss))
+
+
+def masked_token_accuracy(logits_or_predictions, labels, ignore_index: int = IGNORE_INDEX) -> float:
+    """Accuracy over positions whose label is not ``ignore_index`` (the masked positions)."""
+    pred = np.asarray(logits_or_predictions)
+    labels = np.asarray(labels)
+    if pred.ndim == labels.ndim + 1:
+        pred = pred.argmax(-1)
+    keep = labels != ignore_index
+    if not keep.any():
+        raise ValueError("no labelled (masked) positions to score")
+    return float((pred[keep] == labels[keep]).mean())
+
+
+def samples_per_second(samples: int, seconds: float) -> float:
+    return float(samples / seconds) if seconds > 0 else float("nan")
+
+
+# Dense bf16 peak TFLOP/s by device name fragment (vendor datasheets), for MFU.
+PEAK_BF16_TFLOPS = {
+    "H200": 989.0,
+    "H100": 989.0,
+    "A100": 312.0,
+    "L40S": 362.0,
+    "A10": 125.0,
+    "V100": 125.0,  # fp16 tensor cores; V100 has no bf16
+    "Ascend910B": 313.0,
+    "Ascend910": 256.0,
+}
+
+
+def peak_tflops(device_name: str) -> float | None:
+    for key, value in PEAK_BF16_TFLOPS.items():
+        if key.lower() in device_name.replace(" ", "").lower():
+            return value
+    return None
+
+
+def mfu(flops_per_step: float, step_seconds: float, device_name: str) -> float | None:
+    """Model FLOPs utilisation: achieved FLOP/s over the device's dense bf16 peak."""
+    peak = peak_tflops(device_name)
+    if peak is None or step_seconds <= 0:
+        return None
+    return float(flops_per_step / step_seconds / (peak * 1e12))
+
+
+def _versions() -> dict[str, str]:
+    from importlib import metadata
+
+    out = {"python": platform.python_version()}
+    for dist in ("torch", "transformers", "torch_npu", "onnxruntime", "nbzoo"):
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def write_results(
+    stem: str,
+    *,
+    preset: str,
+    rt,
+    metrics: Mapping[str, float],
+    reference: Mapping[str, Any],
+    samples_per_second: float | None = None,
+    extra: Mapping[str, Any] | None = None,
+    output_dir: str | os.PathLike | None = None,
+) -> Path:
+    """Write ``results/<stem>.json`` atomically and return its path.
+
+    ``reference`` is the seed's record: ``{"source": "seeds/002_albert.md", "setting": "...",
+    "metrics": {...}, "samples_per_second": ...}``.
+    """
+    bad = {k: v for k, v in metrics.items() if not isinstance(v, int | float | np.number)}
+    if bad:
+        raise TypeError(f"metrics must be a flat dict of numbers; not numbers: {bad}")
+    from nbzoo.device import accelerator_name
+
+    record = {
+        "notebook": stem,
+        "preset": preset,
+        "device": rt.kind,
+        "device_name": accelerator_name(rt),
+        "precision": rt.precision,
+        "devices": rt.world_size,
+        "metrics": {k: float(v) for k, v in metrics.items()},
+        "reference": dict(reference),
+        "samples_per_second": None if samples_per_second is None else float(samples_per_second),
+        "versions": _versions(),
+        "finished_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+    if extra:
+        record["extra"] = dict(extra)
+    folder = paths.resolve(output_dir) if output_dir is not None else paths.results_dir()
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{stem}.json"
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(_plain(record), indent=2, allow_nan=True) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+    return path
+
+
+def read_results(folder: str | os.PathLike | None = None) -> list[dict[str, Any]]:
+    folder = paths.resolve(folder) if folder is not None else paths.results_dir()
+    records = []
+    for path in sorted(Path(folder).glob("*.json")):
+        try:
+            record = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path}: not valid JSON ({exc})") from None
+        if isinstance(record, dict) and "notebook" in record and "metrics" in record:
+            records.append(record)
+    return records
+
+
+def compare(metrics: Mapping[str, float], reference: Mapping[str, Any], samples_per_second=None):
+    """This run's figures next to the seed's, as a DataFrame (seed column labelled as such)."""
+    import pandas as pd
+
+    seed = reference.get("metrics", {})
+    rows = []
+    for name in list(metrics) + [k for k in seed if k not in metrics]:
+        rows.append(
+            {"metric": name, "this run": metrics.get(name), "seed (reference)": seed.get(name)}
+        )
+    if samples_per_second is not None or reference.get("samples_per_second") is not None:
+        rows.append(
+            {
+                "metric": "samples/s",
+                "this run": samples_per_second,
+                "seed (reference)": reference.get("samples_per_second"),
+            }
+        )
+    table = pd.DataFrame(rows).set_index("metric")
+    table.attrs["seed setting"] = reference.get("setting", "")
+    return table
+
+
+def results_table(records: list[Mapping[str, Any]]):
+    """One row per (notebook, metric): this project's figure next to the seed's."""
+    import pandas as pd
+
+    rows = []
+    for rec in records:
+        seed = rec.get("reference", {}).get("metrics", {})
+        for name, value in rec["metrics"].items():
+            rows.append(
+                {
+                    "notebook": rec["notebook"],
+                    "preset": rec["preset"],
+                    "device": rec["device"],
+                    "precision": rec["precision"],
+                    "metric": name,
+                    "value": value,
+                    "seed (reference)": seed.get(name),
+                    "samples/s": rec.get("samples_per_second"),
+                    "seed samples/s": rec.get("reference", {}).get("samples_per_second"),
+                }
+            )
+    return pd.DataFrame(rows)

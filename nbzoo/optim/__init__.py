@@ -1,0 +1,1 @@
+"""Optimizers not in torch: THOR."""

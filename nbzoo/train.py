@@ -1,0 +1,423 @@
+"""The one training loop every notebook uses.
+
+Why our own small loop and not HF Trainer or accelerate: the notebooks train HF models, a
+second-order optimizer (THOR) that needs its own hooks, and models on three device kinds; they
+need *exact* resume (same data order, RNG state and optimizer state mid-epoch) and a loop short
+enough to read in a tutorial. The Trainer's internals change between transformers releases (the
+seeds replaced trainer.py by hand for that reason); a 200-line loop over plain torch does not.
+
+What it does: AMP through the Runtime (autocast + a GradScaler for fp16), gradient accumulation,
+gradient clipping, evaluation each epoch (and every ``eval_every`` steps), atomic checkpoints
+(model weights as safetensors, the rest with torch.save) with exact resume, a ``tqdm.auto``
+progress bar, loss history and samples/s. Under torchrun (``WORLD_SIZE>1``) it wraps the model in
+DistributedDataParallel and shards every epoch's permutation across ranks.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import random
+import shutil
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_model, save_model
+from torch.utils.data import default_collate
+from tqdm.auto import tqdm
+
+from nbzoo.device import Runtime
+
+Batch = dict[str, Any]
+Callback = Callable[[int, float, "TrainState"], None]
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 1
+    batch_size: int = 32  # per device, per micro-batch
+    max_steps: int | None = None  # stop after this many optimizer steps in total
+    grad_accum: int = 1
+    max_grad_norm: float | None = None
+    eval_every: int | None = None  # optimizer steps; evaluation also runs at every epoch end
+    checkpoint_dir: str | os.PathLike | None = None
+    checkpoint_every: int | None = (
+        None  # optimizer steps; a checkpoint is also written at every epoch end
+    )
+    resume: bool = True  # continue from checkpoint_dir/last when it exists and run_id matches
+    run_id: str = ""  # identity of the run (e.g. a hash of its config): a checkpoint of another run is not resumed
+    log_every: int = 10
+    seed: int = 0
+    desc: str = "train"
+
+
+@dataclass
+class TrainState:
+    epoch: int = 0
+    batch_in_epoch: int = 0  # micro-batches of the current epoch already consumed
+    step: int = 0  # optimizer steps taken
+    samples: int = 0
+    train_seconds: float = 0.0
+    run_id: str = ""
+    history: list[dict[str, float]] = field(default_factory=list)
+    evals: list[dict[str, float]] = field(default_factory=list)
+
+
+@dataclass
+class TrainResult:
+    history: list[dict[str, float]]
+    evals: list[dict[str, float]]
+    steps: int
+    samples: int
+    train_seconds: float
+    resumed_from_step: int | None
+
+    @property
+    def samples_per_second(self) -> float:
+        return self.samples / self.train_seconds if self.train_seconds > 0 else float("nan")
+
+    @property
+    def final_loss(self) -> float:
+        return self.history[-1]["loss"] if self.history else float("nan")
+
+
+def config_hash(*parts: Any) -> str:
+    """A short stable hash of a run's configuration, for ``TrainConfig.run_id``."""
+    blob = json.dumps(parts, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def epoch_batches(
+    n: int, batch_size: int, seed: int, epoch: int, rank: int = 0, world_size: int = 1
+) -> list[list[int]]:
+    """This rank's micro-batches for one epoch: a seeded permutation, sharded like
+    DistributedSampler (padded so that every rank gets the same number of samples)."""
+    g = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    order = torch.randperm(n, generator=g).tolist()
+    if world_size > 1:
+        per_rank = math.ceil(n / world_size)
+        order = (order * world_size)[: per_rank * world_size]
+        order = order[rank::world_size]
+    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+def _rng_state() -> dict[str, Any]:
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+        "numpy": [
+            torch.from_numpy(np.random.get_state()[1].astype(np.int64)),
+            *np.random.get_state()[2:],
+        ],
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state(("MT19937", keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(
+    folder: str | os.PathLike,
+    model: torch.nn.Module,
+    optimizer,
+    scheduler,
+    scaler,
+    state: TrainState,
+) -> Path:
+    """Write ``folder/last`` atomically: a temporary folder, then two renames."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp, last, old = folder / f".tmp-{os.getpid()}", folder / "last", folder / ".old"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    save_model(model, str(tmp / "model.safetensors"))
+    torch.save(
+        {
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict() if scheduler is not None else None,
+            "scaler": scaler.state_dict(),
+            "rng": _rng_state(),
+            "state": asdict(state),
+        },
+        tmp / "trainer_state.pt",
+    )
+    if last.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        last.rename(old)
+    tmp.rename(last)
+    shutil.rmtree(old, ignore_errors=True)
+    return last
+
+
+def find_checkpoint(folder: str | os.PathLike) -> Path | None:
+    """The newest complete checkpoint (``last``, or ``.old`` if a save died between renames)."""
+    for name in ("last", ".old"):
+        path = Path(folder) / name
+        if (path / "model.safetensors").exists() and (path / "trainer_state.pt").exists():
+            return path
+    return None
+
+
+def checkpoint_run_id(path: Path) -> str:
+    blob = torch.load(path / "trainer_state.pt", map_location="cpu", weights_only=True)
+    return blob["state"].get("run_id", "")
+
+
+def load_checkpoint(path: Path, model: torch.nn.Module, optimizer, scheduler, scaler) -> TrainState:
+    load_model(model, str(path / "model.safetensors"), device=str(next(model.parameters()).device))
+    blob = torch.load(path / "trainer_state.pt", map_location="cpu", weights_only=True)
+    optimizer.load_state_dict(blob["optimizer"])
+    if scheduler is not None and blob["scheduler"] is not None:
+        scheduler.load_state_dict(blob["scheduler"])
+    scaler.load_state_dict(blob["scaler"])
+    _set_rng_state(blob["rng"])
+    return TrainState(**blob["state"])
+
+
+def _forward_loss(model, batch: Batch, loss_fn) -> torch.Tensor:
+    if loss_fn is not None:
+        return loss_fn(model, batch)
+    out = model(**batch)
+    loss = out["loss"] if isinstance(out, dict) else out.loss
+    if loss is None:
+        raise ValueError("the model returned no loss: pass labels in the batch or give loss_fn")
+    return loss
+
+
+def _evaluate(model, eval_fn, state: TrainState) -> None:
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        metrics = eval_fn(model)
+    model.train(was_training)
+    state.evals.append(
+        {"step": state.step, "epoch": state.epoch, **{k: float(v) for k, v in metrics.items()}}
+    )
+
+
+def fit(
+    model: torch.nn.Module,
+    train_dataset: Sequence,
+    optimizer: torch.optim.Optimizer,
+    rt: Runtime,
+    cfg: TrainConfig,
+    collate_fn: Callable[[list], Batch] | None = None,
+    scheduler: Any = None,
+    eval_fn: Callable[[torch.nn.Module], dict[str, float]] | None = None,
+    loss_fn: Callable[[torch.nn.Module, Batch], torch.Tensor] | None = None,
+    callbacks: Iterable[Callback] = (),
+) -> TrainResult:
+    """Train ``model`` (already on ``rt.device``) and return its history.
+
+    ``scheduler`` is stepped once per optimizer step. ``callbacks`` run after every optimizer step
+    as ``cb(step, loss, state)``.
+    """
+    collate_fn = collate_fn or default_collate
+    scaler = rt.grad_scaler()
+    state, resumed_from = TrainState(run_id=cfg.run_id), None
+    if (
+        cfg.checkpoint_dir is not None
+        and cfg.resume
+        and (ckpt := find_checkpoint(cfg.checkpoint_dir))
+    ):
+        if checkpoint_run_id(ckpt) == cfg.run_id:
+            state = load_checkpoint(ckpt, model, optimizer, scheduler, scaler)
+            resumed_from = state.step
+            if rt.is_main:
+                print(f"resuming from {ckpt} at step {state.step}", flush=True)
+        elif rt.is_main:
+            print(
+                f"not resuming from {ckpt}: it belongs to another configuration (run_id differs)",
+                flush=True,
+            )
+
+    net = model
+    if rt.distributed:
+        net = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=None if rt.kind == "cpu" else [rt.local_rank]
+        )
+    batches_per_epoch = len(
+        epoch_batches(len(train_dataset), cfg.batch_size, 0, 0, rt.rank, rt.world_size)
+    )
+    steps_per_epoch = math.ceil(batches_per_epoch / cfg.grad_accum)
+    total_steps = steps_per_epoch * cfg.epochs
+    if cfg.max_steps is not None:
+        total_steps = min(total_steps, cfg.max_steps)
+    bar = tqdm(
+        total=total_steps,
+        initial=state.step,
+        desc=cfg.desc,
+        disable=not rt.is_main,
+        mininterval=float(os.environ.get("NBZOO_PROGRESS_INTERVAL", "0.5")),
+        dynamic_ncols=True,
+    )
+    callbacks = list(callbacks)
+    model.train()
+    done = state.step >= total_steps
+    while not done and state.epoch < cfg.epochs:
+        batches = epoch_batches(
+            len(train_dataset), cfg.batch_size, cfg.seed, state.epoch, rt.rank, rt.world_size
+        )
+        micro_losses: list[float] = []
+        tick = time.perf_counter()
+        step_samples = 0
+        while state.batch_in_epoch < len(batches):
+            i = state.batch_in_epoch
+            batch = rt.to_device(collate_fn([train_dataset[j] for j in batches[i]]))
+            boundary = (i + 1) % cfg.grad_accum == 0 or i + 1 == len(batches)
+            sync = boundary or not rt.distributed
+            ctx = net.no_sync() if not sync else _nullcontext()
+            with ctx:
+                with rt.autocast():
+                    loss = _forward_loss(net, batch, loss_fn)
+                scaler.scale(loss / cfg.grad_accum).backward()
+            micro_losses.append(float(loss.detach()))
+            step_samples += len(batches[i]) * rt.world_size
+            state.batch_in_epoch += 1
+            if not boundary:
+                continue
+            if cfg.max_grad_norm is not None:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            if scheduler is not None:
+                scheduler.step()
+            if rt.kind == "cuda":
+                torch.cuda.synchronize()
+            seconds = time.perf_counter() - tick
+            state.step += 1
+            state.samples += step_samples
+            state.train_seconds += seconds
+            step_loss = sum(micro_losses) / len(micro_losses)
+            state.history.append(
+                {
+                    "step": state.step,
+                    "epoch": state.epoch,
+                    "loss": step_loss,
+                    "lr": float(optimizer.param_groups[0]["lr"]),
+                    "seconds": seconds,
+                }
+            )
+            micro_losses, step_samples = [], 0
+            bar.update(1)
+            if state.step % cfg.log_every == 0:
+                bar.set_postfix(loss=f"{step_loss:.4f}", epoch=state.epoch, refresh=False)
+            for cb in callbacks:
+                cb(state.step, step_loss, state)
+            if eval_fn is not None and cfg.eval_every and state.step % cfg.eval_every == 0:
+                _evaluate(model, eval_fn, state)
+            if cfg.max_steps is not None and state.step >= cfg.max_steps:
+                done = True
+            if (
+                cfg.checkpoint_dir is not None
+                and rt.is_main
+                and (done or (cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0))
+            ):
+                save_checkpoint(cfg.checkpoint_dir, model, optimizer, scheduler, scaler, state)
+            if done:
+                break
+            tick = time.perf_counter()
+        if done:
+            break
+        state.epoch += 1
+        state.batch_in_epoch = 0
+        if eval_fn is not None:
+            _evaluate(model, eval_fn, state)
+        if cfg.checkpoint_dir is not None and rt.is_main:
+            save_checkpoint(cfg.checkpoint_dir, model, optimizer, scheduler, scaler, state)
+    bar.close()
+    if done and eval_fn is not None and (not state.evals or state.evals[-1]["step"] != state.step):
+        _evaluate(model, eval_fn, state)
+    return TrainResult(
+        history=state.history,
+        evals=state.evals,
+        steps=state.step,
+        samples=state.samples,
+        train_seconds=state.train_seconds,
+        resumed_from_step=resumed_from,
+    )
+
+
+class _nullcontext:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+@torch.no_grad()
+def predict(
+    model: torch.nn.Module,
+    dataset: Sequence,
+    rt: Runtime,
+    batch_size: int = 64,
+    collate_fn: Callable[[list], Batch] | None = None,
+    output_key: str = "logits",
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Run the model over a dataset in order; return (outputs, labels or None) as float32 / numpy."""
+    collate_fn = collate_fn or default_collate
+    was_training = model.training
+    model.eval()
+    outputs, labels = [], []
+    for start in range(0, len(dataset), batch_size):
+        batch = collate_fn(
+            [dataset[j] for j in range(start, min(start + batch_size, len(dataset)))]
+        )
+        y = batch.pop("labels", None)
+        with rt.autocast():
+            out = model(**rt.to_device(batch))
+        outputs.append(
+            (out[output_key] if isinstance(out, dict) else getattr(out, output_key))
+            .float()
+            .cpu()
+            .numpy()
+        )
+        if y is not None:
+            labels.append(y.numpy())
+    model.train(was_training)
+    return np.concatenate(outputs), (np.concatenate(labels) if labels else None)
+
+
+def plot_history(result: TrainResult, title: str = "training", smooth: int = 10):
+    """Loss per step (raw and a moving average) and, where evaluated, the eval metrics."""
+    import matplotlib.pyplot as plt
+
+    evals = [e for e in result.evals]
+    ncols = 2 if evals else 1
+    fig, axes = plt.subplots(1, ncols, figsize=(5.5 * ncols, 3.5), squeeze=False)
+    ax = axes[0, 0]
+    steps = [h["step"] for h in result.history]
+    losses = np.array([h["loss"] for h in result.history])
+    ax.plot(steps, losses, alpha=0.3, label="loss")
+    if len(losses) >= smooth > 1:
+        avg = np.convolve(losses, np.ones(smooth) / smooth, mode="valid")
+        ax.plot(steps[smooth - 1 :], avg, label=f"mean of {smooth}")
+    ax.set(xlabel="optimizer step", ylabel="training loss", title=title)
+    ax.legend()
+    if evals:
+        ax2 = axes[0, 1]
+        for key in [k for k in evals[0] if k not in ("step", "epoch")]:
+            ax2.plot([e["step"] for e in evals], [e[key] for e in evals], marker="o", label=key)
+        ax2.set(xlabel="optimizer step", title="evaluation")
+        ax2.legend()
+    fig.tight_layout()
+    return fig

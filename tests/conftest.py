@@ -1,0 +1,35 @@
+"""Shared fixtures. Tests write results, data and checkpoints under tmp_path, never the project's own."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def isolated_results(tmp_path, monkeypatch):
+    """Point results/ and data/ at a temporary folder for one test."""
+    monkeypatch.setenv("NBZOO_RESULTS", str(tmp_path / "results"))
+    monkeypatch.setenv("NBZOO_DATA", str(tmp_path / "data"))
+    return tmp_path
+
+
+def run_python(
+    code: str, env: dict[str, str] | None = None, cwd: Path | None = None, timeout: int = 300
+):
+    """Run ``code`` in a fresh interpreter of this environment; return the CompletedProcess."""
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        env=full_env,
+        cwd=cwd or ROOT,
+        timeout=timeout,
+    )

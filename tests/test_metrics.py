@@ -1,0 +1,81 @@
+import json
+import math
+
+import numpy as np
+import pytest
+
+from nbzoo import device, metrics
+
+
+def test_classification_and_correlation_metrics():
+    assert metrics.accuracy([1, 0, 1, 1], [1, 0, 0, 1]) == 0.75
+    assert metrics.f1([1, 0, 1, 1], [1, 0, 0, 1]) == pytest.approx(0.8)
+    x = np.arange(10.0)
+    assert metrics.pearson(x, 2 * x + 1) == pytest.approx(1.0)
+    assert metrics.spearman(x, x**3) == pytest.approx(1.0)
+    assert metrics.pearson(x, -x) == pytest.approx(-1.0)
+
+
+def test_masked_token_accuracy_scores_only_labelled_positions():
+    logits = np.zeros((1, 4, 3))
+    logits[0, [0, 1, 2, 3], [2, 1, 0, 0]] = 1.0  # predictions 2, 1, 0, 0
+    labels = np.array([[2, -100, 1, -100]])
+    assert metrics.masked_token_accuracy(logits, labels) == 0.5
+    with pytest.raises(ValueError, match="no labelled"):
+        metrics.masked_token_accuracy(logits, np.full((1, 4), -100))
+
+
+def test_perplexity_and_mfu():
+    assert metrics.perplexity(math.log(3.0)) == pytest.approx(3.0)
+    assert metrics.mfu(989e12, 1.0, "NVIDIA H100 80GB HBM3") == pytest.approx(1.0)
+    assert metrics.mfu(1.0, 1.0, "some cpu") is None
+
+
+def test_results_record_has_the_required_fields(isolated_results):
+    rt = device.Runtime(kind="cpu", precision="fp32")
+    path = metrics.write_results(
+        "01_albert_glue",
+        preset="demo",
+        rt=rt,
+        metrics={"sst2_accuracy": np.float64(0.9)},
+        reference={"source": "seeds/002_albert.md", "metrics": {"sst2_accuracy": 0.927}},
+        samples_per_second=100.0,
+    )
+    record = json.loads(path.read_text())
+    for key in (
+        "notebook",
+        "preset",
+        "device",
+        "precision",
+        "devices",
+        "metrics",
+        "reference",
+        "samples_per_second",
+        "versions",
+        "finished_at",
+    ):
+        assert key in record
+    assert record["metrics"] == {"sst2_accuracy": 0.9} and record["versions"]["torch"]
+    assert path.parent == isolated_results / "results" and not list(path.parent.glob("*.tmp"))
+    assert metrics.read_results()[0]["notebook"] == "01_albert_glue"
+
+
+def test_metrics_must_be_numbers(isolated_results):
+    with pytest.raises(TypeError, match="flat dict of numbers"):
+        metrics.write_results(
+            "x",
+            preset="demo",
+            rt=device.Runtime("cpu", "fp32"),
+            metrics={"a": "high"},
+            reference={},
+        )
+
+
+def test_compare_labels_the_seed_column():
+    table = metrics.compare(
+        {"sst2_accuracy": 0.9},
+        {"metrics": {"sst2_accuracy": 0.927}, "samples_per_second": 517},
+        50.0,
+    )
+    assert list(table.columns) == ["this run", "seed (reference)"]
+    assert table.loc["samples/s", "seed (reference)"] == 517

@@ -1,0 +1,35 @@
+"""Notebooks run headlessly with non-default parameters (nbval runs them on their defaults)."""
+
+import json
+import math
+
+import pytest
+
+from nbzoo import cli
+
+
+@pytest.mark.slow
+def test_albert_notebook_takes_its_parameters_from_papermill(tmp_path, monkeypatch):
+    monkeypatch.setenv("NBZOO_ROOT", str(cli.notebooks_dir().parent))
+    out = tmp_path / "results"
+    params = {
+        "task": "sst2",
+        "epochs": 2,
+        "batch_size": 16,
+        "sample_sizes": {"train": 400, "dev": 100, "test": 10},
+        "data_dir": str(tmp_path / "dataset"),
+        "checkpoint_dir": str(tmp_path / "checkpoints"),
+        "output_dir": str(out),
+    }
+    cli.execute(
+        cli.find_notebook("01_albert_glue"), out / "01_albert_glue.ipynb", params, "python3"
+    )
+    record = json.loads((out / "01_albert_glue.json").read_text())
+    assert record["preset"] == "demo" and record["device"] == "cpu" and record["devices"] == 1
+    assert set(record["metrics"]) == {"sst2_accuracy"}
+    assert record["extra"]["steps"] == {
+        "sst2": 2 * math.ceil(400 / 16)
+    }  # epochs and batch size took effect
+    assert 0.0 <= record["metrics"]["sst2_accuracy"] <= 1.0
+    assert record["reference"]["source"] == "seeds/002_albert.md"
+    assert (tmp_path / "dataset" / "SST-2" / "train.tsv").exists()
