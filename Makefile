@@ -8,7 +8,8 @@ TORCH_VERSION ?= 2.13.0
 # Where a CPU-only machine gets torch when no local wheel serves: the CPU wheel index, never the
 # multi-GB CUDA build from PyPI. On a machine with an NVIDIA driver, PyPI's CUDA build is wanted.
 TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
-TORCH_INDEX_ARGS := $(if $(shell command -v nvidia-smi 2>/dev/null),,--index-url $(TORCH_CPU_INDEX))
+# A wheel pip finds locally (find-links) is used as it is.
+TORCH_INDEX_ARGS := $(if $(shell command -v nvidia-smi 2>/dev/null),,--index-url $(TORCH_CPU_INDEX) --extra-index-url https://pypi.org/simple)
 PYTEST_ARGS ?=
 
 .PHONY: install demo test lint format notebooks lab clean
@@ -17,9 +18,11 @@ install: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --no-index "torch==$(TORCH_VERSION)" 2>/dev/null \
-	  || $(BIN)/python -m pip install --quiet "torch==$(TORCH_VERSION)" $(TORCH_INDEX_ARGS)
+	if $(BIN)/python -m pip install --quiet --dry-run --no-deps --no-index "torch==$(TORCH_VERSION)" >/dev/null 2>&1; \
+	then $(BIN)/python -m pip install --quiet "torch==$(TORCH_VERSION)"; \
+	else $(BIN)/python -m pip install --quiet "torch==$(TORCH_VERSION)" $(TORCH_INDEX_ARGS); fi
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	$(BIN)/python -m ipykernel install --sys-prefix --name nbzoo --display-name "Python (nbzoo)" >/dev/null
 	touch $@
 
 demo: install
@@ -43,7 +46,6 @@ notebooks: install
 	$(BIN)/nbzoo demo --in-place
 
 lab: install
-	$(BIN)/python -m ipykernel install --sys-prefix --name nbzoo --display-name "Python (nbzoo)"
 	$(BIN)/jupyter lab --ip 127.0.0.1 --no-browser --ServerApp.root_dir=notebooks
 
 clean:

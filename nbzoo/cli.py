@@ -163,7 +163,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         print(f"[demo] {stem} ...", flush=True)
         seconds = execute(path, output, {}, args.kernel, args.verbose)
         print(f"[demo] {stem} done in {seconds:.1f} s → {output}", flush=True)
-    return cmd_results(argparse.Namespace(dir=None))
+    return cmd_results(argparse.Namespace(dir=None, markdown=False))
 
 
 def cmd_results(args: argparse.Namespace) -> int:
@@ -178,6 +178,9 @@ def cmd_results(args: argparse.Namespace) -> int:
         )
         return 1
     table = metrics.results_table(records)
+    if getattr(args, "markdown", False):
+        print(table.to_markdown(index=False, floatfmt=".4g"))
+        return 0
     with pd.option_context(
         "display.width", 200, "display.max_columns", 20, "display.max_rows", 200
     ):
@@ -210,6 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
         "results", help="the table of every results file against the seeds' figures"
     )
     res.add_argument("--dir", default=None)
+    res.add_argument("--markdown", action="store_true", help="a Markdown table (for README.md)")
     res.set_defaults(func=cmd_results)
     bench = sub.add_parser("bench", help="stock transformers vs nbzoo's perf path")
     bench.add_argument("cases", nargs="*")
