@@ -48,9 +48,51 @@ def find_notebook(name: str) -> Path:
 
 
 def notebook_parameters(path: Path) -> dict[str, dict[str, Any]]:
-    import papermill
+    """The knobs of the cell tagged ``parameters``: name → type, default and help comment.
 
-    return papermill.inspect_notebook(str(path))
+    Read with ``ast`` rather than ``papermill.inspect_notebook``, whose line regex does not
+    understand ``int | None`` annotations or a ``=`` inside a comment.
+    """
+    import nbformat
+
+    nb = nbformat.read(path, as_version=4)
+    cells = [c for c in nb.cells if "parameters" in c.get("metadata", {}).get("tags", [])]
+    if not cells:
+        raise UsageError(f"{path.name} has no cell tagged 'parameters'")
+    source = cells[0].source
+    lines = source.splitlines()
+    found: dict[str, dict[str, Any]] = {}
+    for node in ast.parse(source).body:
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            type_name = ast.unparse(node.annotation)
+        elif (
+            isinstance(node, ast.Assign)
+            and len(node.targets) == 1
+            and isinstance(node.targets[0], ast.Name)
+        ):
+            type_name = (
+                type(ast.literal_eval(node.value)).__name__ if _literal(node.value) else None
+            )
+        else:
+            continue
+        name = (node.target if isinstance(node, ast.AnnAssign) else node.targets[0]).id
+        line = lines[node.lineno - 1]
+        comment = line.split("#", 1)[1].strip() if "#" in line[node.end_col_offset :] else ""
+        found[name] = {
+            "name": name,
+            "inferred_type_name": type_name,
+            "default": ast.unparse(node.value) if node.value is not None else "None",
+            "help": comment,
+        }
+    return found
+
+
+def _literal(node: ast.AST) -> bool:
+    try:
+        ast.literal_eval(node)
+    except (ValueError, SyntaxError):
+        return False
+    return True
 
 
 _TYPES = {"int": int, "float": float, "str": str, "bool": bool, "dict": dict, "list": list}

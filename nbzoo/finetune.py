@@ -61,10 +61,10 @@ def build_model(task: str, cfg: Any, tokenizer) -> torch.nn.Module:
     if cfg.model_name == TINY:
         config = AlbertConfig(
             vocab_size=len(tokenizer),
-            max_position_embeddings=cfg.max_seq_length,
             pad_token_id=tokenizer.pad_token_id,
             num_labels=num_labels(task),
-            **cfg.model_config,
+            # the position table may be longer than the training length (02 exports seq 128)
+            **{"max_position_embeddings": cfg.max_seq_length, **cfg.model_config},
         )
         return AlbertForSequenceClassification(config)
     return AutoModelForSequenceClassification.from_pretrained(

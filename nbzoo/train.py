@@ -230,6 +230,8 @@ def fit(
     """
     collate_fn = collate_fn or default_collate
     scaler = rt.grad_scaler()
+    if hasattr(optimizer, "attach_grad_scaler"):
+        optimizer.attach_grad_scaler(scaler)  # THOR gathers G from unscaled gradients
     state, resumed_from = TrainState(run_id=cfg.run_id), None
     if (
         cfg.checkpoint_dir is not None

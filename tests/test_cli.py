@@ -30,7 +30,7 @@ def nbzoo(*args):
         (["run", "01_albert_glue", "-p", "epochs"], "-p expects key=value"),
         (
             ["run", "no_such_notebook"],
-            "unknown notebook 'no_such_notebook'; choose one of: 01_albert_glue",
+            "unknown notebook 'no_such_notebook'; choose one of: 00_results, 01_albert_glue",
         ),
         (["frobnicate"], "invalid choice: 'frobnicate'"),
     ],

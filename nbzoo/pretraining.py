@@ -1,0 +1,481 @@
+"""BERT pretraining (masked LM + next-sentence prediction) on MLPerf shards, and the optimizer
+comparison of notebook 06: THOR, its first-order counterpart (momentum SGD, same schedules) and AdamW,
+each tuned on a grid of the same size, all from the same initialisation and data order.
+
+The loss is MLPerf's: the encoder output is gathered at ``masked_lm_positions`` before the MLM head
+(the head never sees the ~85% of positions that carry no label), the masked-LM loss is the
+``masked_lm_weights``-weighted mean, plus the NSP cross-entropy. The model is transformers'
+``BertForPreTraining``; its decoder shares the word-embedding matrix (THOR handles the pair).
+
+Run under torchrun for ``devices > 1``: ``torchrun --nproc_per_node N -m nbzoo.pretraining CONFIG.json``
+(the notebook writes the config and launches it); every rank trains, rank 0 writes the runs.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from transformers import BertConfig, BertForPreTraining
+
+from nbzoo import device as nbdevice
+from nbzoo import paths
+from nbzoo.data import mlperf
+from nbzoo.device import Runtime
+from nbzoo.optim.thor import THOR, PolySchedule
+from nbzoo.train import TrainConfig, config_hash, fit
+
+STEM = "06_bert_thor"
+OPTIMIZERS = ("thor", "sgd", "adamw")
+# The seed (seeds/003_bert_thor.md): BERT-Large, MLPerf v0.7, THOR on 8 Ascend 910, batch 12 each.
+SEED_ACCURACY = {1000: 0.27491578, 2000: 0.69612586, 3000: 0.71377236}
+SEED_MS_PER_STEP = 275.0
+
+BERT_LARGE = {
+    "vocab_size": 30522,
+    "hidden_size": 1024,
+    "num_hidden_layers": 24,
+    "num_attention_heads": 16,
+    "intermediate_size": 4096,
+    "max_position_embeddings": 512,
+    "type_vocab_size": 2,
+    "hidden_act": "gelu",
+    "hidden_dropout_prob": 0.1,
+    "attention_probs_dropout_prob": 0.1,
+    "initializer_range": 0.02,
+}
+
+
+def build_model(model_config: dict[str, Any], seed: int) -> BertForPreTraining:
+    """A BertForPreTraining from a config dict (``"large"`` keys default to BERT-Large)."""
+    torch.manual_seed(seed)
+    return BertForPreTraining(BertConfig(**{**BERT_LARGE, **model_config}))
+
+
+def _gather(hidden: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    index = positions.unsqueeze(-1).expand(-1, -1, hidden.shape[-1])
+    return torch.gather(hidden, 1, index)
+
+
+def forward_heads(model: BertForPreTraining, batch: dict[str, torch.Tensor]):
+    """MLM scores at the masked positions (B × P × V) and NSP logits (B × 2)."""
+    out = model.bert(
+        input_ids=batch["input_ids"],
+        attention_mask=batch["input_mask"],
+        token_type_ids=batch["segment_ids"],
+    )
+    hidden = _gather(out.last_hidden_state, batch["masked_lm_positions"])
+    return model.cls.predictions(hidden), model.cls.seq_relationship(out.pooler_output)
+
+
+def pretraining_loss(model: BertForPreTraining, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """MLPerf's loss: weighted masked-LM cross-entropy + next-sentence cross-entropy."""
+    scores, nsp = forward_heads(model, batch)
+    weights = batch["masked_lm_weights"].float()
+    per_token = nn.functional.cross_entropy(
+        scores.float().flatten(0, 1), batch["masked_lm_ids"].flatten(), reduction="none"
+    )
+    mlm = (per_token * weights.flatten()).sum() / (weights.sum() + 1e-5)
+    return mlm + nn.functional.cross_entropy(nsp.float(), batch["next_sentence_labels"].flatten())
+
+
+class PretrainingModel(nn.Module):
+    """``BertForPreTraining`` whose forward takes an MLPerf batch and returns MLPerf's loss, so that
+    the training loop (and DistributedDataParallel, which must see the forward) calls it directly."""
+
+    def __init__(self, bert: BertForPreTraining):
+        super().__init__()
+        self.bert_pretraining = bert
+
+    def forward(self, **batch: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"loss": pretraining_loss(self.bert_pretraining, batch)}
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module, dataset: Sequence, rt: Runtime, batch_size: int = 256
+) -> dict[str, float]:
+    """Masked-LM accuracy (weighted, as MLPerf's eval), masked-LM loss and NSP accuracy."""
+    model = getattr(model, "bert_pretraining", model)
+    was_training = model.training
+    model.eval()
+    hits = weight = loss = nsp_hits = 0.0
+    for start in range(0, len(dataset), batch_size):
+        rows = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
+        batch = rt.to_device(mlperf.collate(rows))
+        with rt.autocast():
+            scores, nsp = forward_heads(model, batch)
+        w = batch["masked_lm_weights"].float()
+        ids = batch["masked_lm_ids"]
+        hits += float(((scores.argmax(-1) == ids).float() * w).sum())
+        ce = nn.functional.cross_entropy(
+            scores.float().flatten(0, 1), ids.flatten(), reduction="none"
+        )
+        loss += float((ce * w.flatten()).sum())
+        weight += float(w.sum())
+        nsp_hits += float((nsp.argmax(-1) == batch["next_sentence_labels"].flatten()).sum())
+    model.train(was_training)
+    return {
+        "mlm_accuracy": hits / weight,
+        "mlm_loss": loss / weight,
+        "nsp_accuracy": nsp_hits / len(dataset),
+    }
+
+
+def baseline_accuracy(arrays: dict[str, np.ndarray]) -> tuple[float, int]:
+    """Accuracy of always predicting the most frequent masked token (and that token's id)."""
+    w = arrays["masked_lm_weights"] > 0
+    ids = arrays["masked_lm_ids"][w]
+    counts = np.bincount(ids)
+    return float(counts.max() / len(ids)), int(counts.argmax())
+
+
+def steps_to_target(evals: list[dict[str, float]], target: float) -> int | None:
+    """The first evaluated step whose masked-LM accuracy is at or above ``target``."""
+    for e in evals:
+        if e["mlm_accuracy"] >= target:
+            return int(e["step"])
+    return None
+
+
+# --- optimizers ------------------------------------------------------------------------------------
+
+
+def make_optimizer(kind: str, model: nn.Module, lr: float, damping: float | None, cfg: Any):
+    """(optimizer, scheduler) for one grid point. All three decay the learning rate with
+    MindSpore's polynomial (power 2 to 1e-6 over ``schedule_steps``); THOR also its damping
+    (power 4 to 1e-6)."""
+    lr_schedule = PolySchedule(lr, 1e-6, 2.0, cfg.schedule_steps)
+    if kind in ("thor", "sgd"):
+        opt = THOR(
+            model,
+            lr=lr_schedule,
+            damping=PolySchedule(damping or 0.0, 1e-6, 4.0, cfg.schedule_steps),
+            momentum=cfg.momentum,
+            weight_decay=cfg.thor_weight_decay,
+            frequency=cfg.frequency,
+            stats_every=cfg.stats_every,
+            stat_decay=cfg.stat_decay,
+            block_size=cfg.block_size,
+            trace_threshold=cfg.trace_threshold,
+            clip_norm=cfg.clip_norm,
+            precondition=kind == "thor",
+        )
+        return opt, None
+    if kind == "adamw":
+        no_decay = {
+            id(p) for m in model.modules() if isinstance(m, nn.LayerNorm) for p in m.parameters()
+        }
+        no_decay |= {id(p) for n, p in model.named_parameters() if n.endswith("bias")}
+        params = list(model.parameters())
+        groups = [
+            {
+                "params": [p for p in params if id(p) not in no_decay],
+                "weight_decay": cfg.adamw_weight_decay,
+            },
+            {"params": [p for p in params if id(p) in no_decay], "weight_decay": 0.0},
+        ]
+        opt = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999), eps=1e-6)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: lr_schedule(step) / lr)
+        return opt, sched
+    raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}; got {kind!r}")
+
+
+@dataclass
+class Run:
+    """One training run of the comparison."""
+
+    optimizer: str
+    lr: float
+    damping: float | None
+    history: list[dict[str, float]]
+    evals: list[dict[str, float]]
+    steps: int
+    train_seconds: float
+    timings: dict[str, float] = field(default_factory=dict)  # THOR's cost breakdown
+    refresh_log: list[dict[str, int]] = field(default_factory=list)
+
+    @property
+    def label(self) -> str:
+        extra = f", damping {self.damping:g}" if self.damping is not None else ""
+        return f"{self.optimizer} lr {self.lr:g}{extra}"
+
+    @property
+    def final_accuracy(self) -> float:
+        return self.evals[-1]["mlm_accuracy"] if self.evals else float("nan")
+
+    @property
+    def diverged(self) -> bool:
+        return not all(math.isfinite(h["loss"]) for h in self.history)
+
+    def eval_seconds(self) -> list[float]:
+        """Cumulative training wall-clock (evaluation excluded) at each evaluated step."""
+        cum = np.cumsum([h["seconds"] for h in self.history])
+        return [float(cum[e["step"] - 1]) if e["step"] > 0 else 0.0 for e in self.evals]
+
+    def median_step_seconds(self, skip: int = 1) -> float:
+        return float(np.median([h["seconds"] for h in self.history[skip:]]))
+
+
+def train_one(
+    kind: str,
+    lr: float,
+    damping: float | None,
+    cfg: Any,
+    rt: Runtime,
+    train_data: Sequence,
+    eval_data: Sequence,
+    init_state: dict[str, torch.Tensor],
+) -> Run:
+    """Train from ``init_state`` with one optimizer setting; evaluate every ``cfg.eval_every``."""
+    bert = build_model(cfg.model_config, cfg.seed)
+    bert.load_state_dict(init_state)
+    model = PretrainingModel(bert).to(rt.device)
+    opt, sched = make_optimizer(kind, model, lr, damping, cfg)
+    checkpoint_dir = None
+    if cfg.checkpoint_dir:
+        checkpoint_dir = paths.resolve(cfg.checkpoint_dir) / f"{kind}-lr{lr:g}-d{damping or 0:g}"
+    tc = TrainConfig(
+        epochs=max(1, math.ceil(cfg.max_steps * cfg.batch_size * rt.world_size / len(train_data))),
+        batch_size=cfg.batch_size,
+        max_steps=cfg.max_steps,
+        eval_every=cfg.eval_every,
+        checkpoint_dir=checkpoint_dir,
+        checkpoint_every=cfg.checkpoint_every or None,
+        log_every=10,
+        seed=cfg.seed,
+        desc=f"{kind} lr={lr:g}" + (f" d={damping:g}" if damping is not None else ""),
+        run_id=config_hash(kind, lr, damping, cfg.model_config, cfg.max_steps, cfg.batch_size),
+    )
+
+    def eval_fn(m):
+        return evaluate(m, eval_data, rt, cfg.eval_batch_size)
+
+    try:
+        result = fit(
+            model,
+            train_data,
+            opt,
+            rt,
+            tc,
+            collate_fn=mlperf.collate,
+            scheduler=sched,
+            eval_fn=eval_fn,
+        )
+    finally:
+        if isinstance(opt, THOR):
+            opt.remove_hooks()
+    evals = result.evals
+    if not evals or evals[0]["step"] != 0:  # the shared starting point, for the curves
+        evals = [{"step": 0, "epoch": 0, **evaluate_init(cfg, rt, eval_data, init_state)}] + evals
+    return Run(
+        optimizer=kind,
+        lr=lr,
+        damping=damping,
+        history=result.history,
+        evals=evals,
+        steps=result.steps,
+        train_seconds=result.train_seconds,
+        timings=dict(opt.timings) if isinstance(opt, THOR) else {},
+        refresh_log=list(opt.refresh_log) if isinstance(opt, THOR) else [],
+    )
+
+
+_INIT_EVAL: dict[str, dict[str, float]] = {}
+
+
+def evaluate_init(cfg: Any, rt: Runtime, eval_data: Sequence, init_state) -> dict[str, float]:
+    """Evaluation of the shared initial weights (computed once per initialisation)."""
+    key = config_hash(cfg.model_config, cfg.seed, len(eval_data))
+    if key not in _INIT_EVAL:
+        model = build_model(cfg.model_config, cfg.seed).to(rt.device)
+        model.load_state_dict(init_state)
+        _INIT_EVAL[key] = evaluate(model, eval_data, rt, cfg.eval_batch_size)
+    return _INIT_EVAL[key]
+
+
+def grid_points(grid: dict[str, list[dict[str, float]]]) -> list[tuple[str, float, float | None]]:
+    """(optimizer, lr, damping) for every grid point; THOR's points carry a damping."""
+    points = []
+    for kind, settings in grid.items():
+        if kind not in OPTIMIZERS:
+            raise ValueError(f"grid optimizer must be one of {', '.join(OPTIMIZERS)}; got {kind!r}")
+        for s in settings:
+            damping = s.get("damping") if kind == "thor" else None
+            if kind == "thor" and damping is None:
+                raise ValueError(f"THOR grid point {s} has no damping")
+            points.append((kind, float(s["lr"]), damping))
+    return points
+
+
+def run_grid(cfg: Any, rt: Runtime, train_data: Sequence, eval_data: Sequence) -> list[Run]:
+    """Every grid point, from the same initial weights and data order."""
+    init_state = {
+        k: v.clone() for k, v in build_model(cfg.model_config, cfg.seed).state_dict().items()
+    }
+    return [
+        train_one(kind, lr, damping, cfg, rt, train_data, eval_data, init_state)
+        for kind, lr, damping in grid_points(cfg.grid)
+    ]
+
+
+def best_runs(runs: list[Run]) -> dict[str, Run]:
+    """Per optimizer, the grid point with the highest final masked-LM accuracy."""
+    best: dict[str, Run] = {}
+    for r in runs:
+        if r.optimizer not in best or r.final_accuracy > best[r.optimizer].final_accuracy:
+            best[r.optimizer] = r
+    return best
+
+
+def comparison_metrics(best: dict[str, Run], baseline: float) -> dict[str, float]:
+    """The metrics of results/06_bert_thor.json (NaN where a run or a crossing is missing)."""
+    nan = float("nan")
+    m = {"baseline_accuracy": baseline}
+    for kind in OPTIMIZERS:
+        m[f"mlm_accuracy_{kind}"] = best[kind].final_accuracy if kind in best else nan
+    if "sgd" in best:
+        target = best["sgd"].final_accuracy
+        m["target_accuracy"] = target
+        for kind in ("thor", "sgd"):
+            step = steps_to_target(best[kind].evals, target) if kind in best else None
+            m[f"steps_to_target_{kind}"] = nan if step is None else float(step)
+    if "thor" in best and "adamw" in best:
+        m["thor_step_time_ratio"] = (
+            best["thor"].median_step_seconds() / best["adamw"].median_step_seconds()
+        )
+    return m
+
+
+def seed_step_metrics(run: Run) -> dict[str, float]:
+    """THOR's accuracy at the seed's evaluation steps (1000 / 2000 / 3000), where this run has them."""
+    at = {int(e["step"]): e["mlm_accuracy"] for e in run.evals}
+    return {f"mlm_accuracy_thor@{s}": at[s] for s in SEED_ACCURACY if s in at}
+
+
+def threshold_checks(m: dict[str, float]) -> list[dict[str, Any]]:
+    """The issue's bars for the demo preset, evaluated on the computed metrics."""
+
+    def row(name, value, bar, passed):
+        return {"check": name, "value": value, "bar": bar, "passed": bool(passed)}
+
+    thor, base = m.get("mlm_accuracy_thor", math.nan), m.get("baseline_accuracy", math.nan)
+    s_thor = m.get("steps_to_target_thor", math.nan)
+    s_sgd = m.get("steps_to_target_sgd", math.nan)
+    ratio = m.get("thor_step_time_ratio", math.nan)
+    return [
+        row("THOR learns: mlm_accuracy_thor ≥ 2 × baseline", thor, 2 * base, thor >= 2 * base),
+        row(
+            "preconditioning pays: steps_to_target_thor ≤ 0.6 × steps_to_target_sgd",
+            s_thor,
+            0.6 * s_sgd,
+            s_thor <= 0.6 * s_sgd,
+        ),
+        row("cost: thor_step_time_ratio ≤ 1.3", ratio, 1.3, ratio <= 1.3),
+    ]
+
+
+def thor_cost_breakdown(run: Run) -> dict[str, float]:
+    """THOR's extra work in milliseconds per step, averaged over the run, next to the step time."""
+    steps = max(run.steps, 1)
+    out = {f"{k} (ms/step)": 1e3 * v / steps for k, v in run.timings.items()}
+    out["whole step (ms, mean)"] = 1e3 * run.train_seconds / steps
+    out["whole step (ms, median)"] = 1e3 * run.median_step_seconds()
+    return out
+
+
+# --- torchrun entry point ----------------------------------------------------------------------------
+
+
+class _Cfg(dict):
+    __getattr__ = dict.__getitem__
+
+
+def load_data(cfg: Any, world_size: int = 1):
+    """(train, eval) datasets from ``cfg.data_dir``: eval = the first ``eval_samples`` samples."""
+    folder = paths.resolve(cfg.data_dir)
+    in_memory = cfg.preset == "demo"
+    eval_data = mlperf.eval_split(folder, cfg.eval_samples, in_memory=in_memory)
+    limit = cfg.train_samples or None
+    train_data = mlperf.train_split(folder, cfg.eval_samples, limit, in_memory=in_memory)
+    return train_data, eval_data
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``torchrun --nproc_per_node N -m nbzoo.pretraining CONFIG.json OUT.json``."""
+    argv = sys.argv[1:] if argv is None else argv
+    cfg = _Cfg(json.loads(Path(argv[0]).read_text()))
+    if cfg.get("threads"):
+        torch.set_num_threads(cfg.threads)
+    rt = nbdevice.setup(cfg.device, cfg.precision, cfg.seed)
+    train_data, eval_data = load_data(cfg, rt.world_size)
+    tick = time.perf_counter()
+    runs = run_grid(cfg, rt, train_data, eval_data)
+    if rt.is_main:
+        out = Path(argv[1])
+        tmp = out.with_suffix(".tmp")
+        tmp.write_text(
+            json.dumps(
+                {
+                    "runs": [asdict(r) for r in runs],
+                    "world_size": rt.world_size,
+                    "seconds": time.perf_counter() - tick,
+                }
+            )
+        )
+        tmp.replace(out)
+
+
+def runs_from_json(path: str | Path) -> list[Run]:
+    return [Run(**r) for r in json.loads(Path(path).read_text())["runs"]]
+
+
+def launch_torchrun(cfg: Any, devices: int, workdir: str | Path) -> list[Run]:
+    """Run the grid on ``devices`` processes (torchrun); return rank 0's runs."""
+    import subprocess
+
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    config, out = workdir / "config.json", workdir / "runs.json"
+    config.write_text(json.dumps(dict(cfg)))
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc_per_node={devices}",
+        "-m",
+        "nbzoo.pretraining",
+        str(config),
+        str(out),
+    ]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"torchrun failed ({' '.join(cmd)}):\n{done.stderr[-4000:]}")
+    return runs_from_json(out)
+
+
+def prepare_data(cfg: Any) -> list[Path]:
+    """Write the sample shards (``data_source = "generate"``) or check the given ones (``"local"``);
+    return the shard paths in name order."""
+    folder = paths.resolve(cfg.data_dir)
+    if cfg.data_source == "generate":
+        spec = mlperf.SampleSpec(**cfg.sample_spec)
+        return mlperf.generate_sample_shards(
+            folder, cfg.num_samples, cfg.samples_per_shard, spec, seed=cfg.seed
+        )
+    if cfg.data_source != "local":
+        raise ValueError(f"data_source must be generate or local; got {cfg.data_source!r}")
+    return mlperf.list_shards(folder)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,129 @@
+"""Progress bars that suit where the code runs.
+
+``tqdm.auto`` picks a widget inside any Jupyter kernel, also under papermill and nbval, where
+nobody sees the widget and the stored notebook (and GitHub's rendering of it) shows only
+``HBox(children=...)``. In a log that is not a terminal, plain ``tqdm`` rewrites its line with
+``\\r`` at every refresh, which log files and papermill's ``--log-output`` turn into hundreds
+of lines for a long run. :func:`bar` chooses instead:
+
+``widget``   the ``tqdm.notebook`` widget: JupyterLab, VS Code, Colab.
+``terminal`` plain ``tqdm`` redrawing one line: an interactive terminal.
+``lines``    :class:`LineBar`: at most ``NBZOO_PROGRESS_LINES`` (default 10) whole lines per bar,
+             one each time another tenth is done, plus the final line — whatever the run's length.
+
+``NBZOO_PROGRESS`` = widget | terminal | lines forces a mode; unset or ``auto`` means: ``lines``
+on CI (``CI`` set) and inside :func:`headless` (``nbzoo run`` / ``make demo`` wrap papermill in
+it; the kernel inherits the variables, which also turn off transformers' own bars); otherwise
+``widget`` in a Jupyter kernel with ipywidgets, ``terminal`` on a TTY, ``lines`` anywhere else.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import sys
+from collections.abc import Iterator
+from typing import Any
+
+from tqdm import std
+
+MODES = ("auto", "widget", "terminal", "lines")
+ENV = "NBZOO_PROGRESS"
+
+
+def _in_kernel() -> bool:
+    return "ipykernel" in sys.modules and "IPython" in sys.modules
+
+
+def _ci() -> bool:
+    return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
+
+
+def mode() -> str:
+    """The mode :func:`bar` uses here and now (see the module docstring)."""
+    wanted = os.environ.get(ENV, "auto").strip().lower() or "auto"
+    if wanted not in MODES:
+        raise ValueError(f"{ENV}={wanted!r}: expected one of {', '.join(MODES)}")
+    if wanted != "auto":
+        return wanted
+    if _ci():
+        return "lines"
+    if _in_kernel():
+        from tqdm import autonotebook
+
+        return "widget" if autonotebook.tqdm is not std.tqdm else "lines"
+    return "terminal" if getattr(sys.stderr, "isatty", lambda: False)() else "lines"
+
+
+class LineBar(std.tqdm):
+    """A tqdm that prints whole lines, at most ``lines`` of them per bar (plus the last one),
+    instead of redrawing one line with carriage returns."""
+
+    def __init__(self, *args: Any, lines: int = 10, **kwargs: Any) -> None:
+        total = kwargs.get("total")
+        if total is None and args and hasattr(args[0], "__len__"):
+            total = len(args[0])
+        if total:
+            kwargs["miniters"] = max(1, math.ceil(total / max(1, lines)))
+            kwargs["mininterval"] = 0.0
+        else:  # unknown length: fall back to time, one line a minute
+            kwargs.setdefault("mininterval", 60.0)
+        # tqdm's monitor thread lowers miniters to 1 after maxinterval seconds without a
+        # refresh, which would turn a slow run back into one line per step.
+        kwargs["maxinterval"] = float("inf")
+        kwargs.pop("dynamic_ncols", None)
+        kwargs.setdefault("ncols", 100)
+        self._printed_n: float | None = None
+        super().__init__(*args, **kwargs)
+
+    def display(self, msg: str | None = None, pos: int | None = None) -> bool:
+        if msg == "":  # tqdm clears a bar that does not stay (leave=False): nothing to clear
+            return True
+        if msg is None:
+            if self.n == self._printed_n:  # close() redraws the last line: print it once
+                return True
+            self._printed_n = self.n
+            msg = self.__str__()
+        # The newline goes *before* the line: close() ends the last one with its own "\n".
+        self.fp.write(("\n" if self._started else "") + msg)
+        self.fp.flush()
+        self._started = True
+        return True
+
+    _started = False
+
+
+def bar(*args: Any, **kwargs: Any) -> std.tqdm:
+    """A progress bar (same arguments as ``tqdm``) in the mode :func:`mode` picks."""
+    chosen = mode()
+    if chosen == "widget":
+        from tqdm.notebook import tqdm as notebook_tqdm
+
+        kwargs.pop("dynamic_ncols", None)
+        return notebook_tqdm(*args, **kwargs)
+    if chosen == "lines":
+        if _in_kernel():  # stdout: a plain block in the notebook, not a red stderr box
+            kwargs.setdefault("file", sys.stdout)
+        lines = int(os.environ.get("NBZOO_PROGRESS_LINES", "10"))
+        return LineBar(*args, lines=lines, **kwargs)
+    return std.tqdm(*args, **kwargs)
+
+
+# Set for kernels started inside ``headless()``: our bars print lines, and the bars of
+# transformers / huggingface_hub (e.g. "Writing model shards") are off instead of being widgets.
+HEADLESS_ENV = {ENV: "lines", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
+
+
+@contextlib.contextmanager
+def headless() -> Iterator[None]:
+    """Environment for kernels started inside the block (papermill, nbclient) — see
+    ``HEADLESS_ENV``; a variable the user set already is kept. Restored afterwards."""
+    added = [name for name in HEADLESS_ENV if name not in os.environ]
+    for name in added:
+        os.environ[name] = HEADLESS_ENV[name]
+    try:
+        yield
+    finally:
+        for name in added:
+            os.environ.pop(name, None)

@@ -1,0 +1,237 @@
+"""fairseq's ``sentence_prediction`` fine-tuning of RoBERTa (the seed's SST-2 recipe) on nbzoo.train.
+
+Notebook 03 walks through these steps; the configuration is its resolved preset
+(``nbzoo.presets.resolve("03_roberta_sst2", ...)``). fairseq's recipe
+(``examples/roberta/config/finetuning/sst_2.yaml``): Adam with betas (0.9, 0.98), eps 1e-6 and
+decoupled weight decay 0.1 on every parameter (fairseq's Adam is AdamW), lr 1e-5 with linear
+warm-up over 6% of the updates then polynomial (power 1) decay to 0, batch 32, dropout 0.1,
+``<s>`` prepended to every sentence, max 512 positions, 10 epochs.
+"""
+
+from __future__ import annotations
+
+import os
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import (
+    RobertaConfig,
+    RobertaForSequenceClassification,
+    get_polynomial_decay_schedule_with_warmup,
+)
+
+from nbzoo import convert_fairseq, metrics, paths
+from nbzoo.data import fairseq, glue
+from nbzoo.data.download import download
+from nbzoo.data.fairseq_glue import PadCollator, SentencePredictionDataset, binarize_sst2
+from nbzoo.data.gpt2_bpe import RobertaEncoder, download_gpt2_bpe, train_bpe
+from nbzoo.device import Runtime
+from nbzoo.train import TrainConfig, TrainResult, config_hash, fit, predict
+
+TINY = "tiny"  # a RoBERTa built from ``model_config`` and trained from scratch (the demo)
+BASE_CONFIG = "roberta-base-config"  # roberta.base's architecture, random weights (perf preset)
+DATA_SOURCES = ("generate", "download", "binarized")
+
+
+def prepare_data(cfg: Any) -> Path:
+    """The binarized SST-2 folder (``input0/`` + ``label/``) the run trains on.
+
+    ``generate``: sample TSVs in GLUE's layout → a small byte-level BPE learnt on them → binarize.
+    ``download``: GLUE's SST-2 archive + fairseq's GPT-2 BPE files → binarize.
+    ``binarized``: ``data_dir`` already holds fairseq's output (the seed's ``SST-2`` folder).
+    """
+    data_dir = paths.resolve(cfg.data_dir)
+    if cfg.data_source not in DATA_SOURCES:
+        raise ValueError(
+            f"data_source must be one of {', '.join(DATA_SOURCES)}; got {cfg.data_source!r}"
+        )
+    if cfg.data_source == "binarized":
+        for part in ("input0/dict.txt", "input0/train.idx", "label/dict.txt", "label/train.idx"):
+            if not (data_dir / part).exists():
+                raise FileNotFoundError(
+                    f"{data_dir / part}: missing; data_dir must be fairseq's binarized SST-2 folder "
+                    "(input0/ and label/, as examples/roberta/preprocess_GLUE_tasks.sh writes it)"
+                )
+        return data_dir
+    glue_dir, bpe_dir = paths.resolve(cfg.glue_dir), paths.resolve(cfg.bpe_dir)
+    if cfg.data_source == "generate":
+        glue.write_sample_dataset(glue_dir, "sst2", dict(cfg.sample_sizes), seed=cfg.seed)
+        train = glue.read_split(glue_dir, "sst2", "train")
+        train_bpe(train.text_a, bpe_dir, vocab_size=cfg.bpe_vocab_size)
+    else:
+        glue.download_task(glue_dir, "sst2")
+        download_gpt2_bpe(bpe_dir)
+    binarize_sst2(glue_dir, data_dir, RobertaEncoder.from_dir(bpe_dir))
+    return data_dir
+
+
+def load_splits(
+    folder: str | os.PathLike, max_positions: int
+) -> dict[str, SentencePredictionDataset]:
+    """fairseq's train and valid splits (valid is GLUE's dev set)."""
+    return {
+        split: SentencePredictionDataset(folder, split, max_positions=max_positions)
+        for split in ("train", "valid")
+    }
+
+
+def download_roberta_base(model_path: Path, url: str) -> Path:
+    """Fetch fairseq's roberta.base archive and unpack its model.pt (and dict.txt) beside
+    ``model_path``; tar members that would land outside the folder are refused."""
+    folder = model_path.parent
+    archive = download(url, folder / Path(url).name)
+    with tarfile.open(archive) as tar:
+        members = [
+            m
+            for m in tar.getmembers()
+            if m.isfile() and Path(m.name).name in ("model.pt", "dict.txt")
+        ]
+        for member in members:
+            source = tar.extractfile(member)
+            target = folder / Path(member.name).name
+            tmp = target.with_name(target.name + ".part")
+            with source, open(tmp, "wb") as out:
+                while block := source.read(1 << 20):
+                    out.write(block)
+            os.replace(tmp, target)
+    if not model_path.exists():
+        raise FileNotFoundError(f"{archive}: no model.pt inside to place at {model_path}")
+    return model_path
+
+
+def build_model(cfg: Any, dictionary: fairseq.Dictionary, num_classes: int) -> torch.nn.Module:
+    """A tiny RoBERTa from ``model_config`` (demo), roberta.base's architecture with random weights
+    (perf), or a fairseq ``model.pt`` converted to transformers (full; classifier freshly made)."""
+    common = dict(
+        vocab_size=len(dictionary),  # dict.txt + the 4 specials + <mask>, as fairseq builds it
+        bos_token_id=dictionary.bos(),
+        pad_token_id=dictionary.pad(),
+        eos_token_id=dictionary.eos(),
+        type_vocab_size=1,
+        layer_norm_eps=1e-5,
+        num_labels=num_classes,
+        hidden_dropout_prob=cfg.dropout,
+        attention_probs_dropout_prob=cfg.dropout,
+    )
+    if cfg.model_name in (TINY, BASE_CONFIG):
+        # fairseq's learned positions start after the padding index: max_positions + 2 rows.
+        config = RobertaConfig(
+            **{
+                **common,
+                "max_position_embeddings": cfg.max_positions + dictionary.pad() + 1,
+                **(cfg.model_config if cfg.model_name == TINY else {}),
+            }
+        )
+        return RobertaForSequenceClassification(config)
+    model_path = paths.resolve(cfg.model_name)
+    if not model_path.exists() and cfg.model_url:
+        download_roberta_base(model_path, cfg.model_url)
+    converted = convert_fairseq.convert(
+        model_path,
+        task="sequence-classification",
+        num_labels=num_classes,
+        hidden_dropout_prob=cfg.dropout,
+        attention_probs_dropout_prob=cfg.dropout,
+    )
+    if converted.config.vocab_size != len(dictionary):
+        raise ValueError(
+            f"{model_path}: embeddings for {converted.config.vocab_size} symbols, but the data's "
+            f"dictionary (+<mask>) has {len(dictionary)}: binarize with the model's dict.txt"
+        )
+    return converted.model
+
+
+def make_optimizer(model: torch.nn.Module, cfg: Any, total_steps: int):
+    """fairseq's Adam (decoupled weight decay on all parameters) + polynomial decay with warm-up."""
+    optimizer = torch.optim.AdamW(
+        model.parameters(),
+        lr=cfg.learning_rate,
+        betas=tuple(cfg.adam_betas),
+        eps=cfg.adam_eps,
+        weight_decay=cfg.weight_decay,
+    )
+    scheduler = get_polynomial_decay_schedule_with_warmup(
+        optimizer, round(cfg.warmup_ratio * total_steps), total_steps, lr_end=0.0, power=1.0
+    )
+    return optimizer, scheduler
+
+
+def accuracy(
+    model: torch.nn.Module, dataset: SentencePredictionDataset, rt: Runtime, batch_size: int = 128
+) -> float:
+    logits, labels = predict(
+        model, dataset, rt, batch_size, collate_fn=PadCollator(dataset.dictionary.pad())
+    )
+    return metrics.accuracy(logits.argmax(-1), labels)
+
+
+@dataclass
+class Finetuned:
+    model: torch.nn.Module
+    result: TrainResult
+    accuracy: float
+    splits: dict[str, SentencePredictionDataset]
+
+
+def finetune(
+    cfg: Any,
+    rt: Runtime,
+    data_folder: str | os.PathLike,
+    splits: dict[str, SentencePredictionDataset] | None = None,
+) -> Finetuned:
+    """Binarized data → RoBERTa → fairseq's SST-2 recipe → valid accuracy."""
+    splits = splits or load_splits(data_folder, cfg.max_positions)
+    train, valid = splits["train"], splits["valid"]
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg, train.dictionary, len(train.class_names)).to(rt.device)
+    steps = cfg.epochs * -(-len(train) // (cfg.batch_size * rt.world_size))
+    if cfg.max_steps:
+        steps = min(steps, cfg.max_steps)
+    optimizer, scheduler = make_optimizer(model, cfg, steps)
+    train_cfg = TrainConfig(
+        epochs=cfg.epochs,
+        batch_size=cfg.batch_size,
+        max_steps=cfg.max_steps or None,
+        max_grad_norm=cfg.clip_norm or None,
+        checkpoint_dir=paths.resolve(cfg.checkpoint_dir) / "training"
+        if cfg.checkpoint_dir
+        else None,
+        checkpoint_every=cfg.checkpoint_every or None,
+        seed=cfg.seed,
+        run_id=config_hash(dict(cfg), len(train)),
+        desc="SST-2 fine-tuning",
+    )
+    result = fit(
+        model,
+        train,
+        optimizer,
+        rt,
+        train_cfg,
+        collate_fn=PadCollator(train.dictionary.pad()),
+        scheduler=scheduler,
+        eval_fn=lambda m: {"accuracy": accuracy(m, valid, rt)},
+    )
+    final = result.evals[-1]["accuracy"] if result.evals else accuracy(model, valid, rt)
+    return Finetuned(model, result, float(final), splits)
+
+
+def predict_sentences(
+    model: torch.nn.Module,
+    encoder: RobertaEncoder,
+    sentences: list[str],
+    class_names: list[str],
+    rt: Runtime,
+) -> list[tuple[str, str, float]]:
+    """(sentence, predicted label symbol, probability) for raw text, encoded as the data was."""
+    items = [{"input_ids": torch.from_numpy(encoder.encode(s, add_bos=True))} for s in sentences]
+    batch = rt.to_device(PadCollator(encoder.dictionary.pad())(items))
+    model.eval()
+    with torch.no_grad(), rt.autocast():
+        probs = model(**batch).logits.float().softmax(-1).cpu().numpy()
+    best = probs.argmax(-1)
+    return [
+        (s, class_names[k], float(p[k])) for s, k, p in zip(sentences, best, probs, strict=True)
+    ]

@@ -1,0 +1,283 @@
+"""Notebook 01 in a real JupyterLab, driven in Debian's Chromium by Playwright (no browser
+download): run all cells, then check what a person would see — no error anywhere, the loss
+plot, the progress bars as widgets, and a sentiment box that answers a typed sentence.
+
+JupyterLab runs on a free 127.0.0.1 port with a token, on a copy of the notebook in a temporary
+project (NBZOO_ROOT), so data, checkpoints and results never touch the repository. The
+screenshot goes to artifacts/ (gitignored) whether the test passes or fails.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.browser
+
+ROOT = Path(__file__).resolve().parents[2]
+CHROMIUM = Path(os.environ.get("NBZOO_CHROMIUM", "/usr/bin/chromium"))
+CHROMIUM_FLAGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+]
+NOTEBOOK = "01_albert_glue.ipynb"
+ARTIFACTS = ROOT / "artifacts"
+SCREENSHOT = ARTIFACTS / "jupyterlab_01_albert_glue.png"
+# Run All of the demo takes ~40 s on 2 free cores; a busy machine may raise the limit.
+RUN_ALL_TIMEOUT_S = float(os.environ.get("NBZOO_BROWSER_TIMEOUT_S", "150"))
+TYPED = "the acting is moving , but the pacing remains quite weak ."
+
+
+def _chromium_or_skip() -> Path:
+    """Chromium at CHROMIUM; when absent, one try with apt-get (root only), else skip."""
+    if CHROMIUM.exists():
+        return CHROMIUM
+    why = "not root, no apt-get"
+    if shutil.which("apt-get") and hasattr(os, "geteuid") and os.geteuid() == 0:
+        proc = subprocess.run(
+            ["apt-get", "install", "-y", "-qq", "chromium"],
+            capture_output=True,
+            text=True,
+            env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"},
+            timeout=300,
+        )
+        if CHROMIUM.exists():
+            return CHROMIUM
+        why = f"apt-get install chromium failed: {(proc.stderr or proc.stdout).strip()[-200:]}"
+    pytest.skip(f"Chromium not found at {CHROMIUM} and could not be installed ({why})")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _get(url: str) -> dict:
+    with urllib.request.urlopen(url, timeout=10) as response:
+        return json.loads(response.read())
+
+
+def _write_settings(folder: Path) -> None:
+    """User settings of the test's JupyterLab: every cell in the DOM (no virtual scrolling),
+    no news or update pop-ups over the notebook."""
+    settings = {
+        "@jupyterlab/notebook-extension/tracker.jupyterlab-settings": {"windowingMode": "none"},
+        "@jupyterlab/apputils-extension/notification.jupyterlab-settings": {
+            "fetchNews": "false",
+            "checkForUpdates": False,
+        },
+    }
+    for name, value in settings.items():
+        path = folder / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(value), encoding="utf-8")
+
+
+class Lab:
+    def __init__(self, url: str, token: str, notebooks: Path, proc: subprocess.Popen, log: Path):
+        self.url, self.token, self.notebooks, self.proc, self.log = url, token, notebooks, proc, log
+
+    def api(self, path: str) -> dict:
+        return _get(f"{self.url}/api/{path}?token={self.token}")
+
+
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory):
+    _chromium_or_skip()
+    base = tmp_path_factory.mktemp("lab")
+    notebooks = base / "notebooks"
+    notebooks.mkdir()
+    (base / "nbzoo").mkdir()  # marks the temporary project root (see nbzoo.paths)
+    shutil.copy(ROOT / "notebooks" / NOTEBOOK, notebooks / NOTEBOOK)
+    _write_settings(base / "lab-settings")
+    port, token = _free_port(), secrets.token_hex(16)
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        # as on a user's machine: progress bars as widgets, results in this project
+        if k not in ("CI", "NBZOO_PROGRESS", "NBZOO_RESULTS", "NBZOO_DATA", "JUPYTER_PLATFORM_DIRS")
+    }
+    env.update(
+        NBZOO_ROOT=str(base),
+        JUPYTERLAB_SETTINGS_DIR=str(base / "lab-settings"),
+        JUPYTERLAB_WORKSPACES_DIR=str(base / "lab-workspaces"),
+        JUPYTER_RUNTIME_DIR=str(base / "runtime"),
+        JUPYTER_CONFIG_DIR=str(base / "config"),
+        OMP_NUM_THREADS=env.get("OMP_NUM_THREADS", "2"),
+    )
+    log = base / "jupyterlab.log"
+    cmd = [
+        sys.executable,
+        "-m",
+        "jupyterlab",
+        "--no-browser",
+        "--ip=127.0.0.1",
+        f"--port={port}",
+        "--ServerApp.port_retries=0",
+        f"--IdentityProvider.token={token}",
+        f"--ServerApp.root_dir={notebooks}",
+    ]
+    if hasattr(os, "geteuid") and os.geteuid() == 0:  # containers and CI run as root
+        cmd.append("--allow-root")
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=notebooks)
+    server = Lab(f"http://127.0.0.1:{port}", token, notebooks, proc, log)
+    deadline = time.monotonic() + 90
+    while True:
+        try:
+            server.api("status")
+            break
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                pytest.fail(f"JupyterLab did not start:\n{log.read_text()[-3000:]}")
+            time.sleep(0.5)
+    yield server
+    for kernel in server.api("kernels"):
+        request = urllib.request.Request(
+            f"{server.url}/api/kernels/{kernel['id']}?token={token}", method="DELETE"
+        )
+        urllib.request.urlopen(request, timeout=30).close()
+    proc.send_signal(signal.SIGINT)  # Jupyter's clean shutdown
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def test_make_lab_kernel_nbzoo_is_listed(lab):
+    """`make install` registers the environment as kernel `nbzoo`; the server must offer it, and
+    it must start this environment's python."""
+    specs = lab.api("kernelspecs")["kernelspecs"]
+    assert "nbzoo" in specs, f"kernel nbzoo not registered (run `make install`): {sorted(specs)}"
+    spec = specs["nbzoo"]["spec"]
+    assert spec["display_name"] == "Python (nbzoo)"
+    assert Path(spec["argv"][0]).resolve().parent == Path(sys.executable).resolve().parent
+
+
+def _wait_for(page, predicate: str, timeout_s: float, what: str):
+    try:
+        page.wait_for_function(predicate, timeout=timeout_s * 1000, polling=500)
+    except Exception as exc:
+        raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}") from exc
+
+
+# True when every code cell shows an execution count, or as soon as a traceback appears.
+ALL_CELLS_RAN = """() => {
+  const prompts = [...document.querySelectorAll('.jp-CodeCell .jp-InputPrompt')]
+    .map(e => e.textContent.trim());
+  const traceback = [...document.querySelectorAll('.jp-OutputArea-output')]
+    .some(e => e.textContent.includes('Traceback'));
+  return traceback || (prompts.length > 0 && prompts.every(p => /^\\[\\d+\\]:$/.test(p)));
+}"""
+
+
+KERNEL_IDLE = """() => {
+  const bar = document.querySelector('#jp-main-statusbar')?.textContent ?? '';
+  const indicator = document.querySelector('.jp-Notebook-ExecutionIndicator');
+  return bar.includes('Python (nbzoo) | Idle') && indicator?.getAttribute('data-status') === 'idle';
+}"""
+
+
+def test_notebook_01_runs_in_jupyterlab(lab):
+    sync_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright")
+    ARTIFACTS.mkdir(exist_ok=True)
+    with sync_api.sync_playwright() as pw:
+        browser = pw.chromium.launch(
+            executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_FLAGS
+        )
+        page = browser.new_page(viewport={"width": 1400, "height": 2900})
+        try:
+            _run_notebook_and_check(page, lab)
+        finally:
+            page.screenshot(path=str(SCREENSHOT))
+            browser.close()
+
+
+def _run_notebook_and_check(page, lab: Lab) -> None:
+    page.goto(f"{lab.url}/lab/tree/{NOTEBOOK}?token={lab.token}")
+    page.wait_for_selector(".jp-NotebookPanel .jp-Cell", timeout=90_000)
+    # the status bar names the running kernel: the notebook's kernelspec `nbzoo`, started
+    _wait_for(page, KERNEL_IDLE, 120, "the nbzoo kernel to start ('Python (nbzoo) | Idle')")
+    sessions = lab.api("sessions")
+    assert [s["kernel"]["name"] for s in sessions] == ["nbzoo"], sessions
+
+    page.locator(".lm-MenuBar-itemLabel", has_text=re.compile(r"^Run$")).click()
+    page.locator(".lm-Menu-itemLabel", has_text=re.compile(r"^Run All Cells$")).click()
+    _wait_for(page, ALL_CELLS_RAN, RUN_ALL_TIMEOUT_S, "all cells to run")
+    _wait_for(page, KERNEL_IDLE, 60, "the kernel to go idle")
+
+    outputs = page.locator(".jp-OutputArea-output")
+    texts = outputs.all_inner_texts()
+    errors = [t for t in texts if "Traceback" in t or "Error displaying widget" in t]
+    assert not errors, "error output in the notebook:\n" + "\n---\n".join(errors)[:3000]
+
+    # the loss plot: a PNG in the output of the cell that draws it
+    plot_cell = page.locator(".jp-CodeCell", has_text="training loss (mean of 10 steps)")
+    image = plot_cell.locator(".jp-OutputArea-output img")
+    assert image.count() == 1 and image.evaluate("e => e.naturalWidth") > 300
+    # tqdm.auto rendered as widgets in the training cell (no CI / NBZOO_PROGRESS here)
+    assert page.locator(".jp-OutputArea .widget-hprogress").count() >= 2
+
+    _save_and_check_file(page, lab)
+
+    box = page.locator(".nbzoo-sentiment")
+    assert box.count() == 1
+    box.scroll_into_view_if_needed()
+    before = box.locator(".nbzoo-sentiment-result").inner_text()
+    field = box.locator("input[type=text]")
+    field.fill(TYPED)
+    field.press("Enter")
+    _wait_for(
+        page,
+        "() => document.querySelector('.nbzoo-sentiment .nbzoo-tokens')"
+        "?.textContent.includes('pacing')",
+        30,
+        "the sentiment box to answer",
+    )
+    answer = box.locator(".nbzoo-sentiment-result")
+    assert answer.inner_text() != before
+    probs = [float(t) for t in box.locator("td.nbzoo-p").all_inner_texts()]
+    labels = box.locator("td.nbzoo-p").evaluate_all("cells => cells.map(c => c.dataset.label)")
+    assert labels == ["negative", "positive"] and abs(sum(probs) - 1.0) < 1e-3, probs
+    predicted = box.locator("td.nbzoo-prediction").inner_text().strip()
+    assert predicted == labels[probs.index(max(probs))]
+
+    # the screenshot: from the loss plot down to the answered sentiment box
+    plot_cell.evaluate("e => e.scrollIntoView({block: 'start'})")
+
+
+def _save_and_check_file(page, lab: Lab) -> None:
+    """Save through the File menu; the file on disk holds the outputs: no error, the plot,
+    the sentiment box's static table and its widget."""
+    page.locator(".lm-MenuBar-itemLabel", has_text=re.compile(r"^File$")).click()
+    page.locator(".lm-Menu-itemLabel", has_text=re.compile(r"^Save( Notebook)?$")).click()
+    _wait_for(
+        page,
+        "() => !document.querySelector('.lm-TabBar-tab.jp-mod-dirty')",
+        30,
+        "the notebook to be saved",
+    )
+    saved = json.loads((lab.notebooks / NOTEBOOK).read_text(encoding="utf-8"))
+    outputs = [o for c in saved["cells"] for o in c.get("outputs", [])]
+    assert [o for o in outputs if o["output_type"] == "error"] == []
+    bundles = [o.get("data", {}) for o in outputs]
+    assert any("image/png" in b for b in bundles)
+    assert any("nbzoo-sentiment-result" in "".join(b.get("text/html", "")) for b in bundles)
+    assert any("application/vnd.jupyter.widget-view+json" in b for b in bundles)

@@ -1,0 +1,96 @@
+"""`nbzoo bench --quick --device cpu`: every case runs stock and nbzoo's perf path on small shapes
+and writes a complete record; the table is generated from those records."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from nbzoo import bench
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+EXPECTED_PATCHES = {
+    "albert_base_cls": [],
+    "roberta_base_cls": [],
+    "bert_large_pretrain_128": ["bert_pretraining_sparse_mlm_perf"],
+    "bert_large_pretrain_512": ["bert_pretraining_sparse_mlm_perf"],
+    "longformer_base_mlm_4096": ["longformer_sparse_mlm_perf", "longformer_chunked_sdpa_perf"],
+    "reformer_lm_4096": ["reformer_plain_residual_perf", "reformer_int_chunk_len_perf"],
+}
+
+
+def nbzoo(*args, results):
+    env = {**os.environ, "NBZOO_RESULTS": str(results), "PYTHONUNBUFFERED": "1"}
+    return subprocess.run(
+        [sys.executable, "-m", "nbzoo.cli", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+        timeout=300,
+    )
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    results = tmp_path_factory.mktemp("results")
+    proc = nbzoo("bench", "--quick", "--device", "cpu", "--steps", "2", results=results)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc, results / "bench" / "quick"
+
+
+def test_quick_bench_writes_a_complete_record_per_case(quick_run):
+    proc, folder = quick_run
+    assert sorted(p.stem for p in folder.glob("*.json")) == sorted(bench.CASES)
+    for name in bench.CASES:
+        assert f"] {name}: stock " in proc.stdout  # one progress line per case
+        record = json.loads((folder / f"{name}.json").read_text())
+        assert record["case"] == name and record["quick"] is True
+        assert record["device"] == "cpu" and record["device_name"]
+        assert record["versions"]["torch"] and record["versions"]["transformers"]
+        assert record["batch_size"] >= 2 and record["seq_len"] >= 32
+        assert record["flops_per_step"] > 0
+        for path in ("stock", "nbzoo"):
+            r = record[path]
+            assert r["samples_per_second"] > 0 and r["step_seconds"] > 0
+            assert r["samples_per_second"] == pytest.approx(
+                record["batch_size"] / r["step_seconds"]
+            )
+            assert r["mfu"] is None  # no bf16 peak is known for a CPU
+            assert "peak_memory_bytes" in r and r["finite"] is True
+        assert record["ratio"] == pytest.approx(
+            record["nbzoo"]["samples_per_second"] / record["stock"]["samples_per_second"]
+        )
+        assert record["nbzoo"]["patches"] == EXPECTED_PATCHES[name]
+        assert record["stock"]["candidates"] and "mode" in record["stock"]
+        # same weights, batch and loss semantics: the first losses agree (bf16)
+        assert 0 <= record["loss_rel_diff"] <= 1e-2, record["loss_rel_diff"]
+        assert 0 <= record["loss_rel_diff_no_dropout"] <= 1e-2
+        assert record["meets_goal"] is None  # not judged off a GPU
+    assert "| case | device |" in proc.stdout  # the table at the end
+
+
+def test_table_is_generated_from_the_records(quick_run, tmp_path):
+    _, folder = quick_run
+    text = bench.render_table(folder)
+    for name in bench.CASES:
+        assert f"| {name} |" in text
+    record = json.loads((folder / "reformer_lm_4096.json").read_text())
+    assert f"{record['ratio']:.2f}×" in text
+    readme = tmp_path / "README.md"
+    readme.write_text(f"intro\n{bench.README_START}\nold\n{bench.README_END}\nend\n")
+    bench.update_readme(readme, text)
+    content = readme.read_text()
+    assert "old" not in content and text in content and content.endswith("end\n")
+    assert "no GPU run" in bench.render_table(tmp_path / "empty")
+
+
+def test_unknown_case_is_a_usage_error(capsys):
+    args = bench.build_parser().parse_args(["nope", "--quick", "--device", "cpu"])
+    assert bench.main(args) == 2
+    err = capsys.readouterr().err
+    assert "unknown case 'nope'" in err and "albert_base_cls" in err

@@ -1,0 +1,184 @@
+"""nbzoo.export.onnx (export, parity, simplify, optimize, graph statistics), the ORT attention
+patch, and the ALBERT pipeline helpers, on a tiny randomly initialised ALBERT."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from transformers import AlbertConfig, AlbertForSequenceClassification
+
+from nbzoo import patching
+from nbzoo.export import albert
+from nbzoo.export import onnx as onnx_export
+
+NAMES = list(albert.INPUT_NAMES)
+
+
+def tiny_albert(seed: int = 0, vocab_size: int = 50) -> AlbertForSequenceClassification:
+    torch.manual_seed(seed)
+    config = AlbertConfig(
+        vocab_size=vocab_size,
+        embedding_size=16,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=64,
+        num_labels=2,
+    )
+    model = AlbertForSequenceClassification(config)
+    with torch.no_grad():  # fresh biases are zero; make them count, as trained ones do
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return model.eval()
+
+
+def features(n: int, seq: int, seed: int = 1) -> dict[str, np.ndarray]:
+    """Token ids with right padding of varying length, as the tokenizer produces them."""
+    rng = np.random.default_rng(seed)
+    lengths = rng.integers(3, seq + 1, size=n)
+    mask = (np.arange(seq)[None] < lengths[:, None]).astype(np.int64)
+    ids = rng.integers(5, 50, size=(n, seq)) * mask
+    types = ((np.arange(seq)[None] >= lengths[:, None] // 2) * mask).astype(np.int64)
+    return {"input_ids": ids, "attention_mask": mask, "token_type_ids": types}
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_albert()
+
+
+@pytest.fixture(scope="module")
+def stages(model, tmp_path_factory):
+    return albert.build_stages(model, features(16, 12), tmp_path_factory.mktemp("onnx"))
+
+
+def test_pipeline_stages_match_pytorch_and_fuse_the_transformer(model, stages):
+    assert [p.name for p in stages.paths.values()] == [
+        "albert_dynamic.onnx",
+        "albert_dynamic_sim.onnx",
+        "albert_dynamic_opt.onnx",
+    ]
+    assert max(stages.parity.values()) < 1e-5
+    # every layer's attention, both GELUs, all LayerNorms (with their residual adds)
+    assert stages.fused["Attention"] == model.config.num_hidden_layers
+    assert stages.fused["FastGelu"] == model.config.num_hidden_layers
+    assert stages.fused["SkipLayerNormalization"] == 2 * model.config.num_hidden_layers
+    opt = stages.paths["onnx_opt"]
+    hist = onnx_export.op_histogram(opt)
+    assert hist["com.microsoft::Attention"] == 2 and "Softmax" not in hist
+    assert onnx_export.node_count(opt) < onnx_export.node_count(stages.paths["onnx_sim"])
+    # a different batch size and sequence length than at export time (dynamic axes)
+    other = features(5, 20, seed=7)
+    for path in stages.paths.values():
+        assert onnx_export.parity_check(model, path, other) < 1e-5
+
+
+def test_graph_tables_count_what_the_files_hold(stages):
+    table = onnx_export.compare_graphs(stages.paths)
+    for name, path in stages.paths.items():
+        proto = onnx.load(str(path))
+        assert table.loc["nodes (total)", name] == len(proto.graph.node)
+        ops = table.drop(["nodes (total)", "file size (KiB)"])[name]
+        assert ops.sum() == len(proto.graph.node)
+    assert onnx_export.non_standard_ops(stages.paths["onnx_sim"]) == []
+    assert "com.microsoft::Attention" in onnx_export.non_standard_ops(stages.paths["onnx_opt"])
+
+
+def test_static_export_has_the_seeds_name_and_fixed_shapes(model, tmp_path):
+    feats = features(3, 16)
+    path = albert.export(model, feats, tmp_path, batch_size=4)
+    assert path.name == "albert_seq16_bs4.onnx"
+    graph = onnx.load(str(path)).graph
+    for tensor in graph.input:
+        assert tensor.type.tensor_type.elem_type == onnx.TensorProto.INT64
+        assert [d.dim_value for d in tensor.type.tensor_type.shape.dim] == [4, 16]
+    assert [o.name for o in graph.output] == ["logits"]
+    sim = onnx_export.simplify(path)
+    assert sim.name == "albert_seq16_bs4_sim.onnx"
+    sample = {k: v.numpy() for k, v in albert.dummy_inputs(feats, 4).items()}
+    assert onnx_export.parity_check(model, sim, sample) < 1e-5
+    assert onnx_export.node_count(sim) < onnx_export.node_count(path)
+
+
+def test_patch_fuses_albert_first_layer_and_computes_the_same(model, stages, tmp_path):
+    """Equivalence test of patches/ort_attention_residual_order.py: upstream alone fuses one of the
+    two attention blocks; with the patch both are fused, and both graphs match PyTorch."""
+    from onnxruntime.transformers import optimizer
+
+    assert onnx_export.ORT_ATTENTION_PATCH not in patching.active()
+    sim = stages.paths["onnx_sim"]
+    upstream = optimizer.optimize_model(
+        str(sim), model_type="bert", num_heads=4, hidden_size=32, opt_level=0
+    )
+    plain = tmp_path / "upstream_opt.onnx"
+    upstream.save_model_to_file(str(plain))
+    assert upstream.get_fused_operator_statistics()["Attention"] == 1
+    assert stages.fused["Attention"] == 2
+    feats = features(8, 12, seed=3)
+    assert onnx_export.parity_check(model, plain, feats) < 1e-5
+    assert onnx_export.parity_check(model, stages.paths["onnx_opt"], feats) < 1e-5
+    assert onnx_export.ORT_ATTENTION_PATCH not in patching.active()  # optimize() undid it
+
+
+def test_export_is_generic_and_checks_its_inputs(tmp_path):
+    class Scorer(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = torch.nn.Embedding(10, 4)
+
+        def forward(self, ids, weights):
+            return {"score": (self.emb(ids) * weights[..., None]).sum(1), "unused": ids}
+
+    model = Scorer().eval()
+    inputs = {"ids": torch.tensor([[1, 2, 3]]), "weights": torch.ones(1, 3)}
+    path = onnx_export.export_onnx(
+        model, inputs, tmp_path / "scorer.onnx", ["ids", "weights"], ["score"]
+    )
+    assert [o.name for o in onnx.load(str(path)).graph.output] == ["score"]
+    assert onnx_export.parity_check(model, path, inputs) < 1e-6
+    with pytest.raises(onnx_export.ExportError, match="dummy_inputs lacks weights"):
+        onnx_export.export_onnx(
+            model, {"ids": inputs["ids"]}, tmp_path / "x.onnx", ["ids", "weights"], ["score"]
+        )
+
+
+def test_failed_export_leaves_no_file(tmp_path):
+    class Broken(torch.nn.Module):
+        def forward(self, x):
+            raise RuntimeError("boom")
+
+    target = tmp_path / "broken.onnx"
+    with pytest.raises(RuntimeError, match="boom"):
+        onnx_export.export_onnx(Broken(), {"x": torch.ones(2)}, target, ["x"], ["y"])
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_stage_names():
+    assert onnx_export.stage_path("out/albert_seq128_bs32.onnx", "sim").name == (
+        "albert_seq128_bs32_sim.onnx"
+    )
+    assert onnx_export.stage_path("out/albert_seq128_bs32_sim.onnx", "opt").name == (
+        "albert_seq128_bs32_opt.onnx"
+    )
+
+
+def test_torch_batches_pad_like_the_runner_and_speedup_reports(model, stages):
+    feats = features(10, 12)
+    batches = albert.batches(feats, 4)
+    assert len(batches) == 3
+    last = batches[-1]["input_ids"]
+    np.testing.assert_array_equal(last[:2], feats["input_ids"][8:10])
+    np.testing.assert_array_equal(last[2:], feats["input_ids"][[8, 8]])
+    logits, stats = albert.torch_predict(model, feats, 4)
+    with torch.no_grad():
+        ref = model(**{k: torch.from_numpy(v) for k, v in feats.items()}).logits.numpy()
+    np.testing.assert_allclose(logits, ref, atol=1e-5)
+    assert stats["count"] == 3 and stats["throughput"] > 0
+    result = albert.speedup(model, stages.paths["onnx_opt"], feats, 4, n_batches=2, rounds=1)
+    assert result["onnx_speedup"] == pytest.approx(
+        result["onnx_samples_per_second"] / result["torch_samples_per_second"]
+    )
+    assert result["seq_len"] == 12 and result["batches_per_round"] == 2

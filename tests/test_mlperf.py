@@ -1,0 +1,257 @@
+"""MLPerf BERT TFRecords: byte-level framing, the Example schema, the eval split and sample shards."""
+
+from __future__ import annotations
+
+import struct
+
+import numpy as np
+import pytest
+import torch
+
+from nbzoo.data import mlperf
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny tensors: one thread is fastest, and immune to a busy machine's scheduling."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+SPEC = mlperf.SampleSpec(vocab_size=40, seq_length=24, max_predictions=4)
+
+
+def _samples(n, seed=0):
+    arrays = mlperf.generate_samples(SPEC, n, seed)
+    return [{k: v[i] for k, v in arrays.items()} for i in range(n)]
+
+
+def test_crc32c_is_castagnoli_and_masked_as_tfrecord_specifies():
+    import crc32c
+
+    assert crc32c.crc32c(b"123456789") == 0xE3069283  # the CRC-32C check value
+    crc = crc32c.crc32c(b"abc")
+    rotated = ((crc >> 15) | (crc << 17)) & 0xFFFFFFFF
+    assert mlperf.masked_crc32c(b"abc") == (rotated + 0xA282EAD8) & 0xFFFFFFFF
+
+
+def test_written_shards_read_back_identically(tmp_path):
+    samples = _samples(30)
+    path = mlperf.write_shard(tmp_path / mlperf.shard_name(0, 1), samples)
+    back = mlperf.read_shard(path)
+    assert len(back) == 30
+    for a, b in zip(samples, back, strict=True):
+        assert set(a) == set(b) == set(mlperf.FEATURES)
+        for k in a:
+            np.testing.assert_array_equal(np.asarray(a[k]), b[k])
+            assert b[k].dtype == (np.float32 if k == "masked_lm_weights" else np.int64)
+    assert not list(tmp_path.glob(".*tmp*"))  # the atomic write left nothing behind
+
+
+def _varint(n):
+    out = bytearray()
+    while True:
+        byte, n = n & 0x7F, n >> 7
+        out.append(byte | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def _field(number, payload):  # length-delimited protobuf field
+    return _varint(number << 3 | 2) + _varint(len(payload)) + payload
+
+
+def test_a_record_built_by_hand_from_the_spec_is_read(tmp_path):
+    """tf.train.Example encoded byte by byte (protobuf wire format: Example.features = 1,
+    Features.feature = 1 (map entries key = 1, value = 2), Feature.float_list = 2 / int64_list = 3,
+    packed values = 1), then framed as TFRecord specifies."""
+    values = {
+        "input_ids": [2, 7, 4, 3, 0, 0],
+        "input_mask": [1, 1, 1, 1, 0, 0],
+        "segment_ids": [0, 0, 1, 1, 0, 0],
+        "masked_lm_positions": [2, 0],
+        "masked_lm_ids": [300, 0],  # 300 needs a two-byte varint
+        "masked_lm_weights": [1.0, 0.0],
+        "next_sentence_labels": [1],
+    }
+    entries = b""
+    for name, vals in sorted(values.items()):  # deterministic serialization: keys in order
+        if name == "masked_lm_weights":
+            feature = _field(2, _field(1, struct.pack(f"<{len(vals)}f", *vals)))
+        else:
+            feature = _field(3, _field(1, b"".join(_varint(v) for v in vals)))
+        entries += _field(1, _field(1, name.encode()) + _field(2, feature))
+    example = _field(1, entries)
+    length = struct.pack("<Q", len(example))
+
+    def masked(data):
+        import crc32c
+
+        c = crc32c.crc32c(data)
+        return struct.pack("<I", ((((c >> 15) | (c << 17)) & 0xFFFFFFFF) + 0xA282EAD8) & 0xFFFFFFFF)
+
+    path = tmp_path / "part-00000-of-00001.tfrecord"
+    path.write_bytes((length + masked(length) + example + masked(example)) * 2)
+    records = mlperf.read_shard(path)
+    assert len(records) == 2
+    for name, vals in values.items():
+        np.testing.assert_array_equal(records[1][name], np.asarray(vals))
+    # and our writer produces exactly those bytes
+    assert (
+        mlperf.frame(mlperf.encode_example(records[0]))
+        == path.read_bytes()[: len(path.read_bytes()) // 2]
+    )
+
+
+@pytest.mark.parametrize("where", ["data", "length", "data crc"])
+def test_a_flipped_byte_is_rejected_with_file_and_offset(tmp_path, where):
+    path = mlperf.write_shard(tmp_path / mlperf.shard_name(0, 1), _samples(5))
+    offsets = mlperf.record_offsets(path)
+    raw = bytearray(path.read_bytes())
+    start = int(offsets[3])
+    (length,) = struct.unpack("<Q", raw[start : start + 8])
+    pos = {"data": start + 12 + length // 2, "length": start + 1, "data crc": start + 12 + length}[
+        where
+    ]
+    raw[pos] ^= 0x10
+    path.write_bytes(bytes(raw))
+    with pytest.raises(mlperf.TFRecordError) as err:
+        mlperf.read_shard(path)
+    msg = str(err.value)
+    assert str(path) in msg and f"byte offset {start}" in msg and "checksum" in msg
+    if where != "length":  # the offset index reads headers only; the data check comes on access
+        ds = mlperf.PretrainingShards([path])
+        ds[2]
+        with pytest.raises(mlperf.TFRecordError, match=f"byte offset {start}"):
+            ds[3]
+
+
+def test_truncated_file_and_wrong_lengths_name_the_problem(tmp_path):
+    path = mlperf.write_shard(tmp_path / mlperf.shard_name(0, 1), _samples(3))
+    raw = path.read_bytes()
+    path.write_bytes(raw[:-7])
+    with pytest.raises(mlperf.TFRecordError, match="runs past the end"):
+        mlperf.read_shard(path)
+    bad = _samples(2)
+    bad[1]["masked_lm_ids"] = bad[1]["masked_lm_ids"][:-1]
+    path2 = mlperf.write_shard(tmp_path / "x" / mlperf.shard_name(0, 1), bad)
+    with pytest.raises(mlperf.TFRecordError, match="'masked_lm_ids' has 3 values, expected 4"):
+        mlperf.read_shard(path2)
+
+
+def test_eval_split_is_the_first_samples_in_shard_order_and_train_the_rest(tmp_path):
+    paths = mlperf.generate_sample_shards(tmp_path, 50, 12, SPEC, seed=3)
+    assert [p.name for p in paths][-1] == "part-00004-of-00005.tfrecord"
+    assert (tmp_path / "vocab.txt").read_text().split("\n")[:5] == list(mlperf.SPECIAL_TOKENS)
+    everything = [s for p in paths for s in mlperf.read_shard(p)]
+    ev = mlperf.eval_split(tmp_path, samples=20)
+    tr = mlperf.train_split(tmp_path, skip=20, limit=25, in_memory=True)
+    assert len(ev) == 20 and len(tr) == 25
+    np.testing.assert_array_equal(ev[13]["input_ids"], everything[13]["input_ids"])  # 2nd shard
+    np.testing.assert_array_equal(tr[0]["input_ids"], everything[20]["input_ids"])
+    np.testing.assert_array_equal(tr[24]["masked_lm_ids"], everything[44]["masked_lm_ids"])
+    batch = mlperf.collate([tr[0], tr[1]])
+    assert batch["input_ids"].shape == (2, 24) and batch["masked_lm_weights"].dtype == torch.float32
+    with pytest.raises(ValueError, match="outside the 50 samples"):
+        mlperf.PretrainingShards(tmp_path, 40, 60)
+    (tmp_path / "part-00000-of-00007.tfrecord").write_bytes(b"")
+    with pytest.raises(mlperf.TFRecordError, match="disagree on the shard count"):
+        mlperf.list_shards(tmp_path)
+
+
+def test_sample_language_follows_the_reference_cuts_and_masks():
+    a = mlperf.generate_samples(SPEC, 400, seed=1)
+    b = mlperf.generate_samples(SPEC, 400, seed=1)
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k])  # deterministic
+    ids, mask, seg = a["input_ids"], a["input_mask"], a["segment_ids"]
+    assert (ids[:, 0] == mlperf.CLS).all() and ((ids == mlperf.SEP).sum(1) >= 1).all()
+    assert ((ids == mlperf.PAD) == (mask == 0)).all() and (seg <= mask).all()
+    w = a["masked_lm_weights"] > 0
+    pos, lab = a["masked_lm_positions"], a["masked_lm_ids"]
+    assert (w.sum(1) >= 1).all() and (lab[w] >= len(mlperf.SPECIAL_TOKENS)).all()
+    rows = np.repeat(np.arange(400)[:, None], SPEC.max_predictions, 1)
+    shown = ids[rows[w], pos[w]]
+    frac_mask = (shown == mlperf.MASK).mean()
+    frac_same = (shown == lab[w]).mean()
+    assert 0.7 < frac_mask < 0.9 and 0.05 < frac_same < 0.2  # 80 / 10 / 10
+    assert 0.4 < a["next_sentence_labels"].mean() < 0.6
+
+
+# --- the pretraining loss, evaluation and comparison metrics (nbzoo.pretraining) ----------------
+
+
+def test_gathered_mlperf_loss_and_accuracy_match_transformers_on_full_sequences():
+    from nbzoo import device, metrics, pretraining
+
+    tiny = {
+        "vocab_size": 40,
+        "hidden_size": 16,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 2,
+        "intermediate_size": 32,
+        "max_position_embeddings": 24,
+    }
+    model = pretraining.build_model(tiny, seed=0).eval()
+    rows = _samples(6)
+    batch = mlperf.collate(rows)
+    labels = torch.full_like(batch["input_ids"], -100)
+    for i in range(len(rows)):
+        w = batch["masked_lm_weights"][i] > 0
+        labels[i, batch["masked_lm_positions"][i][w]] = batch["masked_lm_ids"][i][w]
+    with torch.no_grad():
+        ours = pretraining.pretraining_loss(model, batch)
+        hf = model(
+            input_ids=batch["input_ids"],
+            attention_mask=batch["input_mask"],
+            token_type_ids=batch["segment_ids"],
+            labels=labels,
+            next_sentence_label=batch["next_sentence_labels"].flatten(),
+        )
+    torch.testing.assert_close(ours, hf.loss, rtol=1e-4, atol=1e-5)
+    rt = device.setup("cpu", "fp32", seed=0)
+    ev = pretraining.evaluate(model, rows, rt, batch_size=4)
+    expected = metrics.masked_token_accuracy(hf.prediction_logits.numpy(), labels.numpy())
+    assert ev["mlm_accuracy"] == pytest.approx(expected)
+
+
+def test_baseline_steps_to_target_and_the_issue_checks():
+    from nbzoo import pretraining
+
+    arrays = {
+        "masked_lm_ids": np.array([[7, 7, 9], [7, 3, 0]]),
+        "masked_lm_weights": np.array([[1, 1, 1], [1, 1, 0]], np.float32),
+    }
+    assert pretraining.baseline_accuracy(arrays) == (0.6, 7)
+    evals = [{"step": s, "mlm_accuracy": a} for s, a in [(0, 0.1), (10, 0.3), (20, 0.5)]]
+    assert pretraining.steps_to_target(evals, 0.3) == 10
+    assert pretraining.steps_to_target(evals, 0.6) is None
+
+    def run(kind, accs, ms):
+        return pretraining.Run(
+            kind,
+            0.1,
+            None,
+            [{"step": i + 1, "loss": 1.0, "seconds": ms} for i in range(20)],
+            [{"step": s, "mlm_accuracy": a} for s, a in zip((0, 10, 20), accs, strict=True)],
+            20,
+            20 * ms,
+        )
+
+    best = {
+        "thor": run("thor", (0.1, 0.5, 0.6), 1.2),
+        "sgd": run("sgd", (0.1, 0.2, 0.4), 1.0),
+        "adamw": run("adamw", (0.1, 0.3, 0.7), 1.0),
+    }
+    m = pretraining.comparison_metrics(best, baseline=0.25)
+    assert (
+        m["target_accuracy"] == 0.4
+        and m["steps_to_target_thor"] == 10
+        and m["steps_to_target_sgd"] == 20
+    )
+    assert m["thor_step_time_ratio"] == pytest.approx(1.2)
+    checks = {c["check"].split(":")[0]: c["passed"] for c in pretraining.threshold_checks(m)}
+    assert checks == {"THOR learns": True, "preconditioning pays": True, "cost": True}
+    assert pretraining.best_runs(list(best.values()))["adamw"].final_accuracy == 0.7

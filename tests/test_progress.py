@@ -1,0 +1,115 @@
+"""nbzoo.progress: the mode chosen for each place, and the bounded line output of `lines`."""
+
+from __future__ import annotations
+
+import io
+import os
+import time
+
+import pytest
+from tqdm import std
+
+from nbzoo import progress
+from tests.conftest import run_python
+
+
+@pytest.fixture
+def clean_env(monkeypatch):
+    for name in ("NBZOO_PROGRESS", "NBZOO_PROGRESS_LINES", "CI"):
+        monkeypatch.delenv(name, raising=False)
+    return monkeypatch
+
+
+def test_explicit_mode_wins_and_a_bad_one_is_named(clean_env):
+    clean_env.setenv("CI", "true")
+    clean_env.setenv("NBZOO_PROGRESS", "terminal")
+    assert progress.mode() == "terminal"
+    clean_env.setenv("NBZOO_PROGRESS", "fancy")
+    with pytest.raises(ValueError, match="NBZOO_PROGRESS='fancy'.*widget, terminal, lines"):
+        progress.mode()
+
+
+def test_ci_and_a_non_terminal_get_lines(clean_env):
+    clean_env.setenv("CI", "true")
+    assert progress.mode() == "lines"
+    clean_env.setenv("CI", "false")
+    # pytest captures stderr: not a terminal, not a kernel
+    assert progress.mode() == "lines"
+    assert isinstance(progress.bar(total=3, disable=True), progress.LineBar)
+
+
+def test_headless_sets_the_variables_only_inside_and_only_if_unset(clean_env):
+    clean_env.delenv("HF_HUB_DISABLE_PROGRESS_BARS", raising=False)
+    with progress.headless():
+        assert os.environ["NBZOO_PROGRESS"] == "lines"
+        assert os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] == "1"
+    assert "NBZOO_PROGRESS" not in os.environ and "HF_HUB_DISABLE_PROGRESS_BARS" not in os.environ
+    clean_env.setenv("NBZOO_PROGRESS", "widget")
+    with progress.headless():
+        assert os.environ["NBZOO_PROGRESS"] == "widget"
+    assert os.environ["NBZOO_PROGRESS"] == "widget"
+
+
+def _lines(total: int, steps: int, **kwargs) -> list[str]:
+    out = io.StringIO()
+    bar = progress.LineBar(total=total, file=out, desc="train", **kwargs)
+    for _ in range(steps):
+        bar.update(1)
+        bar.set_postfix(loss="0.5", refresh=False)
+    bar.close()
+    text = out.getvalue()
+    assert "\r" not in text and text.endswith("\n")
+    return text.splitlines()
+
+
+def test_line_bar_prints_at_most_eleven_lines_whatever_the_length():
+    for total in (7, 378, 100_000):
+        lines = _lines(total, total)
+        assert 2 <= len(lines) <= 11, (total, len(lines))
+        assert lines[0].startswith("train:   0%") and lines[-1].startswith("train: 100%")
+        assert f"{total}/{total}" in lines[-1]
+    assert len(_lines(1000, 1000, lines=4)) == 5
+
+
+def test_line_bar_prints_where_an_early_stop_left_it():
+    lines = _lines(100, 37, initial=0)
+    assert lines[-1].startswith("train:  37%") and len(lines) == 5  # 0, 10, 20, 30, 37
+
+
+def test_slow_steps_do_not_turn_into_one_line_each():
+    """tqdm's monitor thread drops miniters to 1 after maxinterval seconds without output;
+    a LineBar keeps its budget however slow the steps are."""
+    out = io.StringIO()
+    bar = progress.LineBar(total=40, file=out)
+    assert bar.maxinterval == float("inf") and bar.miniters == 4
+    for _ in range(40):
+        time.sleep(0.005)
+        bar.update(1)
+    bar.close()
+    assert len(out.getvalue().splitlines()) == 11
+
+
+def test_terminal_mode_is_plain_tqdm(clean_env):
+    clean_env.setenv("NBZOO_PROGRESS", "terminal")
+    bar = progress.bar(total=3, disable=True, dynamic_ncols=True)
+    assert type(bar) is std.tqdm
+
+
+def test_a_kernel_gets_the_widget_unless_headless():
+    """In a real IPython kernel (no frontend), ``auto`` is the widget and NBZOO_PROGRESS=lines
+    (what ``progress.headless`` hands to papermill's kernel) prints plain lines to stdout."""
+    pytest.importorskip("ipykernel")
+    code = (
+        "from ipykernel.inprocess.manager import InProcessKernelManager\n"
+        "km = InProcessKernelManager(); km.start_kernel(); kc = km.client(); kc.start_channels()\n"
+        "shell = km.kernel.shell\n"
+        "shell.run_cell('from nbzoo import progress; import os')\n"
+        "r = shell.run_cell('progress.mode()'); print('auto', r.result)\n"
+        'shell.run_cell(\'os.environ["NBZOO_PROGRESS"] = "lines"\')\n'
+        "r = shell.run_cell('b = progress.bar(total=5); b.fp._wrapped is __import__(\"sys\").stdout')\n"
+        "print('lines', r.result)\n"
+    )
+    env = {"NBZOO_PROGRESS": "", "CI": ""}
+    proc = run_python(code, env=env, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "auto widget" in proc.stdout and "lines True" in proc.stdout

@@ -1,0 +1,177 @@
+"""fairseq's SST-2 fine-tuning recipe on nbzoo: data preparation, model, optimizer, downloads."""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import http.server
+import io
+import tarfile
+import threading
+
+import pytest
+import torch
+from transformers import RobertaConfig, RobertaForMaskedLM
+
+from nbzoo import presets
+from nbzoo import sentence_prediction as sp
+from nbzoo.data import gpt2_bpe
+from nbzoo.device import setup
+
+
+def demo_cfg(tmp_path, **overrides):
+    names = {k: None for k in presets.load("03_roberta_sst2")["demo"]}
+    names.update(
+        seed=0,
+        data_dir=str(tmp_path / "SST-2-bin"),
+        glue_dir=str(tmp_path / "glue"),
+        bpe_dir=str(tmp_path / "bpe"),
+        checkpoint_dir=str(tmp_path / "ck"),
+        sample_sizes={"train": 160, "dev": 40, "test": 8},
+        epochs=1,
+        **overrides,
+    )
+    return presets.resolve("03_roberta_sst2", "demo", names)
+
+
+def test_schedule_is_fairseqs_polynomial_decay_with_warmup():
+    """fairseq's polynomial_decay (power 1, end lr 0): lr·t/w while warming up, then
+    lr·(1 - (t - w)/(T - w)); Adam's weight decay applies to every parameter."""
+    cfg = argparse.Namespace(
+        learning_rate=1e-5,
+        adam_betas=[0.9, 0.98],
+        adam_eps=1e-6,
+        weight_decay=0.1,
+        warmup_ratio=0.06,
+    )
+    model = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.LayerNorm(3))
+    total = 200
+    optimizer, scheduler = sp.make_optimizer(model, cfg, total)
+    (group,) = optimizer.param_groups
+    assert len(group["params"]) == 4 and group["weight_decay"] == 0.1
+    assert group["betas"] == (0.9, 0.98) and group["eps"] == 1e-6
+    assert isinstance(optimizer, torch.optim.AdamW)  # decoupled decay, as fairseq's Adam
+    warmup = 12  # 6% of 200
+    for t in range(total + 1):
+        want = 1e-5 * t / warmup if t <= warmup else 1e-5 * (1 - (t - warmup) / (total - warmup))
+        assert optimizer.param_groups[0]["lr"] == pytest.approx(want, abs=1e-14), t
+        optimizer.step()
+        scheduler.step()
+
+
+def test_demo_pipeline_binarizes_trains_and_predicts(tmp_path):
+    cfg = demo_cfg(tmp_path)
+    folder = sp.prepare_data(cfg)
+    assert (folder / "input0" / "train.idx").exists() and (folder / "label" / "dict.txt").exists()
+    rt = setup("cpu", "fp32", 0)
+    run = sp.finetune(cfg, rt, folder)
+    assert run.result.steps == 5  # 160 sentences / batch 32, one epoch
+    assert 0.0 <= run.accuracy <= 1.0 and run.result.evals[-1]["accuracy"] == run.accuracy
+    config = run.model.config
+    assert config.vocab_size == len(run.splits["train"].dictionary)
+    assert config.max_position_embeddings == cfg.max_positions + 2 and config.pad_token_id == 1
+    encoder = gpt2_bpe.RobertaEncoder.from_dir(tmp_path / "bpe")
+    (row,) = sp.predict_sentences(run.model, encoder, ["the movie is funny ."], ["1", "0"], rt)
+    assert row[0] == "the movie is funny ." and row[1] in ("1", "0") and 0.5 <= row[2] <= 1.0
+
+
+def test_binarized_source_must_be_fairseqs_layout(tmp_path):
+    cfg = demo_cfg(tmp_path, data_source="binarized")
+    with pytest.raises(
+        FileNotFoundError, match=r"SST-2-bin/input0/dict\.txt: missing; data_dir must be"
+    ):
+        sp.prepare_data(cfg)
+    with pytest.raises(
+        ValueError, match="data_source must be one of generate, download, binarized"
+    ):
+        sp.prepare_data(demo_cfg(tmp_path, data_source="hub"))
+
+
+def _tiny_fairseq_checkpoint(path, vocab: int):
+    config = RobertaConfig(
+        vocab_size=vocab,
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=66,
+        type_vocab_size=1,
+    )
+    hf = RobertaForMaskedLM(config).state_dict()
+    e = "encoder.sentence_encoder."
+    sd = {
+        e + "embed_tokens.weight": hf["roberta.embeddings.word_embeddings.weight"],
+        e + "embed_positions.weight": hf["roberta.embeddings.position_embeddings.weight"],
+        e + "layernorm_embedding.weight": hf["roberta.embeddings.LayerNorm.weight"],
+        e + "layernorm_embedding.bias": hf["roberta.embeddings.LayerNorm.bias"],
+    }
+    names = {
+        "self_attn.q_proj": "attention.self.query",
+        "self_attn.k_proj": "attention.self.key",
+        "self_attn.v_proj": "attention.self.value",
+        "self_attn.out_proj": "attention.output.dense",
+        "self_attn_layer_norm": "attention.output.LayerNorm",
+        "fc1": "intermediate.dense",
+        "fc2": "output.dense",
+        "final_layer_norm": "output.LayerNorm",
+    }
+    for fs, h in names.items():
+        for kind in ("weight", "bias"):
+            sd[f"{e}layers.0.{fs}.{kind}"] = hf[f"roberta.encoder.layer.0.{h}.{kind}"]
+    args = argparse.Namespace(encoder_attention_heads=2, activation_fn="gelu")
+    torch.save({"args": args, "model": sd}, path)
+
+
+class _Files(http.server.BaseHTTPRequestHandler):
+    def __init__(self, *args, files, **kwargs):
+        self.files = files
+        super().__init__(*args, **kwargs)
+
+    def log_message(self, *args):
+        pass
+
+    def do_GET(self):
+        body = self.files.get(self.path)
+        if body is None:
+            self.send_error(404)
+            return
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+
+@pytest.fixture
+def http_files():
+    files: dict[str, bytes] = {}
+    server = http.server.ThreadingHTTPServer(
+        ("127.0.0.1", 0), functools.partial(_Files, files=files)
+    )
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}", files
+    server.shutdown()
+
+
+def test_full_path_downloads_roberta_base_and_converts_it(tmp_path, http_files):
+    """The full preset's model path: fetch the roberta.base archive from a (local) server, unpack
+    model.pt beside the seed's path, convert it, and check its vocabulary against the data's."""
+    base, files = http_files
+    folder = sp.prepare_data(demo_cfg(tmp_path))
+    dictionary = sp.load_splits(folder, 64)["train"].dictionary
+    _tiny_fairseq_checkpoint(tmp_path / "model.pt", vocab=len(dictionary))
+    archive = io.BytesIO()
+    with tarfile.open(fileobj=archive, mode="w:gz") as tar:
+        tar.add(tmp_path / "model.pt", arcname="roberta.base/model.pt")
+        info = tarfile.TarInfo("../escape.txt")
+        info.size = 3
+        tar.addfile(info, io.BytesIO(b"bad"))
+    files["/roberta.base.tar.gz"] = archive.getvalue()
+    target = tmp_path / "pre_train_model" / "RoBERTa.base" / "model.pt"
+    cfg = demo_cfg(tmp_path, model_name=str(target), model_url=f"{base}/roberta.base.tar.gz")
+    model = sp.build_model(cfg, dictionary, num_classes=2)
+    assert target.exists() and not (tmp_path / "escape.txt").exists()
+    assert model.config.num_labels == 2 and model.config.hidden_dropout_prob == cfg.dropout
+    _tiny_fairseq_checkpoint(target, vocab=50)
+    with pytest.raises(ValueError, match=r"embeddings for 50 symbols, but the data's dictionary"):
+        sp.build_model(cfg, dictionary, num_classes=2)
