@@ -262,6 +262,12 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--device", default="auto")
     bench.add_argument("--steps", type=int, default=20)
     bench.add_argument("--quick", action="store_true")
+    bench.add_argument("--precision", default="bf16")
+    bench.add_argument("--warmup", type=int)
+    bench.add_argument("--compile", choices=["auto", "on", "off"], default="auto")
+    bench.add_argument("--out")
+    bench.add_argument("--table", action="store_true")
+    bench.add_argument("--update-readme")
     bench.set_defaults(func=cmd_bench)
     return parser
 
