@@ -46,7 +46,7 @@ notebooks: install
 	$(BIN)/nbzoo demo --in-place
 
 lab: install
-	$(BIN)/jupyter lab --ip 127.0.0.1 --no-browser --ServerApp.root_dir=notebooks
+	$(BIN)/jupyter lab --ip 127.0.0.1 --ServerApp.root_dir=notebooks $(if $(filter 0,$(shell id -u)),--allow-root)
 
 clean:
 	rm -rf $(VENV) results/*.ipynb checkpoints data .pytest_cache

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from nbzoo import paths
+from nbzoo import paths, progress
 
 EXIT_USAGE = 2
 
@@ -183,15 +183,16 @@ def execute(
 
     output.parent.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    papermill.execute_notebook(
-        str(path),
-        str(output),
-        parameters=parameters,
-        cwd=str(path.parent),
-        kernel_name=kernel,
-        progress_bar=False,
-        log_output=verbose,
-    )
+    with progress.headless():
+        papermill.execute_notebook(
+            str(path),
+            str(output),
+            parameters=parameters,
+            cwd=str(path.parent),
+            kernel_name=kernel,
+            progress_bar=False,
+            log_output=verbose,
+        )
     return time.perf_counter() - start
 
 

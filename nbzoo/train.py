@@ -31,8 +31,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_model, save_model
 from torch.utils.data import default_collate
-from tqdm.auto import tqdm
 
+from nbzoo import progress
 from nbzoo.device import Runtime
 
 Batch = dict[str, Any]
@@ -261,7 +261,7 @@ def fit(
     total_steps = steps_per_epoch * cfg.epochs
     if cfg.max_steps is not None:
         total_steps = min(total_steps, cfg.max_steps)
-    bar = tqdm(
+    bar = progress.bar(
         total=total_steps,
         initial=state.step,
         desc=cfg.desc,

@@ -406,11 +406,19 @@ def longformer_attention(
     windows = model.config.attention_window
     windows = list(windows) if isinstance(windows, list | tuple) else [windows] * len(local)
 
-    def matrix(layer: int, head: int, _round: int) -> np.ndarray:
-        g = global_[layer][head, :seq_len] if global_ is not None else None  # drop the padding
-        return longformer_attention_matrix(local[layer][head], g, global_index, windows[layer])
-
     n_global = len(global_index)
+
+    def matrix(layer: int, head: int, _round: int) -> np.ndarray:
+        # Upstream gives as many global columns as global tokens; the longformer_sliding_window
+        # patch gives a fixed number of slots, the used ones first: keep the used columns only.
+        band = local[layer][head]
+        slots = band.shape[-1] - (windows[layer] + 1)
+        band = torch.cat([band[:, :n_global], band[:, slots:]], dim=-1)
+        g = None
+        if global_ is not None:
+            g = global_[layer][head, :seq_len, :n_global]  # drop padding and unused slots
+        return longformer_attention_matrix(band, g, global_index, windows[layer])
+
     return AttentionMaps(
         tokens=_tokens(tokens, seq_len),
         num_layers=len(local),
@@ -550,20 +558,27 @@ def plot_attention(
     fig = Figure(figsize=(6.4, 6.6 if strip else 5.6), layout="constrained")
     if strip:
         ax, ax_b = fig.subplots(
-            2, 1, gridspec_kw={"height_ratios": [n, max(2, 1.2 * buckets.shape[0])]}
+            2, 1, gridspec_kw={"height_ratios": [n, max(2, 1.2 * buckets.shape[0], 0.18 * n)]}
         )
     else:
         ax = fig.subplots()
     image = ax.imshow(weights, cmap="viridis", vmin=0.0, vmax=max(float(weights.max()), 1e-9))
     fig.colorbar(image, ax=ax, shrink=0.8, label="attention weight")
     ax.set(xlabel="key position", ylabel="query position")
-    ax.set_title(f"{maps.title}, head {head}\n{maps.layer_label(layer, hash_round)}", fontsize=10)
+    ax.set_title(
+        f"{maps.title}, head {head}\n{maps.layer_label(layer, hash_round)}", fontsize=10, pad=12
+    )
     if n <= max_ticks:
         ax.set_xticks(range(n), maps.tokens, rotation=90, fontsize=7)
         ax.set_yticks(range(n), maps.tokens, fontsize=7)
-    for pos in maps.global_positions:
-        ax.axhline(pos, color="red", lw=0.6, alpha=0.7)
-        ax.axvline(pos, color="red", lw=0.6, alpha=0.7)
+    if maps.global_positions:  # red marks on the edges, the rows and columns stay visible
+        pos = maps.global_positions
+        edge = -0.5 - n / 60
+        marks = {"color": "red", "ms": 5, "clip_on": False, "ls": "none"}
+        ax.plot(pos, [edge] * len(pos), "v", label="global token", **marks)
+        ax.plot([edge] * len(pos), pos, ">", **marks)
+        ax.legend(loc="lower left", fontsize=7, framealpha=0.8)
+        ax.set(xlim=(-0.5, n - 0.5), ylim=(n - 0.5, -0.5))  # the marks sit outside the matrix
     if strip:
         ax_b.imshow(buckets, cmap="tab20", aspect="auto", interpolation="nearest")
         ax_b.set(

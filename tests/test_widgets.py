@@ -21,7 +21,7 @@ from transformers import (
     ReformerModel,
 )
 
-from nbzoo import widgets
+from nbzoo import patching, widgets
 from nbzoo.text import word_tokenizer
 
 SENTENCES = [
@@ -167,9 +167,13 @@ def _capture_attention_io(modules):
     return seen, handles
 
 
-def test_longformer_maps_reproduce_the_layer_output():
+@pytest.mark.parametrize("patched", [False, True], ids=["upstream", "sliding_window_patch"])
+def test_longformer_maps_reproduce_the_layer_output(patched):
+    """Upstream gives one global column per global token; the longformer_sliding_window patch
+    (notebook 05) gives ``max_global_tokens`` slots: both must come out the same."""
     torch.manual_seed(0)
     config = LongformerConfig(
+        max_global_tokens=4,
         vocab_size=50,
         hidden_size=32,
         num_hidden_layers=2,
@@ -186,7 +190,8 @@ def test_longformer_maps_reproduce_the_layer_output():
     glob[0, [0, 9]] = 1
     attn = [layer.attention.self for layer in model.encoder.layer]
     seen, handles = _capture_attention_io(attn)
-    maps = widgets.longformer_attention(model, ids, global_attention_mask=glob)
+    with patching.applied(*(["longformer_sliding_window"] if patched else [])):
+        maps = widgets.longformer_attention(model, ids, global_attention_mask=glob)
     for h in handles:
         h.remove()
     assert (maps.num_layers, maps.num_heads) == (2, 2)
@@ -336,7 +341,7 @@ def test_in_a_kernel_each_view_leaves_a_static_output_then_the_widget(tmp_path):
     setup = f"""
 import torch
 from transformers import AlbertConfig, AlbertForSequenceClassification
-from nbzoo import widgets
+from nbzoo import patching, widgets
 from nbzoo.text import word_tokenizer
 tok = word_tokenizer({SENTENCES!r})
 torch.manual_seed(0)
