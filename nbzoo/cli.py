@@ -197,16 +197,29 @@ def execute(
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    """Every notebook on the demo preset (00_results last, since it reads the others), then the table."""
-    stems = [s for s in available_notebooks() if not s.startswith("00_")]
-    stems += [s for s in available_notebooks() if s.startswith("00_")]
-    for stem in stems:
-        path = notebooks_dir() / f"{stem}.ipynb"
-        output = path if args.in_place else paths.results_dir() / path.name
-        print(f"[demo] {stem} ...", flush=True)
-        seconds = execute(path, output, {}, args.kernel, args.verbose)
-        print(f"[demo] {stem} done in {seconds:.1f} s → {output}", flush=True)
-    return cmd_results(argparse.Namespace(dir=None, markdown=False))
+    """Every notebook on the demo preset, ``--jobs`` at a time (00_results last, since it reads
+    the others), then the results table."""
+    from nbzoo import demo
+
+    jobs = args.jobs or min(demo.cpu_count(), 2)
+    if jobs < 1:
+        raise UsageError(f"--jobs must be at least 1, not {jobs}")
+    threads = max(1, demo.cpu_count() // jobs)
+    output = notebooks_dir() if args.in_place else paths.results_dir()
+    stems = available_notebooks()
+    outcomes = demo.run_all(
+        stems,
+        demo.nbzoo_run(output, args.kernel),
+        log_dir=paths.results_dir(),
+        jobs=jobs,
+        threads=threads,
+    )
+    print(f"[demo] executed notebooks are in {output}", flush=True)
+    cmd_results(argparse.Namespace(dir=None, markdown=False))
+    bad = [o for o in outcomes if o.status != "ok"]
+    for o in bad:
+        print(f"nbzoo: {o.stem} {o.status}: {o.reason} (log {o.log})", file=sys.stderr)
+    return 1 if bad else 0
 
 
 def cmd_results(args: argparse.Namespace) -> int:
@@ -250,7 +263,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--in-place", action="store_true", help="store outputs in notebooks/")
     demo.add_argument("--kernel", default="python3")
-    demo.add_argument("--verbose", action="store_true")
+    demo.add_argument(
+        "--jobs", type=int, default=0, help="notebooks at a time (default: 2, or 1 on one CPU)"
+    )
     demo.set_defaults(func=cmd_demo)
     res = sub.add_parser(
         "results", help="the table of every results file against the seeds' figures"

@@ -1,0 +1,128 @@
+"""``nbzoo demo``: every notebook on the demo preset, several at a time.
+
+The demo models are tiny: a second CPU thread buys a notebook little (01_albert_glue: 44 s on one
+thread, 37 s on two, on a 2-core machine), while a second notebook running beside it doubles the
+work done. So the demo runs ``jobs`` notebooks at once (default: one per CPU) with
+``cpus // jobs`` threads each. Each notebook runs in its own ``nbzoo run`` process, its log in
+``results/<notebook>.log``. A notebook that fails does not stop the others; the notebooks that
+need it are skipped, and the run ends non-zero naming both.
+
+The thread count changes the last bits of floating-point sums, so figures from ``make demo``
+match the committed notebooks (made by ``make notebooks``, the same scheduler) exactly, and a
+plain ``nbzoo run`` with another thread count to within noise.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+# What a notebook reads from another's demo run. 02 exports 01's demo checkpoint (it would train
+# the same model itself otherwise: same result, twice the work); 00 tabulates everyone's results.
+NEEDS: Mapping[str, tuple[str, ...]] = {"02_albert_inference": ("01_albert_glue",)}
+SUMMARY_PREFIX = "00_"
+
+
+def requirements(stems: Iterable[str]) -> dict[str, set[str]]:
+    """For each notebook, the notebooks (among ``stems``) that must finish before it starts."""
+    stems = list(stems)
+    others = [s for s in stems if not s.startswith(SUMMARY_PREFIX)]
+    needs = {}
+    for stem in stems:
+        wanted = others if stem.startswith(SUMMARY_PREFIX) else NEEDS.get(stem, ())
+        needs[stem] = {s for s in wanted if s in stems and s != stem}
+    return needs
+
+
+def cpu_count() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+@dataclass
+class Outcome:
+    stem: str
+    status: str  # "ok", "failed" or "skipped"
+    seconds: float = 0.0
+    log: Path | None = None
+    reason: str = ""
+
+
+@dataclass
+class _Running:
+    stem: str
+    process: subprocess.Popen
+    log: Path
+    started: float = field(default_factory=time.perf_counter)
+
+
+def run_all(
+    stems: list[str],
+    command: Callable[[str], list[str]],
+    log_dir: Path,
+    jobs: int,
+    threads: int,
+    report: Callable[[str], None] | None = None,
+) -> list[Outcome]:
+    """Run ``command(stem)`` for every stem, ``jobs`` at a time, respecting :data:`NEEDS`.
+
+    Ready notebooks start in the order given, those that others wait for first."""
+    report = report or (lambda line: print(line, flush=True))
+    needs = requirements(stems)
+    waited_for = {s for wanted in needs.values() for s in wanted}
+    pending = sorted(stems, key=lambda s: (s not in waited_for, stems.index(s)))
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    log_dir.mkdir(parents=True, exist_ok=True)
+    outcomes: dict[str, Outcome] = {}
+    running: list[_Running] = []
+    while pending or running:
+        for stem in list(pending):
+            broken = [s for s in needs[stem] if s in outcomes and outcomes[s].status != "ok"]
+            if broken:
+                pending.remove(stem)
+                outcomes[stem] = Outcome(stem, "skipped", reason=f"needs {', '.join(broken)}")
+                report(f"[demo] {stem} skipped: it needs {', '.join(broken)}, which did not finish")
+            elif len(running) < jobs and all(
+                outcomes.get(s, Outcome(s, "")).status == "ok" for s in needs[stem]
+            ):
+                pending.remove(stem)
+                log = log_dir / f"{stem}.log"
+                with log.open("w") as out:
+                    process = subprocess.Popen(
+                        command(stem), stdout=out, stderr=subprocess.STDOUT, env=env
+                    )
+                running.append(_Running(stem, process, log))
+                report(f"[demo] {stem} started ({threads} thread{'s' * (threads > 1)}, log {log})")
+        time.sleep(0.2)
+        for job in list(running):
+            if job.process.poll() is None:
+                continue
+            running.remove(job)
+            seconds = time.perf_counter() - job.started
+            if job.process.returncode == 0:
+                outcomes[job.stem] = Outcome(job.stem, "ok", seconds, job.log)
+                report(f"[demo] {job.stem} done in {seconds:.1f} s")
+            else:
+                tail = job.log.read_text(errors="replace").strip().splitlines()[-1:] or [""]
+                outcomes[job.stem] = Outcome(job.stem, "failed", seconds, job.log, tail[0])
+                report(f"[demo] {job.stem} FAILED after {seconds:.1f} s: {tail[0]} (log {job.log})")
+    return [outcomes[s] for s in stems]
+
+
+def nbzoo_run(output_dir: Path, kernel: str) -> Callable[[str], list[str]]:
+    """The command line that runs one notebook on the demo preset."""
+
+    def command(stem: str) -> list[str]:
+        return [
+            sys.executable, "-m", "nbzoo.cli", "run", stem,
+            "--preset", "demo", "--output-dir", str(output_dir), "--kernel", kernel,
+        ]  # fmt: skip
+
+    return command

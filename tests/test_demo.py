@@ -1,0 +1,76 @@
+"""nbzoo demo's scheduler: order, concurrency, thread count, failures."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from nbzoo import demo
+
+STEMS = ["00_results", "01_albert_glue", "02_albert_inference", "03_roberta_sst2"]
+
+
+def recorder(tmp_path, fail=()):
+    """A command that records when it ran and with how many threads, then exits 0 or 1."""
+
+    def command(stem):
+        code = (
+            "import json, os, sys, time; t = time.time(); time.sleep(0.3); "
+            f"json.dump({{'start': t, 'end': time.time(), 'threads': os.environ['OMP_NUM_THREADS']}}, "
+            f"open({str(tmp_path / stem)!r} + '.json', 'w')); "
+            f"print('boom' if {stem in fail} else 'fine'); sys.exit({int(stem in fail)})"
+        )
+        return [sys.executable, "-c", code]
+
+    return command
+
+
+def times(tmp_path, stem):
+    return json.loads((tmp_path / f"{stem}.json").read_text())
+
+
+def test_requirements_put_summary_last_and_inference_after_training():
+    needs = demo.requirements(STEMS)
+    assert needs["00_results"] == set(STEMS[1:])
+    assert needs["02_albert_inference"] == {"01_albert_glue"}
+    assert needs["03_roberta_sst2"] == set()
+    # A requirement that is not being run is not waited for.
+    assert demo.requirements(["02_albert_inference"]) == {"02_albert_inference": set()}
+
+
+def test_run_all_runs_in_parallel_in_dependency_order(tmp_path):
+    lines = []
+    outcomes = demo.run_all(
+        STEMS, recorder(tmp_path), tmp_path / "logs", jobs=2, threads=3, report=lines.append
+    )
+    assert [o.status for o in outcomes] == ["ok"] * 4
+    t = {s: times(tmp_path, s) for s in STEMS}
+    assert {v["threads"] for v in t.values()} == {"3"}
+    assert t["02_albert_inference"]["start"] >= t["01_albert_glue"]["end"]
+    assert t["00_results"]["start"] >= max(v["end"] for s, v in t.items() if s != "00_results")
+    # 01 and 03 overlap: two at a time.
+    assert t["03_roberta_sst2"]["start"] < t["01_albert_glue"]["end"]
+    assert (tmp_path / "logs" / "03_roberta_sst2.log").read_text().strip() == "fine"
+    assert any("02_albert_inference done" in line for line in lines)
+
+
+def test_a_failure_skips_its_dependents_and_not_the_others(tmp_path):
+    lines = []
+    outcomes = demo.run_all(
+        STEMS,
+        recorder(tmp_path, fail=("01_albert_glue",)),
+        tmp_path,
+        jobs=1,
+        threads=1,
+        report=lines.append,
+    )
+    status = {o.stem: o.status for o in outcomes}
+    assert status == {
+        "00_results": "skipped",
+        "01_albert_glue": "failed",
+        "02_albert_inference": "skipped",
+        "03_roberta_sst2": "ok",
+    }
+    failed = next(o for o in outcomes if o.stem == "01_albert_glue")
+    assert failed.reason == "boom" and failed.log == tmp_path / "01_albert_glue.log"
+    assert any("FAILED" in line and "boom" in line for line in lines)
