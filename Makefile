@@ -8,12 +8,15 @@ TORCH_VERSION ?= 2.13.0
 # Where a CPU-only machine gets torch when no local wheel serves: the CPU wheel index, never the
 # multi-GB CUDA build from PyPI. On a machine with an NVIDIA driver, PyPI's CUDA build is wanted.
 TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
-# A wheel pip finds locally (find-links) is used as it is. torch goes in first with pip, so that
-# pip's own configuration (find-links, constraints) picks the build; the other ~160 packages then
-# come through uv, which installs them in ~30 s where pip takes ~2 minutes (pip is the fallback).
-# --compile-bytecode as pip does: without .pyc files (and with PYTHONDONTWRITEBYTECODE set, as on
-# CI machines) every kernel start recompiles torch and transformers from source.
+# A torch wheel that pip finds locally (its find-links, constraints) is used as it is; LOCAL_TORCH
+# prints its path, or fails. uv installs it and the other ~160 packages in ~45 s where pip takes
+# ~3 minutes (pip remains the fallback). --compile-bytecode as pip does: without .pyc files (and with
+# PYTHONDONTWRITEBYTECODE set, as on CI machines) every kernel start recompiles torch from source.
 TORCH_INDEX_ARGS := $(if $(shell command -v nvidia-smi 2>/dev/null),,--index-url $(TORCH_CPU_INDEX) --extra-index-url https://pypi.org/simple)
+LOCAL_TORCH = $(BIN)/python -m pip install --quiet --dry-run --ignore-installed --no-deps --no-index \
+	--report - "torch==$(TORCH_VERSION)" 2>/dev/null | $(BIN)/python -c 'import json, sys, urllib.parse as u; \
+	print(u.unquote(u.urlparse(json.load(sys.stdin)["install"][0]["download_info"]["url"]).path))'
+UV_INSTALL = $(BIN)/uv pip install --python $(BIN)/python --quiet --compile-bytecode
 PYTEST_ARGS ?=
 
 .PHONY: install demo test lint format notebooks lab clean
@@ -22,12 +25,10 @@ install: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	if $(BIN)/python -m pip install --quiet --dry-run --no-deps --no-index "torch==$(TORCH_VERSION)" >/dev/null 2>&1; \
-	then $(BIN)/python -m pip install --quiet "torch==$(TORCH_VERSION)"; \
-	else $(BIN)/python -m pip install --quiet "torch==$(TORCH_VERSION)" $(TORCH_INDEX_ARGS); fi
 	$(BIN)/python -m pip install --quiet uv
-	$(BIN)/uv pip install --python $(BIN)/python --quiet --compile-bytecode -e '.[dev]' \
-	|| $(BIN)/python -m pip install --quiet -e '.[dev]'
+	if wheel=$$($(LOCAL_TORCH)); then $(UV_INSTALL) "$$wheel" || $(BIN)/python -m pip install --quiet "$$wheel"; \
+	else $(BIN)/python -m pip install --quiet "torch==$(TORCH_VERSION)" $(TORCH_INDEX_ARGS); fi
+	$(UV_INSTALL) -e '.[dev]' || $(BIN)/python -m pip install --quiet -e '.[dev]'
 	$(BIN)/python -m ipykernel install --sys-prefix --name nbzoo --display-name "Python (nbzoo)" >/dev/null
 	touch $@
 

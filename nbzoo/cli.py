@@ -213,6 +213,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         log_dir=paths.results_dir(),
         jobs=jobs,
         threads=threads,
+        seconds={s: demo.recorded_seconds(notebooks_dir() / f"{s}.ipynb") for s in stems},
     )
     print(f"[demo] executed notebooks are in {output}", flush=True)
     cmd_results(argparse.Namespace(dir=None, markdown=False))

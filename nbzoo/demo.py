@@ -14,6 +14,7 @@ plain ``nbzoo run`` with another thread count to within noise.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -37,6 +38,30 @@ def requirements(stems: Iterable[str]) -> dict[str, set[str]]:
         wanted = others if stem.startswith(SUMMARY_PREFIX) else NEEDS.get(stem, ())
         needs[stem] = {s for s in wanted if s in stems and s != stem}
     return needs
+
+
+def recorded_seconds(notebook: Path) -> float:
+    """How long the notebook's last papermill run took (papermill stores it in the notebook's
+    metadata; the committed notebooks come from ``make notebooks``), 0 when unknown."""
+    try:
+        metadata = json.loads(notebook.read_text(encoding="utf-8")).get("metadata", {})
+        return float(metadata.get("papermill", {}).get("duration") or 0.0)
+    except (OSError, ValueError):
+        return 0.0
+
+
+def critical_path(needs: Mapping[str, set[str]], seconds: Mapping[str, float]) -> dict[str, float]:
+    """For each notebook, its own time plus the longest chain of notebooks waiting for it: starting
+    the longest chains first keeps both workers busy to the end."""
+    dependents = {s: [d for d, wanted in needs.items() if s in wanted] for s in needs}
+    memo: dict[str, float] = {}
+
+    def length(stem: str) -> float:
+        if stem not in memo:
+            memo[stem] = seconds.get(stem, 0.0) + max(map(length, dependents[stem]), default=0.0)
+        return memo[stem]
+
+    return {s: length(s) for s in needs}
 
 
 def cpu_count() -> int:
@@ -69,15 +94,17 @@ def run_all(
     log_dir: Path,
     jobs: int,
     threads: int,
+    seconds: Mapping[str, float] | None = None,
     report: Callable[[str], None] | None = None,
 ) -> list[Outcome]:
     """Run ``command(stem)`` for every stem, ``jobs`` at a time, respecting :data:`NEEDS`.
 
-    Ready notebooks start in the order given, those that others wait for first."""
+    Ready notebooks start longest chain first (:func:`critical_path` of ``seconds``, the expected
+    time of each), ties in the order given."""
     report = report or (lambda line: print(line, flush=True))
     needs = requirements(stems)
-    waited_for = {s for wanted in needs.values() for s in wanted}
-    pending = sorted(stems, key=lambda s: (s not in waited_for, stems.index(s)))
+    chain = critical_path(needs, seconds or {})
+    pending = sorted(stems, key=lambda s: (-chain[s], stems.index(s)))
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     log_dir.mkdir(parents=True, exist_ok=True)
     outcomes: dict[str, Outcome] = {}

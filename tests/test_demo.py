@@ -38,6 +38,23 @@ def test_requirements_put_summary_last_and_inference_after_training():
     assert demo.requirements(["02_albert_inference"]) == {"02_albert_inference": set()}
 
 
+def test_longest_chain_starts_first():
+    needs = demo.requirements(STEMS)
+    seconds = {"01_albert_glue": 40, "02_albert_inference": 30, "03_roberta_sst2": 60}
+    chain = demo.critical_path(needs, seconds)
+    assert chain["01_albert_glue"] == 70 and chain["03_roberta_sst2"] == 60
+    assert chain["00_results"] == 0
+
+
+def test_recorded_seconds_reads_papermill_metadata(tmp_path):
+    notebook = tmp_path / "x.ipynb"
+    notebook.write_text(json.dumps({"metadata": {"papermill": {"duration": 12.5}}, "cells": []}))
+    assert demo.recorded_seconds(notebook) == 12.5
+    notebook.write_text("{not json")
+    assert demo.recorded_seconds(notebook) == 0.0
+    assert demo.recorded_seconds(tmp_path / "missing.ipynb") == 0.0
+
+
 def test_run_all_runs_in_parallel_in_dependency_order(tmp_path):
     lines = []
     outcomes = demo.run_all(
