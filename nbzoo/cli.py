@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import logging
 import sys
 import time
 from pathlib import Path
@@ -168,11 +169,23 @@ def cmd_run(args: argparse.Namespace) -> int:
             f"unknown preset {args.preset!r} for {path.stem}; choose one of: {', '.join(choices)}"
         )
     parameters = {"preset": args.preset, **parse_overrides(path, args.param or [])}
-    output = paths.resolve(args.output_dir) / f"{path.stem}.ipynb"
+    output = paths.results_dir(args.output_dir) / f"{path.stem}.ipynb"
     print(f"running {path.name} (preset {args.preset}) → {output}", flush=True)
     seconds = execute(path, output, parameters, args.kernel, args.verbose)
     print(f"done in {seconds:.1f} s", flush=True)
     return 0
+
+
+class _KnownParameters(logging.Filter):
+    """Drop papermill's "Passed unknown parameter" warning: its parameter parser misses typed
+    lines such as ``epochs: int | None = None``, so it warns about every knob; the names have
+    already been checked against the parameters cell (:func:`parse_overrides`)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Passed unknown parameter")
+
+
+_KNOWN_PARAMETERS = _KnownParameters()
 
 
 def execute(
@@ -182,6 +195,7 @@ def execute(
     import papermill
 
     output.parent.mkdir(parents=True, exist_ok=True)
+    logging.getLogger("papermill").addFilter(_KNOWN_PARAMETERS)
     start = time.perf_counter()
     with progress.headless():
         papermill.execute_notebook(
@@ -201,7 +215,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     the others), then the results table."""
     from nbzoo import demo
 
-    jobs = args.jobs or min(demo.cpu_count(), 2)
+    jobs = args.jobs or min(demo.cpu_count(), 4)
     if jobs < 1:
         raise UsageError(f"--jobs must be at least 1, not {jobs}")
     threads = max(1, demo.cpu_count() // jobs)
@@ -255,7 +269,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "-p", "--param", action="append", metavar="KEY=VALUE", help="override one parameter"
     )
-    run.add_argument("--output-dir", default="results", help="where the executed notebook goes")
+    run.add_argument(
+        "--output-dir",
+        help="where the executed notebook goes (default: results/, or $NBZOO_RESULTS)",
+    )
     run.add_argument("--kernel", default="python3", help="Jupyter kernel name")
     run.add_argument("--verbose", action="store_true", help="stream the notebook's output")
     run.set_defaults(func=cmd_run)
@@ -265,7 +282,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--in-place", action="store_true", help="store outputs in notebooks/")
     demo.add_argument("--kernel", default="python3")
     demo.add_argument(
-        "--jobs", type=int, default=0, help="notebooks at a time (default: 2, or 1 on one CPU)"
+        "--jobs", type=int, default=0, help="notebooks at a time (default: one per CPU, at most 4)"
     )
     demo.set_defaults(func=cmd_demo)
     res = sub.add_parser(

@@ -2,8 +2,9 @@
 
 The demo models are tiny: a second CPU thread buys a notebook little (01_albert_glue: 44 s on one
 thread, 37 s on two, on a 2-core machine), while a second notebook running beside it doubles the
-work done. So the demo runs ``jobs`` notebooks at once (default: one per CPU) with
-``cpus // jobs`` threads each. Each notebook runs in its own ``nbzoo run`` process, its log in
+work done. So the demo runs ``jobs`` notebooks at once (default: one per CPU, at most four) with
+``cpus // jobs`` threads each; a notebook that benchmarks (:data:`ALONE`) runs last, by itself,
+on every thread. Each notebook runs in its own ``nbzoo run`` process, its log in
 ``results/<notebook>.log``. A notebook that fails does not stop the others; the notebooks that
 need it are skipped, and the run ends non-zero naming both.
 
@@ -19,13 +20,16 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 # What a notebook reads from another's demo run. 02 exports 01's demo checkpoint (it would train
 # the same model itself otherwise: same result, twice the work); 00 tabulates everyone's results.
 NEEDS: Mapping[str, tuple[str, ...]] = {"02_albert_inference": ("01_albert_glue",)}
+# Notebooks that run alone, on every CPU, after the others: 02 benchmarks ONNX Runtime against
+# PyTorch at the seed's shape, and a neighbour on the other core would distort the ratio.
+ALONE: frozenset[str] = frozenset({"02_albert_inference"})
 SUMMARY_PREFIX = "00_"
 
 
@@ -95,17 +99,19 @@ def run_all(
     jobs: int,
     threads: int,
     seconds: Mapping[str, float] | None = None,
+    alone: Collection[str] = ALONE,
     report: Callable[[str], None] | None = None,
 ) -> list[Outcome]:
-    """Run ``command(stem)`` for every stem, ``jobs`` at a time, respecting :data:`NEEDS`.
+    """Run ``command(stem)`` for every stem, ``jobs`` at a time with ``threads`` threads each,
+    respecting :data:`NEEDS`.
 
     Ready notebooks start longest chain first (:func:`critical_path` of ``seconds``, the expected
-    time of each), ties in the order given."""
+    time of each), ties in the order given; those in ``alone`` last, with nothing beside them and
+    ``jobs × threads`` threads."""
     report = report or (lambda line: print(line, flush=True))
     needs = requirements(stems)
     chain = critical_path(needs, seconds or {})
-    pending = sorted(stems, key=lambda s: (-chain[s], stems.index(s)))
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    pending = sorted(stems, key=lambda s: (s in alone, -chain[s], stems.index(s)))
     log_dir.mkdir(parents=True, exist_ok=True)
     outcomes: dict[str, Outcome] = {}
     running: list[_Running] = []
@@ -116,30 +122,33 @@ def run_all(
                 pending.remove(stem)
                 outcomes[stem] = Outcome(stem, "skipped", reason=f"needs {', '.join(broken)}")
                 report(f"[demo] {stem} skipped: it needs {', '.join(broken)}, which did not finish")
-            elif len(running) < jobs and all(
+            elif len(running) < (1 if stem in alone else jobs) and all(
                 outcomes.get(s, Outcome(s, "")).status == "ok" for s in needs[stem]
             ):
                 pending.remove(stem)
+                n = threads * jobs if stem in alone else threads
+                env = {**os.environ, "OMP_NUM_THREADS": str(n), "MKL_NUM_THREADS": str(n)}
                 log = log_dir / f"{stem}.log"
                 with log.open("w") as out:
                     process = subprocess.Popen(
                         command(stem), stdout=out, stderr=subprocess.STDOUT, env=env
                     )
                 running.append(_Running(stem, process, log))
-                report(f"[demo] {stem} started ({threads} thread{'s' * (threads > 1)}, log {log})")
+                how = f"{n} thread{'s' * (n > 1)}{', alone' if stem in alone else ''}"
+                report(f"[demo] {stem} started ({how}, log {log})")
         time.sleep(0.2)
         for job in list(running):
             if job.process.poll() is None:
                 continue
             running.remove(job)
-            seconds = time.perf_counter() - job.started
+            took = time.perf_counter() - job.started
             if job.process.returncode == 0:
-                outcomes[job.stem] = Outcome(job.stem, "ok", seconds, job.log)
-                report(f"[demo] {job.stem} done in {seconds:.1f} s")
+                outcomes[job.stem] = Outcome(job.stem, "ok", took, job.log)
+                report(f"[demo] {job.stem} done in {took:.1f} s")
             else:
                 tail = job.log.read_text(errors="replace").strip().splitlines()[-1:] or [""]
-                outcomes[job.stem] = Outcome(job.stem, "failed", seconds, job.log, tail[0])
-                report(f"[demo] {job.stem} FAILED after {seconds:.1f} s: {tail[0]} (log {job.log})")
+                outcomes[job.stem] = Outcome(job.stem, "failed", took, job.log, tail[0])
+                report(f"[demo] {job.stem} FAILED after {took:.1f} s: {tail[0]} (log {job.log})")
     return [outcomes[s] for s in stems]
 
 

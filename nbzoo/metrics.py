@@ -153,7 +153,7 @@ def write_results(
     }
     if extra:
         record["extra"] = dict(extra)
-    folder = paths.resolve(output_dir) if output_dir is not None else paths.results_dir()
+    folder = paths.results_dir(output_dir)
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{stem}.json"
     tmp = path.with_suffix(".json.tmp")

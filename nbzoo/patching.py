@@ -112,6 +112,14 @@ def apply(name: str, device_kind: str | None = None) -> bool:
     if patch._applied:
         return True
     patch.check_versions()
+    clash = [n for n in _ACTIVE if _REGISTRY[n].target == patch.target]
+    if clash:
+        # Stacking two replacements of one attribute would make undo order-dependent and leave
+        # the first one silently bypassed.
+        raise PatchError(
+            f"patch {name!r} replaces {patch.target}, which active patch {clash[0]!r} already "
+            f"replaces; undo {clash[0]!r} first"
+        )
     owner, attr = patch._owner_and_attr()
     patch._original = (
         owner.__dict__[attr] if attr in getattr(owner, "__dict__", {}) else getattr(owner, attr)
@@ -134,7 +142,9 @@ def undo(name: str) -> None:
 
 @contextlib.contextmanager
 def applied(*names: str, device_kind: str | None = None) -> Iterator[None]:
-    done = [n for n in names if apply(n, device_kind)]
+    """Apply patches for the duration of a block; patches already active stay active after it."""
+    before = set(_ACTIVE)
+    done = [n for n in names if n not in before and apply(n, device_kind)]
     try:
         yield
     finally:

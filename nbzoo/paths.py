@@ -25,8 +25,9 @@ def resolve(path: str | os.PathLike) -> Path:
     return p if p.is_absolute() else project_root() / p
 
 
-def results_dir() -> Path:
-    return resolve(os.environ.get("NBZOO_RESULTS", "results"))
+def results_dir(override: str | os.PathLike | None = None) -> Path:
+    """Where results go: ``override`` when given, else $NBZOO_RESULTS, else results/."""
+    return resolve(override or os.environ.get("NBZOO_RESULTS", "results"))
 
 
 def data_dir() -> Path:

@@ -62,8 +62,15 @@ def test_run_all_runs_in_parallel_in_dependency_order(tmp_path):
     )
     assert [o.status for o in outcomes] == ["ok"] * 4
     t = {s: times(tmp_path, s) for s in STEMS}
-    assert {v["threads"] for v in t.values()} == {"3"}
+    assert {s: v["threads"] for s, v in t.items()} == {
+        "00_results": "3",
+        "01_albert_glue": "3",
+        "02_albert_inference": "6",  # alone, on both workers' threads
+        "03_roberta_sst2": "3",
+    }
     assert t["02_albert_inference"]["start"] >= t["01_albert_glue"]["end"]
+    assert t["02_albert_inference"]["start"] >= t["03_roberta_sst2"]["end"]
+    assert t["00_results"]["start"] >= t["02_albert_inference"]["end"]
     assert t["00_results"]["start"] >= max(v["end"] for s, v in t.items() if s != "00_results")
     # 01 and 03 overlap: two at a time.
     assert t["03_roberta_sst2"]["start"] < t["01_albert_glue"]["end"]

@@ -84,3 +84,41 @@ def test_device_specific_patches_skip_other_devices(monkeypatch, target):
 def test_unknown_patch_names_the_available_ones():
     with pytest.raises(patching.PatchError, match="unknown patch 'nope'"):
         patching.apply("nope")
+
+
+def test_two_patches_of_one_target_are_refused(monkeypatch, target):
+    for name, value in (("first", "one"), ("second", "two")):
+        register(
+            monkeypatch,
+            patching.Patch(
+                name,
+                "nbzoo_test_target:Thing.value",
+                lambda self, v=value: v,
+                {"torch": ">=2"},
+                "test",
+            ),
+        )
+    patching.apply("first")
+    try:
+        with pytest.raises(patching.PatchError, match="active patch 'first' already replaces"):
+            patching.apply("second")
+        assert target.Thing().value() == "one" and "second" not in patching.active()
+    finally:
+        patching.undo("first")
+    assert target.Thing().value() == "upstream"
+
+
+def test_applied_leaves_patches_that_were_active_before(monkeypatch, target):
+    register(
+        monkeypatch,
+        patching.Patch(
+            "outer", "nbzoo_test_target:Thing.value", lambda self: "p", {"torch": ">=2"}, "test"
+        ),
+    )
+    patching.apply("outer")
+    try:
+        with patching.applied("outer"):
+            assert target.Thing().value() == "p"
+        assert target.Thing().value() == "p" and "outer" in patching.active()
+    finally:
+        patching.undo("outer")
