@@ -337,8 +337,13 @@ def best_runs(runs: list[Run]) -> dict[str, Run]:
     return best
 
 
-def comparison_metrics(best: dict[str, Run], baseline: float) -> dict[str, float]:
-    """The metrics of results/06_bert_thor.json (NaN where a run or a crossing is missing)."""
+def comparison_metrics(
+    best: dict[str, Run], baseline: float, paired: dict[str, float] | None = None
+) -> dict[str, float]:
+    """The metrics of results/06_bert_thor.json (NaN where a run or a crossing is missing).
+
+    ``thor_step_time_ratio`` comes from :func:`paired_step_times` when given; the ratio of the two
+    grid runs' medians is kept beside it as ``thor_step_time_ratio_sequential``."""
     nan = float("nan")
     m = {"baseline_accuracy": baseline}
     for kind in OPTIMIZERS:
@@ -350,10 +355,63 @@ def comparison_metrics(best: dict[str, Run], baseline: float) -> dict[str, float
             step = steps_to_target(best[kind].evals, target) if kind in best else None
             m[f"steps_to_target_{kind}"] = nan if step is None else float(step)
     if "thor" in best and "adamw" in best:
-        m["thor_step_time_ratio"] = (
-            best["thor"].median_step_seconds() / best["adamw"].median_step_seconds()
-        )
+        sequential = best["thor"].median_step_seconds() / best["adamw"].median_step_seconds()
+        m["thor_step_time_ratio"] = paired["ratio"] if paired else sequential
+        if paired:
+            m["thor_step_time_ratio_sequential"] = sequential
     return m
+
+
+def _synchronize(rt: Runtime) -> None:
+    if rt.kind == "cuda":
+        torch.cuda.synchronize()
+    elif rt.kind == "npu":
+        torch.npu.synchronize()
+
+
+def paired_step_times(
+    cfg: Any, rt: Runtime, train_data: Sequence, best: dict[str, Run], steps: int | None = None
+) -> dict[str, float]:
+    """Median step time (forward, backward, optimizer step) of THOR and AdamW, each at its grid
+    winner's setting, timed in alternation on the same batches from the same initial weights.
+
+    The grid runs are minutes apart, and on a shared machine the speed drifts between them (the
+    same THOR run measured 16.7 and 20.8 ms per median step twice in a row here), which swamps a
+    ratio of medians taken from separate runs. Alternating step by step (who goes first swaps every
+    step) puts both optimizers under the same conditions. ``steps`` defaults to
+    ``max(100, 4 × frequency)``, so that THOR's statistics and refresh steps occur as in training."""
+    steps = steps or max(100, 4 * cfg.frequency)
+    init = build_model(cfg.model_config, cfg.seed).state_dict()
+    contenders = []
+    for kind in ("thor", "adamw"):
+        bert = build_model(cfg.model_config, cfg.seed)
+        bert.load_state_dict(init)
+        model = PretrainingModel(bert).to(rt.device).train()
+        opt, sched = make_optimizer(kind, model, best[kind].lr, best[kind].damping, cfg)
+        contenders.append((kind, model, opt, sched))
+    order = np.random.default_rng(cfg.seed).permutation(len(train_data))
+    times: dict[str, list[float]] = {"thor": [], "adamw": []}
+    try:
+        for i in range(steps):
+            rows = [order[(i * cfg.batch_size + j) % len(order)] for j in range(cfg.batch_size)]
+            batch = rt.to_device(mlperf.collate([train_data[int(r)] for r in rows]))
+            for kind, model, opt, sched in contenders[:: 1 if i % 2 == 0 else -1]:
+                _synchronize(rt)
+                tick = time.perf_counter()
+                with rt.autocast():
+                    loss = model(**batch)["loss"]
+                loss.backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                if sched is not None:
+                    sched.step()
+                _synchronize(rt)
+                times[kind].append(time.perf_counter() - tick)
+    finally:
+        contenders[0][2].remove_hooks()
+    skip = min(2, steps - 1)  # the first steps allocate
+    thor_ms, adamw_ms = (1e3 * float(np.median(times[k][skip:])) for k in ("thor", "adamw"))
+    return {"thor_ms": thor_ms, "adamw_ms": adamw_ms, "ratio": thor_ms / adamw_ms, "steps": steps}
 
 
 def seed_step_metrics(run: Run) -> dict[str, float]:

@@ -255,3 +255,37 @@ def test_baseline_steps_to_target_and_the_issue_checks():
     checks = {c["check"].split(":")[0]: c["passed"] for c in pretraining.threshold_checks(m)}
     assert checks == {"THOR learns": True, "preconditioning pays": True, "cost": True}
     assert pretraining.best_runs(list(best.values()))["adamw"].final_accuracy == 0.7
+
+
+def test_paired_step_times_alternate_thor_and_adamw_and_feed_the_ratio():
+    from nbzoo import device, presets, pretraining
+
+    tiny = {
+        "vocab_size": 40,
+        "hidden_size": 16,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 2,
+        "intermediate_size": 32,
+        "max_position_embeddings": 24,
+    }
+    cfg = presets.Config(presets.load("06_bert_thor")["demo"])
+    cfg.update(model_config=tiny, batch_size=4, frequency=2, stats_every=1, seed=0)
+    rt = device.setup("cpu", "fp32", seed=0)
+
+    def run(kind, damping=None):
+        return pretraining.Run(kind, 0.01, damping, [], [], 0, 0.0)
+
+    best = {"thor": run("thor", 0.01), "adamw": run("adamw")}
+    paired = pretraining.paired_step_times(cfg, rt, _samples(10), best, steps=6)
+    assert paired["steps"] == 6 and paired["thor_ms"] > 0 and paired["adamw_ms"] > 0
+    assert paired["ratio"] == pytest.approx(paired["thor_ms"] / paired["adamw_ms"])
+
+    def timed(kind, ms):
+        r = run(kind)
+        r.history = [{"step": 1, "loss": 1.0, "seconds": ms}] * 3
+        r.evals = [{"step": 0, "mlm_accuracy": 0.1}]
+        return r
+
+    grid = {"thor": timed("thor", 2.0), "sgd": timed("sgd", 1.0), "adamw": timed("adamw", 1.0)}
+    m = pretraining.comparison_metrics(grid, 0.1, {"ratio": 1.1})
+    assert m["thor_step_time_ratio"] == 1.1 and m["thor_step_time_ratio_sequential"] == 2.0
