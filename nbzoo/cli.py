@@ -144,6 +144,16 @@ def parse_overrides(path: Path, pairs: list[str]) -> dict[str, Any]:
     return values
 
 
+def run_parameters(path: Path, preset: str, pairs: list[str]) -> dict[str, Any]:
+    """What papermill injects: the overrides, and the preset unless it is the notebook's default.
+    With nothing to set papermill injects no cell, so `make notebooks` (in place) leaves the
+    notebooks' cells as they are."""
+    parameters = parse_overrides(path, pairs)
+    if notebook_parameters(path).get("preset", {}).get("default") != repr(preset):
+        parameters = {"preset": preset, **parameters}
+    return parameters
+
+
 def cmd_list(_args: argparse.Namespace) -> int:
     from nbzoo import presets
 
@@ -168,7 +178,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise UsageError(
             f"unknown preset {args.preset!r} for {path.stem}; choose one of: {', '.join(choices)}"
         )
-    parameters = {"preset": args.preset, **parse_overrides(path, args.param or [])}
+    parameters = run_parameters(path, args.preset, args.param or [])
     output = paths.results_dir(args.output_dir) / f"{path.stem}.ipynb"
     print(f"running {path.name} (preset {args.preset}) → {output}", flush=True)
     seconds = execute(path, output, parameters, args.kernel, args.verbose)

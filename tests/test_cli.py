@@ -64,3 +64,10 @@ def test_list_shows_notebooks_and_presets():
 def test_notebook_names_resolve_with_or_without_their_number():
     assert cli.find_notebook("albert_glue").name == "01_albert_glue.ipynb"
     assert cli.find_notebook("notebooks/01_albert_glue.ipynb").name == "01_albert_glue.ipynb"
+
+
+def test_run_injects_only_what_differs_from_the_notebook():
+    path = cli.find_notebook("01_albert_glue")
+    assert cli.run_parameters(path, "demo", []) == {}  # `make notebooks`: no injected cell
+    assert cli.run_parameters(path, "full", []) == {"preset": "full"}
+    assert cli.run_parameters(path, "demo", ["epochs=2"]) == {"epochs": 2}
