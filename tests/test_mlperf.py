@@ -23,6 +23,16 @@ def _one_thread():
 SPEC = mlperf.SampleSpec(vocab_size=40, seq_length=24, max_predictions=4)
 
 
+TINY_BERT = {
+    "vocab_size": 40,
+    "hidden_size": 16,
+    "num_hidden_layers": 1,
+    "num_attention_heads": 2,
+    "intermediate_size": 32,
+    "max_position_embeddings": 24,
+}
+
+
 def _samples(n, seed=0):
     arrays = mlperf.generate_samples(SPEC, n, seed)
     return [{k: v[i] for k, v in arrays.items()} for i in range(n)]
@@ -186,15 +196,7 @@ def test_sample_language_follows_the_reference_cuts_and_masks():
 def test_gathered_mlperf_loss_and_accuracy_match_transformers_on_full_sequences():
     from nbzoo import device, metrics, pretraining
 
-    tiny = {
-        "vocab_size": 40,
-        "hidden_size": 16,
-        "num_hidden_layers": 1,
-        "num_attention_heads": 2,
-        "intermediate_size": 32,
-        "max_position_embeddings": 24,
-    }
-    model = pretraining.build_model(tiny, seed=0).eval()
+    model = pretraining.build_model(TINY_BERT, seed=0).eval()
     rows = _samples(6)
     batch = mlperf.collate(rows)
     labels = torch.full_like(batch["input_ids"], -100)
@@ -260,16 +262,8 @@ def test_baseline_steps_to_target_and_the_issue_checks():
 def test_paired_step_times_alternate_thor_and_adamw_and_feed_the_ratio():
     from nbzoo import device, presets, pretraining
 
-    tiny = {
-        "vocab_size": 40,
-        "hidden_size": 16,
-        "num_hidden_layers": 1,
-        "num_attention_heads": 2,
-        "intermediate_size": 32,
-        "max_position_embeddings": 24,
-    }
     cfg = presets.Config(presets.load("06_bert_thor")["demo"])
-    cfg.update(model_config=tiny, batch_size=4, frequency=2, stats_every=1, seed=0)
+    cfg.update(model_config=TINY_BERT, batch_size=4, frequency=2, stats_every=1, seed=0)
     rt = device.setup("cpu", "fp32", seed=0)
 
     def run(kind, damping=None):
