@@ -33,3 +33,22 @@ def test_albert_notebook_takes_its_parameters_from_papermill(tmp_path, monkeypat
     assert 0.0 <= record["metrics"]["sst2_accuracy"] <= 1.0
     assert record["reference"]["source"] == "seeds/002_albert.md"
     assert (tmp_path / "dataset" / "SST-2" / "train.tsv").exists()
+
+
+def stream_lines(notebook: dict) -> list[str]:
+    return [
+        line
+        for cell in notebook["cells"]
+        for out in cell.get("outputs", [])
+        if out.get("output_type") == "stream"
+        for line in "".join(out["text"]).splitlines()
+    ]
+
+
+def test_committed_demo_run_of_01_prints_few_progress_lines():
+    """notebooks/01_albert_glue.ipynb holds the outputs of its demo run under papermill (`make
+    notebooks`): two training bars of 504 steps each must not print hundreds of lines."""
+    notebook = json.loads(cli.find_notebook("01_albert_glue").read_text(encoding="utf-8"))
+    lines = stream_lines(notebook)
+    progress = [line for line in lines if "it/s" in line or "s/it" in line]
+    assert 2 <= len(progress) <= 30 and len(lines) < 200
