@@ -52,3 +52,10 @@ def test_committed_demo_run_of_01_prints_few_progress_lines():
     lines = stream_lines(notebook)
     progress = [line for line in lines if "it/s" in line or "s/it" in line]
     assert 2 <= len(progress) <= 30 and len(lines) < 200
+
+
+@pytest.mark.parametrize("stem", cli.available_notebooks())
+def test_notebooks_open_on_the_nbzoo_kernel(stem):
+    """`make lab` registers the environment as the kernel `nbzoo`; the notebooks ask for it."""
+    notebook = json.loads(cli.find_notebook(stem).read_text(encoding="utf-8"))
+    assert notebook["metadata"]["kernelspec"]["name"] == "nbzoo"
