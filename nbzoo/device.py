@@ -132,6 +132,13 @@ class Runtime:
         enabled = self.precision == "fp16" and self.kind != "cpu"
         return torch.amp.GradScaler(self.kind, enabled=enabled)
 
+    def synchronize(self) -> None:
+        """Wait for the device's queued work (before reading a clock); a no-op on the CPU."""
+        if self.kind == "cuda":
+            torch.cuda.synchronize(self.device)
+        elif self.kind == "npu":
+            torch.npu.synchronize()
+
     def to_device(self, batch: dict) -> dict:
         return {
             k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v

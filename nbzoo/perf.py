@@ -263,13 +263,6 @@ def make_step(
     return step
 
 
-def synchronize(rt: Runtime) -> None:
-    if rt.kind == "cuda":
-        torch.cuda.synchronize(rt.device)
-    elif rt.kind == "npu":
-        torch.npu.synchronize()
-
-
 def reset_peak_memory(rt: Runtime) -> None:
     if rt.kind == "cuda":
         torch.cuda.reset_peak_memory_stats(rt.device)
@@ -353,7 +346,7 @@ def measure_training_throughput(
     first_step_seconds = time.perf_counter() - tick
     for _ in range(warmup - 1):
         step(batch)
-    synchronize(rt)
+    rt.synchronize()
     times: list[float] = []
     losses: list[torch.Tensor] = []
     if rt.kind == "cuda":
@@ -365,13 +358,13 @@ def measure_training_throughput(
             start.record()
             losses.append(step(batch))
             end.record()
-        synchronize(rt)
+        rt.synchronize()
         times = [start.elapsed_time(end) / 1e3 for start, end in events]
     else:
         for _ in range(steps):
             tick = time.perf_counter()
             losses.append(step(batch))
-            synchronize(rt)
+            rt.synchronize()
             times.append(time.perf_counter() - tick)
     median = statistics.median(times)
     samples = batch_size_of(batch)

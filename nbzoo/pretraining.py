@@ -362,13 +362,6 @@ def comparison_metrics(
     return m
 
 
-def _synchronize(rt: Runtime) -> None:
-    if rt.kind == "cuda":
-        torch.cuda.synchronize()
-    elif rt.kind == "npu":
-        torch.npu.synchronize()
-
-
 def paired_step_times(
     cfg: Any, rt: Runtime, train_data: Sequence, best: dict[str, Run], steps: int | None = None
 ) -> dict[str, float]:
@@ -396,7 +389,7 @@ def paired_step_times(
             rows = [order[(i * cfg.batch_size + j) % len(order)] for j in range(cfg.batch_size)]
             batch = rt.to_device(mlperf.collate([train_data[int(r)] for r in rows]))
             for kind, model, opt, sched in contenders[:: 1 if i % 2 == 0 else -1]:
-                _synchronize(rt)
+                rt.synchronize()
                 tick = time.perf_counter()
                 with rt.autocast():
                     loss = model(**batch)["loss"]
@@ -405,7 +398,7 @@ def paired_step_times(
                 opt.zero_grad(set_to_none=True)
                 if sched is not None:
                     sched.step()
-                _synchronize(rt)
+                rt.synchronize()
                 times[kind].append(time.perf_counter() - tick)
     finally:
         contenders[0][2].remove_hooks()
