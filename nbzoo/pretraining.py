@@ -19,6 +19,7 @@ import sys
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
+from itertools import chain, count, islice
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +33,7 @@ from nbzoo import paths
 from nbzoo.data import mlperf
 from nbzoo.device import Runtime
 from nbzoo.optim.thor import THOR, PolySchedule
-from nbzoo.train import TrainConfig, config_hash, fit
+from nbzoo.train import TrainConfig, config_hash, epoch_batches, fit
 
 STEM = "06_bert_thor"
 OPTIMIZERS = ("thor", "sgd", "adamw")
@@ -226,6 +227,27 @@ class Run:
         return float(np.median([h["seconds"] for h in self.history[skip:]]))
 
 
+def initial_state(cfg: Any) -> dict[str, torch.Tensor]:
+    """The weights every run of the comparison starts from."""
+    return {k: v.clone() for k, v in build_model(cfg.model_config, cfg.seed).state_dict().items()}
+
+
+def start_from(
+    init_state: dict[str, torch.Tensor],
+    kind: str,
+    lr: float,
+    damping: float | None,
+    cfg: Any,
+    rt: Runtime,
+) -> tuple[PretrainingModel, torch.optim.Optimizer, Any]:
+    """(model, optimizer, scheduler) of one grid point, the model at ``init_state``."""
+    bert = build_model(cfg.model_config, cfg.seed)
+    bert.load_state_dict(init_state)
+    model = PretrainingModel(bert).to(rt.device)
+    opt, sched = make_optimizer(kind, model, lr, damping, cfg)
+    return model, opt, sched
+
+
 def train_one(
     kind: str,
     lr: float,
@@ -237,10 +259,7 @@ def train_one(
     init_state: dict[str, torch.Tensor],
 ) -> Run:
     """Train from ``init_state`` with one optimizer setting; evaluate every ``cfg.eval_every``."""
-    bert = build_model(cfg.model_config, cfg.seed)
-    bert.load_state_dict(init_state)
-    model = PretrainingModel(bert).to(rt.device)
-    opt, sched = make_optimizer(kind, model, lr, damping, cfg)
+    model, opt, sched = start_from(init_state, kind, lr, damping, cfg, rt)
     checkpoint_dir = None
     if cfg.checkpoint_dir:
         checkpoint_dir = paths.resolve(cfg.checkpoint_dir) / f"{kind}-lr{lr:g}-d{damping or 0:g}"
@@ -319,9 +338,7 @@ def grid_points(grid: dict[str, list[dict[str, float]]]) -> list[tuple[str, floa
 
 def run_grid(cfg: Any, rt: Runtime, train_data: Sequence, eval_data: Sequence) -> list[Run]:
     """Every grid point, from the same initial weights and data order."""
-    init_state = {
-        k: v.clone() for k, v in build_model(cfg.model_config, cfg.seed).state_dict().items()
-    }
+    init_state = initial_state(cfg)
     return [
         train_one(kind, lr, damping, cfg, rt, train_data, eval_data, init_state)
         for kind, lr, damping in grid_points(cfg.grid)
@@ -374,20 +391,17 @@ def paired_step_times(
     step) puts both optimizers under the same conditions. ``steps`` defaults to
     ``max(100, 4 × frequency)``, so that THOR's statistics and refresh steps occur as in training."""
     steps = steps or max(100, 4 * cfg.frequency)
-    init = build_model(cfg.model_config, cfg.seed).state_dict()
+    init_state = initial_state(cfg)
     contenders = []
     for kind in ("thor", "adamw"):
-        bert = build_model(cfg.model_config, cfg.seed)
-        bert.load_state_dict(init)
-        model = PretrainingModel(bert).to(rt.device).train()
-        opt, sched = make_optimizer(kind, model, best[kind].lr, best[kind].damping, cfg)
-        contenders.append((kind, model, opt, sched))
-    order = np.random.default_rng(cfg.seed).permutation(len(train_data))
+        model, opt, sched = start_from(init_state, kind, best[kind].lr, best[kind].damping, cfg, rt)
+        contenders.append((kind, model.train(), opt, sched))
+    # the batches training sees, from its first epoch on
+    epochs = (epoch_batches(len(train_data), cfg.batch_size, cfg.seed, e) for e in count())
     times: dict[str, list[float]] = {"thor": [], "adamw": []}
     try:
-        for i in range(steps):
-            rows = [order[(i * cfg.batch_size + j) % len(order)] for j in range(cfg.batch_size)]
-            batch = rt.to_device(mlperf.collate([train_data[int(r)] for r in rows]))
+        for i, rows in enumerate(islice(chain.from_iterable(epochs), steps)):
+            batch = rt.to_device(mlperf.collate([train_data[r] for r in rows]))
             for kind, model, opt, sched in contenders[:: 1 if i % 2 == 0 else -1]:
                 rt.synchronize()
                 tick = time.perf_counter()
@@ -401,7 +415,9 @@ def paired_step_times(
                 rt.synchronize()
                 times[kind].append(time.perf_counter() - tick)
     finally:
-        contenders[0][2].remove_hooks()
+        for _, _, opt, _ in contenders:
+            if isinstance(opt, THOR):
+                opt.remove_hooks()
     skip = min(2, steps - 1)  # the first steps allocate
     thor_ms, adamw_ms = (1e3 * float(np.median(times[k][skip:])) for k in ("thor", "adamw"))
     return {"thor_ms": thor_ms, "adamw_ms": adamw_ms, "ratio": thor_ms / adamw_ms, "steps": steps}
