@@ -129,8 +129,11 @@ def convert(name: str, text: str, type_name: str | None) -> Any:
     return value
 
 
-def parse_overrides(path: Path, pairs: list[str]) -> dict[str, Any]:
-    declared = notebook_parameters(path)
+def parse_overrides(
+    path: Path, pairs: list[str], declared: dict[str, dict[str, Any]]
+) -> dict[str, Any]:
+    """``-p key=value`` pairs checked and typed against the parameters cell (``declared``, as
+    :func:`notebook_parameters` read it from ``path``)."""
     values: dict[str, Any] = {}
     for pair in pairs:
         name, sep, text = pair.partition("=")
@@ -148,8 +151,9 @@ def run_parameters(path: Path, preset: str, pairs: list[str]) -> dict[str, Any]:
     """What papermill injects: the overrides, and the preset unless it is the notebook's default.
     With nothing to set papermill injects no cell, so `make notebooks` (in place) leaves the
     notebooks' cells as they are."""
-    parameters = parse_overrides(path, pairs)
-    if notebook_parameters(path).get("preset", {}).get("default") != repr(preset):
+    declared = notebook_parameters(path)
+    parameters = parse_overrides(path, pairs, declared)
+    if declared.get("preset", {}).get("default") != repr(preset):
         parameters = {"preset": preset, **parameters}
     return parameters
 
@@ -254,9 +258,7 @@ def cmd_results(args: argparse.Namespace) -> int:
 
     records = metrics.read_results(args.dir)
     if not records:
-        print(
-            f"no results in {paths.resolve(args.dir) if args.dir else paths.results_dir()}; run `make demo` first"
-        )
+        print(f"no results in {paths.results_dir(args.dir)}; run `make demo` first")
         return 1
     table = metrics.results_table(records)
     if getattr(args, "markdown", False):

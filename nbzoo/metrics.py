@@ -163,9 +163,8 @@ def write_results(
 
 
 def read_results(folder: str | os.PathLike | None = None) -> list[dict[str, Any]]:
-    folder = paths.resolve(folder) if folder is not None else paths.results_dir()
     records = []
-    for path in sorted(Path(folder).glob("*.json")):
+    for path in sorted(paths.results_dir(folder).glob("*.json")):
         try:
             record = json.loads(path.read_text(encoding="utf-8"))
         except json.JSONDecodeError as exc:
