@@ -122,9 +122,9 @@ def run_all(
                 pending.remove(stem)
                 outcomes[stem] = Outcome(stem, "skipped", reason=f"needs {', '.join(broken)}")
                 report(f"[demo] {stem} skipped: it needs {', '.join(broken)}, which did not finish")
-            elif len(running) < (1 if stem in alone else jobs) and all(
-                outcomes.get(s, Outcome(s, "")).status == "ok" for s in needs[stem]
-            ):
+            elif len(running) < (1 if stem in alone else jobs) and needs[stem] <= {
+                s for s, o in outcomes.items() if o.status == "ok"
+            }:
                 pending.remove(stem)
                 n = threads * jobs if stem in alone else threads
                 env = {**os.environ, "OMP_NUM_THREADS": str(n), "MKL_NUM_THREADS": str(n)}

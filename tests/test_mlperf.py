@@ -10,14 +10,7 @@ import torch
 
 from nbzoo.data import mlperf
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one thread is fastest, and immune to a busy machine's scheduling."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 SPEC = mlperf.SampleSpec(vocab_size=40, seq_length=24, max_predictions=4)

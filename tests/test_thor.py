@@ -18,14 +18,7 @@ from nbzoo import device
 from nbzoo.optim.thor import THOR, PolySchedule
 from nbzoo.train import TrainConfig, fit
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny matrices: one thread is fastest, and immune to a busy machine's scheduling."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 DAMPING = 0.04  # λ; each factor gets √λ = 0.2
