@@ -161,15 +161,13 @@ def _roberta(quick: bool):
 def _bert_large(quick: bool):
     from transformers import BertConfig
 
-    size = (
-        dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
-             vocab_size=1200)
-        if quick
-        else dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16,
-                  intermediate_size=4096, vocab_size=30522)
+    from nbzoo.pretraining import BERT_LARGE  # MLPerf v0.7's bert_config.json
+
+    quick_size = dict(
+        hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+        vocab_size=1200,
     )  # fmt: skip
-    # BERT-Large, uncased (MLPerf v0.7's bert_config.json)
-    return BertConfig(**size, max_position_embeddings=512, type_vocab_size=2)
+    return BertConfig(**{**BERT_LARGE, **(quick_size if quick else {})})
 
 
 def _longformer(quick: bool):

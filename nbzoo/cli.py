@@ -234,6 +234,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
         raise UsageError(f"--jobs must be at least 1, not {jobs}")
     threads = max(1, demo.cpu_count() // jobs)
     output = notebooks_dir() if args.in_place else paths.results_dir()
+    env = None
+    if args.in_place:  # the committed outputs: from scratch, in build/, whatever the tree holds
+        scratch = paths.resolve("build/notebooks-run")
+        env = demo.clean_root(scratch, notebooks_dir(), paths.results_dir())
+        print(f"[demo] data and checkpoints of this run go to {scratch}", flush=True)
     stems = available_notebooks()
     outcomes = demo.run_all(
         stems,
@@ -242,6 +247,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         jobs=jobs,
         threads=threads,
         seconds={s: demo.recorded_seconds(notebooks_dir() / f"{s}.ipynb") for s in stems},
+        env=env,
     )
     print(f"[demo] executed notebooks are in {output}", flush=True)
     cmd_results(argparse.Namespace(dir=None, markdown=False))
@@ -291,7 +297,12 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser(
         "demo", help="run every notebook on the demo preset, then the results table"
     )
-    demo.add_argument("--in-place", action="store_true", help="store outputs in notebooks/")
+    demo.add_argument(
+        "--in-place",
+        action="store_true",
+        help="store outputs in notebooks/ (a run from scratch: data and checkpoints in "
+        "build/notebooks-run, never an earlier run's)",
+    )
     demo.add_argument("--kernel", default="python3")
     demo.add_argument(
         "--jobs", type=int, default=0, help="notebooks at a time (default: one per CPU, at most 4)"

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -101,13 +102,14 @@ def run_all(
     seconds: Mapping[str, float] | None = None,
     alone: Collection[str] = ALONE,
     report: Callable[[str], None] | None = None,
+    env: Mapping[str, str] | None = None,
 ) -> list[Outcome]:
     """Run ``command(stem)`` for every stem, ``jobs`` at a time with ``threads`` threads each,
     respecting :data:`NEEDS`.
 
     Ready notebooks start longest chain first (:func:`critical_path` of ``seconds``, the expected
     time of each), ties in the order given; those in ``alone`` last, with nothing beside them and
-    ``jobs × threads`` threads."""
+    ``jobs × threads`` threads. ``env``: variables added to every notebook's environment."""
     report = report or (lambda line: print(line, flush=True))
     needs = requirements(stems)
     chain = critical_path(needs, seconds or {})
@@ -127,11 +129,14 @@ def run_all(
             }:
                 pending.remove(stem)
                 n = threads * jobs if stem in alone else threads
-                env = {**os.environ, "OMP_NUM_THREADS": str(n), "MKL_NUM_THREADS": str(n)}
+                threads_env = {"OMP_NUM_THREADS": str(n), "MKL_NUM_THREADS": str(n)}
                 log = log_dir / f"{stem}.log"
                 with log.open("w") as out:
                     process = subprocess.Popen(
-                        command(stem), stdout=out, stderr=subprocess.STDOUT, env=env
+                        command(stem),
+                        stdout=out,
+                        stderr=subprocess.STDOUT,
+                        env={**os.environ, **(env or {}), **threads_env},
                     )
                 running.append(_Running(stem, process, log))
                 how = f"{n} thread{'s' * (n > 1)}{', alone' if stem in alone else ''}"
@@ -150,6 +155,18 @@ def run_all(
                 outcomes[job.stem] = Outcome(job.stem, "failed", took, job.log, tail[0])
                 report(f"[demo] {job.stem} FAILED after {took:.1f} s: {tail[0]} (log {job.log})")
     return [outcomes[s] for s in stems]
+
+
+def clean_root(folder: Path, notebooks: Path, results: Path) -> dict[str, str]:
+    """A project root with nothing in it but a copy of ``notebooks``, for a run whose outputs are
+    committed (``make notebooks``): in the working tree, the notebooks would resume the checkpoints
+    and reuse the data of an earlier run, and the stored outputs would say "resuming from ..."
+    instead of showing the training. Data and checkpoints go to ``folder`` (emptied first), results
+    still to ``results``. Returns the environment that points a notebook run there."""
+    if folder.exists():
+        shutil.rmtree(folder)
+    shutil.copytree(notebooks, folder / "notebooks", ignore=shutil.ignore_patterns(".ipynb_*"))
+    return {"NBZOO_ROOT": str(folder.resolve()), "NBZOO_RESULTS": str(results.resolve())}
 
 
 def nbzoo_run(output_dir: Path, kernel: str) -> Callable[[str], list[str]]:

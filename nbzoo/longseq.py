@@ -235,15 +235,14 @@ def measure_step(
     loss, saved = saved_activation_bytes(forward)  # also the warm-up step
     loss.backward()
     model.zero_grad(set_to_none=True)
+    rt.synchronize()
     if rt.kind == "cuda":
-        torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     seconds = []
     for _ in range(repeats):
         tick = time.perf_counter()
         forward().backward()
-        if rt.kind == "cuda":
-            torch.cuda.synchronize()
+        rt.synchronize()
         seconds.append(time.perf_counter() - tick)
         model.zero_grad(set_to_none=True)
     row = {"seconds_per_step": float(min(seconds)), "activation_MiB": saved / 2**20}

@@ -170,6 +170,8 @@ def make_optimizer(kind: str, model: nn.Module, lr: float, damping: float | None
             trace_threshold=cfg.trace_threshold,
             clip_norm=cfg.clip_norm,
             precondition=kind == "thor",
+            first_order=cfg.thor_first_order,
+            layernorm=cfg.thor_layernorm,
         )
         return opt, None
     if kind == "adamw":

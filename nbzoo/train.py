@@ -302,8 +302,7 @@ def fit(
             optimizer.zero_grad(set_to_none=True)
             if scheduler is not None:
                 scheduler.step()
-            if rt.kind == "cuda":
-                torch.cuda.synchronize()
+            rt.synchronize()
             seconds = time.perf_counter() - tick
             state.step += 1
             state.samples += step_samples

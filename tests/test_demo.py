@@ -98,3 +98,36 @@ def test_a_failure_skips_its_dependents_and_not_the_others(tmp_path):
     failed = next(o for o in outcomes if o.stem == "01_albert_glue")
     assert failed.reason == "boom" and failed.log == tmp_path / "01_albert_glue.log"
     assert any("FAILED" in line and "boom" in line for line in lines)
+
+
+def test_in_place_runs_start_from_a_clean_root(tmp_path):
+    notebooks = tmp_path / "repo" / "notebooks"
+    notebooks.mkdir(parents=True)
+    (notebooks / "01_albert_glue.ipynb").write_text("{}")
+    (notebooks / ".ipynb_checkpoints").mkdir()
+    scratch, results = tmp_path / "scratch", tmp_path / "repo" / "results"
+    (scratch / "checkpoints" / "01_albert_glue").mkdir(parents=True)  # an earlier run's
+    env = demo.clean_root(scratch, notebooks, results)
+    assert sorted(p.name for p in scratch.iterdir()) == ["notebooks"]
+    assert [p.name for p in (scratch / "notebooks").iterdir()] == ["01_albert_glue.ipynb"]
+
+    code = (
+        "from nbzoo import cli, paths; "
+        "print(paths.resolve('checkpoints/01_albert_glue'), paths.results_dir(), "
+        "cli.find_notebook('albert_glue'), sep='\\n')"
+    )
+    demo.run_all(
+        ["01_albert_glue"],
+        lambda stem: [sys.executable, "-c", code],
+        tmp_path / "logs",
+        jobs=1,
+        threads=1,
+        env=env,
+        report=lambda line: None,
+    )
+    seen = (tmp_path / "logs" / "01_albert_glue.log").read_text().split()
+    assert seen == [
+        str(scratch.resolve() / "checkpoints" / "01_albert_glue"),
+        str(results.resolve()),
+        str(scratch.resolve() / "notebooks" / "01_albert_glue.ipynb"),
+    ]

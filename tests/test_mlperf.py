@@ -276,3 +276,23 @@ def test_paired_step_times_alternate_thor_and_adamw_and_feed_the_ratio():
     grid = {"thor": timed("thor", 2.0), "sgd": timed("sgd", 1.0), "adamw": timed("adamw", 1.0)}
     m = pretraining.comparison_metrics(grid, 0.1, {"ratio": 1.1})
     assert m["thor_step_time_ratio"] == 1.1 and m["thor_step_time_ratio_sequential"] == 2.0
+
+
+def test_thor_variants_bench_changes_only_parameters_the_notebook_has():
+    import importlib.util
+
+    from nbzoo import paths
+
+    spec = importlib.util.spec_from_file_location(
+        "thor_variants", paths.project_root() / "bench" / "thor_variants.py"
+    )
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    cfg = bench.demo_config("demo")
+    assert (cfg.preset, cfg.max_steps, cfg.device) == ("demo", 300, "cpu")
+    for point, overrides in bench.VARIANTS.values():
+        assert set(overrides) <= set(cfg)
+        assert bench.variant_config(cfg, overrides) == {**cfg, **overrides}
+        assert point["lr"] > 0 and point["damping"] > 0
+    with pytest.raises(ValueError, match="unknown 06_bert_thor parameters: stat_decy"):
+        bench.variant_config(cfg, {"stat_decy": 0.0})

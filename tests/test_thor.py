@@ -217,6 +217,23 @@ def test_trace_rule_skips_layers_whose_fisher_trace_did_not_move():
     assert [r["skipped"] for r in opt.refresh_log] == [0, n, n]
 
 
+def test_a_failed_inversion_keeps_the_previous_inverse_and_the_run_goes_on():
+    torch.manual_seed(5)
+    model = TinyLM(tied=False).double()
+    opt = THOR(model, lr=0.05, damping=DAMPING, frequency=2, stats_every=1)
+    snaps = _run(model, opt, 2)
+    lin = next(g for g in opt.groups if g.uses[0].name == "lin")
+    lin.uses[0].col.value.fill_(float("inf"))  # what a diverging run leaves behind
+    with pytest.warns(RuntimeWarning, match="inverting lin failed"):
+        more = _run(model, opt, 1)  # step 2 refreshes
+    assert opt.refresh_log[-1] == {"step": 2, "refreshed": 3, "skipped": 0, "failed": 1}
+    assert torch.equal(more[0]["col"], snaps[-1]["col"])  # lin keeps its step-0 inverse
+    lin.uses[0].col.value.copy_(-torch.eye(lin.uses[0].col.b))  # finite, not positive definite
+    with pytest.warns(RuntimeWarning, match="not positive-definite"):
+        _run(model, opt, 2)
+    assert opt.refresh_log[-1]["failed"] == 1
+
+
 def test_first_order_counterpart_is_momentum_sgd_with_the_same_schedule():
     torch.manual_seed(6)
     a, b = TinyLM(tied=False).double(), TinyLM(tied=False).double()

@@ -51,6 +51,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
@@ -498,7 +499,7 @@ class THOR(torch.optim.Optimizer):
         self._all_reduce_factors()
         tick = time.perf_counter()
         root = math.sqrt(damping)
-        refreshed = skipped = 0
+        refreshed = skipped = failed = 0
         for g in self.groups:
             if not all(f.initialized for u in g.uses for f in (u.row, u.col)):
                 continue
@@ -507,27 +508,54 @@ class THOR(torch.optim.Optimizer):
                 if abs(trace - g.trace) <= self.trace_threshold * abs(g.trace):
                     skipped += 1
                     continue
-            if len(g.uses) == 1:
-                u = g.uses[0]
-                col = _block_inverse(u.col.damped_blocks(root))
-                if u.row.diagonal:
-                    row = 1.0 / (u.row.value + root)
-                else:
-                    row = _block_inverse(u.row.damped_blocks(root))
-                g.inverse = {"row": row, "col": col}
-            else:
-                u1, u2 = g.uses
-                like = u2.row if u1.row.diagonal else u1.row
-                x, s = _generalized_eig(
-                    u1.row.damped_blocks(root, like), u2.row.damped_blocks(root, like)
-                )
-                y, t = _generalized_eig(u1.col.damped_blocks(root), u2.col.damped_blocks(root))
-                g.inverse = {"x": x, "s": s, "y": y, "t": t}
+            try:
+                inverse = self._invert(g, root)
+            except torch.linalg.LinAlgError as exc:
+                # A diverging run (too high a learning rate in a grid) grows factors whose damped
+                # blocks are no longer numerically positive definite. Keep the last good inverse
+                # (none yet: the layer stays first-order) and let the run go on; its loss says
+                # that it diverged, and the log counts the failure.
+                failed += 1
+                if failed == 1:
+                    warnings.warn(
+                        f"THOR step {self.steps}: inverting {g.name} failed ({exc}); "
+                        "keeping its previous inverse",
+                        RuntimeWarning,
+                        stacklevel=3,
+                    )
+                continue
+            g.inverse = inverse
             g.trace = trace
             g.refreshes += 1
             refreshed += 1
-        self.refresh_log.append({"step": self.steps, "refreshed": refreshed, "skipped": skipped})
+        self.refresh_log.append(
+            {"step": self.steps, "refreshed": refreshed, "skipped": skipped, "failed": failed}
+        )
         self.timings["inversion"] += time.perf_counter() - tick
+
+    @staticmethod
+    def _invert(g: _Group, root: float) -> dict[str, torch.Tensor]:
+        """The damped inverse of one group's Fisher block (raises LinAlgError when a damped block
+        is not positive definite, or not finite)."""
+        if len(g.uses) == 1:
+            u = g.uses[0]
+            col = _block_inverse(u.col.damped_blocks(root))
+            if u.row.diagonal:
+                row = 1.0 / (u.row.value + root)
+            else:
+                row = _block_inverse(u.row.damped_blocks(root))
+            inverse = {"row": row, "col": col}
+        else:
+            u1, u2 = g.uses
+            like = u2.row if u1.row.diagonal else u1.row
+            x, s = _generalized_eig(
+                u1.row.damped_blocks(root, like), u2.row.damped_blocks(root, like)
+            )
+            y, t = _generalized_eig(u1.col.damped_blocks(root), u2.col.damped_blocks(root))
+            inverse = {"x": x, "s": s, "y": y, "t": t}
+        if not all(torch.isfinite(v).all() for v in inverse.values()):
+            raise torch.linalg.LinAlgError("the inverse is not finite")
+        return inverse
 
     def _precondition(self, g: _Group) -> torch.Tensor:
         grad = g.gradient().to(next(iter(g.inverse.values())).dtype)
