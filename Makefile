@@ -56,4 +56,4 @@ lab: install
 	$(BIN)/jupyter lab --ip 127.0.0.1 --ServerApp.root_dir=notebooks $(if $(filter 0,$(shell id -u)),--allow-root)
 
 clean:
-	rm -rf $(VENV) results/*.ipynb checkpoints data .pytest_cache
+	rm -rf $(VENV) results/*.ipynb checkpoints data build .pytest_cache

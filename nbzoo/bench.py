@@ -545,14 +545,7 @@ def _gib(value: Any) -> str:
 
 
 def read_records(folder: Path) -> list[dict[str, Any]]:
-    records = []
-    for path in sorted(folder.glob("*.json")):
-        try:
-            record = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{path}: not valid JSON ({exc})") from None
-        if isinstance(record, dict) and "case" in record and "stock" in record:
-            records.append(record)
+    records = metrics.read_json_records(folder, ("case", "stock"))
     order = list(CASES)
     records.sort(key=lambda r: order.index(r["case"]) if r["case"] in order else len(order))
     return records

@@ -11,7 +11,7 @@ import json
 import math
 import os
 import platform
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -162,16 +162,22 @@ def write_results(
     return path
 
 
-def read_results(folder: str | os.PathLike | None = None) -> list[dict[str, Any]]:
+def read_json_records(folder: Path, keys: Collection[str]) -> list[dict[str, Any]]:
+    """The ``*.json`` files of ``folder`` (name order) that hold an object with all of ``keys``;
+    other JSON is passed over, a file that is not JSON is an error naming it."""
     records = []
-    for path in sorted(paths.results_dir(folder).glob("*.json")):
+    for path in sorted(folder.glob("*.json")):
         try:
             record = json.loads(path.read_text(encoding="utf-8"))
         except json.JSONDecodeError as exc:
             raise ValueError(f"{path}: not valid JSON ({exc})") from None
-        if isinstance(record, dict) and "notebook" in record and "metrics" in record:
+        if isinstance(record, dict) and all(k in record for k in keys):
             records.append(record)
     return records
+
+
+def read_results(folder: str | os.PathLike | None = None) -> list[dict[str, Any]]:
+    return read_json_records(paths.results_dir(folder), ("notebook", "metrics"))
 
 
 def compare(metrics: Mapping[str, float], reference: Mapping[str, Any], samples_per_second=None):

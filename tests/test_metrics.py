@@ -79,3 +79,17 @@ def test_compare_labels_the_seed_column():
     )
     assert list(table.columns) == ["this run", "seed (reference)"]
     assert table.loc["samples/s", "seed (reference)"] == 517
+
+
+def test_json_records_keep_objects_with_the_keys_and_name_a_broken_file(tmp_path):
+    (tmp_path / "b.json").write_text(json.dumps({"notebook": "b", "metrics": {}}))
+    (tmp_path / "a.json").write_text(json.dumps({"notebook": "a", "metrics": {"x": 1}}))
+    (tmp_path / "other.json").write_text(json.dumps({"case": "c"}))
+    (tmp_path / "list.json").write_text("[1, 2]")
+    (tmp_path / "notes.txt").write_text("{not json")
+    found = metrics.read_json_records(tmp_path, ("notebook", "metrics"))
+    assert [r["notebook"] for r in found] == ["a", "b"]
+    assert metrics.read_results(tmp_path) == found
+    (tmp_path / "broken.json").write_text("{not json")
+    with pytest.raises(ValueError, match=r"broken\.json: not valid JSON"):
+        metrics.read_json_records(tmp_path, ("case",))
