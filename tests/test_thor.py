@@ -9,6 +9,7 @@ import math
 import subprocess
 import sys
 import textwrap
+import warnings
 
 import pytest
 import torch
@@ -229,9 +230,15 @@ def test_a_failed_inversion_keeps_the_previous_inverse_and_the_run_goes_on():
     assert opt.refresh_log[-1] == {"step": 2, "refreshed": 3, "skipped": 0, "failed": 1}
     assert torch.equal(more[0]["col"], snaps[-1]["col"])  # lin keeps its step-0 inverse
     lin.uses[0].col.value.copy_(-torch.eye(lin.uses[0].col.b))  # finite, not positive definite
-    with pytest.warns(RuntimeWarning, match="not positive-definite"):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # lin has warned already: now it is only counted
         _run(model, opt, 2)
     assert opt.refresh_log[-1]["failed"] == 1
+    proj = next(g for g in opt.groups if g.uses[0].name == "proj")
+    proj.uses[0].row.value.copy_(-torch.eye(proj.uses[0].row.b))
+    with pytest.warns(RuntimeWarning, match="inverting proj failed.*not positive-definite"):
+        _run(model, opt, 2)
+    assert opt.refresh_log[-1]["failed"] == 2
 
 
 def test_first_order_counterpart_is_momentum_sgd_with_the_same_schedule():

@@ -287,6 +287,7 @@ class THOR(torch.optim.Optimizer):
         self.steps = 0
         self.timings = {"statistics": 0.0, "all-reduce": 0.0, "inversion": 0.0, "precondition": 0.0}
         self.refresh_log: list[dict[str, int]] = []
+        self._warned: set[str] = set()  # layers whose inversion failed, warned about once
         self._names: dict[nn.Parameter, str] = {}
         for n, p in model.named_parameters(remove_duplicate=False):
             self._names.setdefault(p, n)  # a shared weight is named after its first use
@@ -511,17 +512,20 @@ class THOR(torch.optim.Optimizer):
             try:
                 inverse = self._invert(g, root)
             except torch.linalg.LinAlgError as exc:
-                # A diverging run (too high a learning rate in a grid) grows factors whose damped
-                # blocks are no longer numerically positive definite. Keep the last good inverse
-                # (none yet: the layer stays first-order) and let the run go on; its loss says
-                # that it diverged, and the log counts the failure.
+                # A run going astray (too high a learning rate in a grid) grows activations whose
+                # factors, in fp32, no longer show the damping: the damped blocks are not
+                # numerically positive definite. Keep the last good inverse (none yet: the layer
+                # stays first-order) and let the run go on -- its accuracy shows what happened,
+                # the log counts every failure, and each layer warns once.
                 failed += 1
-                if failed == 1:
+                if g.name not in self._warned:
+                    self._warned.add(g.name)
                     warnings.warn(
-                        f"THOR step {self.steps}: inverting {g.name} failed ({exc}); "
-                        "keeping its previous inverse",
+                        f"THOR step {self.steps}: inverting {g.name} failed ({exc}); keeping its "
+                        "previous inverse (later failures of this layer are only counted in "
+                        "refresh_log)",
                         RuntimeWarning,
-                        stacklevel=3,
+                        stacklevel=2,
                     )
                 continue
             g.inverse = inverse
