@@ -74,8 +74,12 @@ def variant_config(cfg: presets.Config, overrides: dict[str, Any]) -> presets.Co
     return presets.Config({**cfg, **overrides})
 
 
-def run_variants(preset: str, names: list[str]) -> dict[str, Any]:
-    cfg = demo_config(preset)
+def run_variants(
+    preset: str, names: list[str], overrides: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """Train the SGD grid and every variant in ``names``; ``overrides`` change the preset for all of
+    them (the tests shrink it)."""
+    cfg = variant_config(demo_config(preset), overrides or {})
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     rt = nbdevice.setup("cpu", cfg.precision, cfg.seed)

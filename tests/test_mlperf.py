@@ -278,7 +278,7 @@ def test_paired_step_times_alternate_thor_and_adamw_and_feed_the_ratio():
     assert m["thor_step_time_ratio"] == 1.1 and m["thor_step_time_ratio_sequential"] == 2.0
 
 
-def test_thor_variants_bench_changes_only_parameters_the_notebook_has():
+def _thor_variants_bench():
     import importlib.util
 
     from nbzoo import paths
@@ -288,6 +288,11 @@ def test_thor_variants_bench_changes_only_parameters_the_notebook_has():
     )
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
+    return bench
+
+
+def test_thor_variants_bench_changes_only_parameters_the_notebook_has():
+    bench = _thor_variants_bench()
     cfg = bench.demo_config("demo")
     assert (cfg.preset, cfg.max_steps, cfg.device) == ("demo", 300, "cpu")
     for point, overrides in bench.VARIANTS.values():
@@ -296,3 +301,28 @@ def test_thor_variants_bench_changes_only_parameters_the_notebook_has():
         assert point["lr"] > 0 and point["damping"] > 0
     with pytest.raises(ValueError, match="unknown 06_bert_thor parameters: stat_decy"):
         bench.variant_config(cfg, {"stat_decy": 0.0})
+
+
+def test_thor_variants_bench_runs_the_sgd_grid_and_the_variants(tmp_path):
+    bench = _thor_variants_bench()
+    small = {
+        "data_dir": str(tmp_path / "shards"),
+        "num_samples": 240,
+        "samples_per_shard": 120,
+        "eval_samples": 40,
+        "max_steps": 6,
+        "eval_every": 2,
+        "eval_batch_size": 40,
+    }
+    names = ["THOR as in the preset", "issue's layer rule (LayerNorm, position table first-order)"]
+    result = bench.run_variants("demo", names, small)
+    sgd, *variants = result["rows"]
+    assert (result["steps"], len(variants)) == (6, 2)
+    assert sgd["variant"].startswith("SGD, the grid's best")
+    assert result["target_accuracy"] == sgd["final_accuracy"]
+    assert sgd["steps_to_target"] == result["steps_to_target_sgd"] <= 6
+    assert [v["variant"] for v in variants] == names
+    assert variants[1]["settings"]["thor_layernorm"] == "first_order"
+    assert all(0.0 <= v["final_accuracy"] <= 1.0 and v["median_ms_per_step"] > 0 for v in variants)
+    table = bench.markdown(result)
+    assert table.count("\n| ") == 4  # header + SGD + two variants
