@@ -139,6 +139,21 @@ class Runtime:
         elif self.kind == "npu":
             torch.npu.synchronize()
 
+    def reset_peak_memory(self) -> None:
+        """Start a new peak for :meth:`peak_memory_bytes`."""
+        if self.kind == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        elif self.kind == "npu":
+            torch.npu.reset_peak_memory_stats()
+
+    def peak_memory_bytes(self) -> int | None:
+        """Peak allocated device memory since the last reset; None on CPU (no per-run figure)."""
+        if self.kind == "cuda":
+            return int(torch.cuda.max_memory_allocated(self.device))
+        if self.kind == "npu":
+            return int(torch.npu.max_memory_allocated())
+        return None
+
     def to_device(self, batch: dict) -> dict:
         return {
             k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v

@@ -236,8 +236,7 @@ def measure_step(
     loss.backward()
     model.zero_grad(set_to_none=True)
     rt.synchronize()
-    if rt.kind == "cuda":
-        torch.cuda.reset_peak_memory_stats()
+    rt.reset_peak_memory()
     seconds = []
     for _ in range(repeats):
         tick = time.perf_counter()
@@ -246,8 +245,8 @@ def measure_step(
         seconds.append(time.perf_counter() - tick)
         model.zero_grad(set_to_none=True)
     row = {"seconds_per_step": float(min(seconds)), "activation_MiB": saved / 2**20}
-    if rt.kind == "cuda":
-        row["peak_MiB"] = torch.cuda.max_memory_allocated() / 2**20
+    if (peak := rt.peak_memory_bytes()) is not None:
+        row["peak_MiB"] = peak / 2**20
     return row
 
 

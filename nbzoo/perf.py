@@ -263,22 +263,6 @@ def make_step(
     return step
 
 
-def reset_peak_memory(rt: Runtime) -> None:
-    if rt.kind == "cuda":
-        torch.cuda.reset_peak_memory_stats(rt.device)
-    elif rt.kind == "npu":
-        torch.npu.reset_peak_memory_stats()
-
-
-def peak_memory_bytes(rt: Runtime) -> int | None:
-    """Peak allocated device memory since the last reset; None on CPU (no per-run figure)."""
-    if rt.kind == "cuda":
-        return int(torch.cuda.max_memory_allocated(rt.device))
-    if rt.kind == "npu":
-        return int(torch.npu.max_memory_allocated())
-    return None
-
-
 def count_step_flops(
     model: torch.nn.Module, batch: Batch, rt: Runtime, loss_fn: LossFn | None = None
 ) -> int:
@@ -339,7 +323,7 @@ def measure_training_throughput(
     if steps < 1 or warmup < 1:
         raise ValueError(f"steps and warmup must be >= 1; got steps={steps}, warmup={warmup}")
     step = make_step(model, optimizer, rt, loss_fn)
-    reset_peak_memory(rt)
+    rt.reset_peak_memory()
     tick = time.perf_counter()
     first_loss = step(batch)
     first_loss = float(first_loss)  # synchronises
@@ -378,7 +362,7 @@ def measure_training_throughput(
         "first_loss": first_loss,
         "last_loss": float(losses[-1]),
         "finite": bool(all(torch.isfinite(x).item() for x in losses)),
-        "peak_memory_bytes": peak_memory_bytes(rt),
+        "peak_memory_bytes": rt.peak_memory_bytes(),
         "flops_per_step": flops_per_step,
         "mfu": metrics.mfu(flops_per_step, median, name) if flops_per_step else None,
         "device_name": name,
