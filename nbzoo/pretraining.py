@@ -374,11 +374,16 @@ def comparison_metrics(
             step = steps_to_target(best[kind].evals, target) if kind in best else None
             m[f"steps_to_target_{kind}"] = nan if step is None else float(step)
     if "thor" in best and "adamw" in best:
-        sequential = best["thor"].median_step_seconds() / best["adamw"].median_step_seconds()
+        sequential = sequential_step_time_ratio(best)
         m["thor_step_time_ratio"] = paired["ratio"] if paired else sequential
         if paired:
             m["thor_step_time_ratio_sequential"] = sequential
     return m
+
+
+def sequential_step_time_ratio(best: dict[str, Run]) -> float:
+    """THOR's median step time over AdamW's, from their separate grid runs."""
+    return best["thor"].median_step_seconds() / best["adamw"].median_step_seconds()
 
 
 def paired_step_times(
@@ -453,13 +458,21 @@ def threshold_checks(m: dict[str, float]) -> list[dict[str, Any]]:
     ]
 
 
+def step_time_ms(run: Run) -> dict[str, float]:
+    """A run's whole step in milliseconds: mean (every step) and median."""
+    return {
+        "whole step (ms, mean)": 1e3 * run.train_seconds / max(run.steps, 1),
+        "whole step (ms, median)": 1e3 * run.median_step_seconds(),
+    }
+
+
 def thor_cost_breakdown(run: Run) -> dict[str, float]:
     """THOR's extra work in milliseconds per step, averaged over the run, next to the step time."""
     steps = max(run.steps, 1)
-    out = {f"{k} (ms/step)": 1e3 * v / steps for k, v in run.timings.items()}
-    out["whole step (ms, mean)"] = 1e3 * run.train_seconds / steps
-    out["whole step (ms, median)"] = 1e3 * run.median_step_seconds()
-    return out
+    return {
+        **{f"{k} (ms/step)": 1e3 * v / steps for k, v in run.timings.items()},
+        **step_time_ms(run),
+    }
 
 
 # --- torchrun entry point ----------------------------------------------------------------------------
