@@ -597,13 +597,16 @@ def _rel(folder: Path) -> str:
         return str(folder)
 
 
-def update_readme(readme: Path, text: str) -> None:
-    """Replace the text between the bench-table markers of ``readme`` (atomically)."""
+def update_readme(
+    readme: Path, text: str, markers: tuple[str, str] = (README_START, README_END)
+) -> None:
+    """Replace the text between the two ``markers`` of ``readme`` (atomically)."""
+    first, last = markers
     content = readme.read_text(encoding="utf-8")
-    start, end = content.find(README_START), content.find(README_END)
+    start, end = content.find(first), content.find(last)
     if start < 0 or end < start:
-        raise ValueError(f"{readme}: markers {README_START} … {README_END} not found")
-    new = content[: start + len(README_START)] + "\n" + text + content[end:]
+        raise ValueError(f"{readme}: markers {first} … {last} not found")
+    new = content[: start + len(first)] + "\n" + text + content[end:]
     tmp = readme.with_suffix(readme.suffix + ".tmp")
     tmp.write_text(new, encoding="utf-8")
     os.replace(tmp, readme)

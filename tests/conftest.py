@@ -44,3 +44,13 @@ def run_python(
         cwd=cwd or ROOT,
         timeout=timeout,
     )
+
+
+def bench_script(name: str):
+    """A script of bench/ (not a package) imported as a module."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, ROOT / "bench" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -11,6 +11,7 @@ import sys
 import pytest
 
 from nbzoo import bench
+from tests.conftest import bench_script
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXPECTED_PATCHES = {
@@ -94,3 +95,14 @@ def test_unknown_case_is_a_usage_error(capsys):
     assert bench.main(args) == 2
     err = capsys.readouterr().err
     assert "unknown case 'nope'" in err and "albert_base_cls" in err
+
+
+def test_the_committed_readme_shows_the_committed_gpu_records():
+    """bench/README.md's tables are generated from results/bench/*.json, and kept in step."""
+    from pathlib import Path
+
+    readme = (Path(ROOT) / "bench" / "README.md").read_text(encoding="utf-8")
+    assert bench.render_table(Path(ROOT) / "results" / "bench") in readme
+    check = bench_script("thor_gpu_check")
+    record = json.loads((Path(ROOT) / check.RECORD).read_text(encoding="utf-8"))
+    assert check.markdown(record) in readme

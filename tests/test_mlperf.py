@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import struct
 
 import numpy as np
@@ -9,6 +10,7 @@ import pytest
 import torch
 
 from nbzoo.data import mlperf
+from tests.conftest import bench_script
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -279,16 +281,7 @@ def test_paired_step_times_alternate_thor_and_adamw_and_feed_the_ratio():
 
 
 def _thor_variants_bench():
-    import importlib.util
-
-    from nbzoo import paths
-
-    spec = importlib.util.spec_from_file_location(
-        "thor_variants", paths.project_root() / "bench" / "thor_variants.py"
-    )
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    return bench
+    return bench_script("thor_variants")
 
 
 def test_thor_variants_bench_changes_only_parameters_the_notebook_has():
@@ -326,3 +319,32 @@ def test_thor_variants_bench_runs_the_sgd_grid_and_the_variants(tmp_path):
     assert all(0.0 <= v["final_accuracy"] <= 1.0 and v["median_ms_per_step"] > 0 for v in variants)
     table = bench.markdown(result)
     assert table.count("\n| ") == 4  # header + SGD + two variants
+
+
+def test_thor_gpu_check_runs_the_full_preset_path_through_torchrun(tmp_path):
+    """The GPU check at toy size on the CPU: the full preset's settings, the torchrun entry point,
+    one run per optimizer, the alternating timing, the record and its report."""
+    check = bench_script("thor_gpu_check")
+    cfg = check.check_config("cpu", 120, 2400, tmp_path / "shards", tiny=False)
+    assert (cfg.preset, cfg.batch_size, cfg.frequency, cfg.model_config) == ("full", 12, 100, {})
+    assert cfg.sample_spec == check.MLPERF_SHAPE and cfg.checkpoint_dir == ""
+    record_path = tmp_path / "record.json"
+    argv = ["--tiny", "--device", "cpu", "--steps", "4", "--paired-steps", "4"]
+    argv += ["--samples", "200", "--workdir", str(tmp_path / "work"), "--json", str(record_path)]
+    assert check.main(argv) == 0
+    record = json.loads(record_path.read_text())
+    assert [r["optimizer"] for r in record["runs"]] == ["thor", "sgd", "adamw"]
+    assert all(r["steps"] == 4 and r["finite_loss"] for r in record["runs"])
+    thor = record["runs"][0]
+    assert thor["refreshes"] == 1 and thor["inversions"] > 0 and thor["failed_inversions"] == 0
+    assert record["paired"]["steps"] == 4 and record["paired"]["ratio"] > 0
+    report = check.markdown(record, source="record.json")
+    assert report.count("\n| ") == 4  # header + three optimizers
+    assert f"**{record['paired']['ratio']:.2f}**" in report
+    readme = tmp_path / "README.md"
+    start, end = check.MARKERS
+    readme.write_text(f"intro\n{start}\nold\n{end}\n")
+    from nbzoo import bench
+
+    bench.update_readme(readme, report, check.MARKERS)
+    assert "old" not in readme.read_text() and report in readme.read_text()
