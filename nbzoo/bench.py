@@ -13,6 +13,7 @@ result goes to ``results/bench/<case>.json`` (``--quick``: ``results/bench/quick
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as _dt
 import gc
 import json
@@ -379,14 +380,46 @@ def _stock_modes(rt: Runtime, compile_ok: bool, has_sdpa: bool) -> list[tuple[st
     return modes
 
 
+ORDERS = ("stock-first", "nbzoo-first")
+SDPA_BACKENDS = ("auto", "flash", "efficient", "cudnn", "math")
+
+
+def sdpa_backend(name: str) -> contextlib.AbstractContextManager:
+    """A context that pins SDPA to one kernel (``auto``: torch's own choice), for both paths:
+    without it, dropping the all-ones mask can make SDPA choose another kernel than stock's."""
+    if name == "auto":
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    kinds = {
+        "flash": SDPBackend.FLASH_ATTENTION,
+        "efficient": SDPBackend.EFFICIENT_ATTENTION,
+        "cudnn": SDPBackend.CUDNN_ATTENTION,
+        "math": SDPBackend.MATH,
+    }
+    if name not in kinds:
+        raise ValueError(f"SDPA backend must be one of {', '.join(SDPA_BACKENDS)}; got {name!r}")
+    return sdpa_kernel(kinds[name])
+
+
 def run_case(
-    case: Case, rt: Runtime, steps: int, warmup: int, quick: bool, compile_: bool, log=print
+    case: Case,
+    rt: Runtime,
+    steps: int,
+    warmup: int,
+    quick: bool,
+    compile_: bool,
+    log=print,
+    order: str = "stock-first",
+    sdpa: str = "auto",
 ) -> dict[str, Any]:
-    """Measure one case: stock candidates, then nbzoo's perf path; return the record."""
+    """Measure one case, stock and nbzoo's perf path (in ``order``; SDPA pinned to ``sdpa``
+    in both), and return the record."""
+    if order not in ORDERS:
+        raise ValueError(f"order must be one of {', '.join(ORDERS)}; got {order!r}")
     config, batch_cpu, model = _build(case, quick, rt)
     batch_size, seq = case.shape(quick)
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    has_sdpa = perf.supports_sdpa(model)
     del model
     record: dict[str, Any] = {
         "case": case.name,
@@ -398,6 +431,8 @@ def run_case(
         "steps": steps,
         "warmup": warmup,
         "precision": rt.precision,
+        "order": order,
+        "sdpa_backend": sdpa,
         "loss": "MLM 15% labelled + NSP"
         if case.model_class == "BertForPreTraining"
         else "MLM 15% labelled"
@@ -406,17 +441,57 @@ def run_case(
         if "LMHead" in case.model_class
         else "sequence classification",
     }
-
-    # ---- stock: transformers as installed
+    # FLOPs are counted on the stock model, whichever path runs first
+    model = _fresh_model(case, config, state, rt)
+    perf.set_attention(model, "sdpa")
     stock_batch = rt.to_device(batch_cpu)  # the mask stays: that is what a stock user passes
+    record["flops_per_step"] = perf.count_step_flops(model, stock_batch, rt)
+    record["flops_counted_on"] = "stock model, one forward + backward (torch.utils.flop_counter)"
+    del model, stock_batch
+    _free(rt)
+
+    def stock() -> float:
+        return _measure_stock(case, config, state, batch_cpu, rt, steps, warmup, compile_, record)
+
+    def nbzoo() -> float:
+        return _measure_nbzoo(case, config, state, batch_cpu, rt, steps, warmup, compile_, record)
+
+    with sdpa_backend(sdpa):
+        if order == "stock-first":
+            stock_eval_loss, perf_eval_loss = stock(), nbzoo()
+        else:
+            perf_eval_loss = nbzoo()
+            stock_eval_loss = stock()
+
+    stock_sps, perf_sps = (
+        record["stock"]["samples_per_second"],
+        record["nbzoo"]["samples_per_second"],
+    )
+    record["ratio"] = perf_sps / stock_sps if stock_sps else None
+    s_loss, p_loss = record["stock"]["first_loss"], record["nbzoo"]["first_loss"]
+    record["loss_rel_diff"] = abs(p_loss - s_loss) / abs(s_loss)
+    record["loss_rel_diff_note"] = (
+        "first training step of each path from the same weights and batch; dropout is active "
+        "in both (different masks)"
+    )
+    record["loss_rel_diff_no_dropout"] = abs(perf_eval_loss - stock_eval_loss) / abs(
+        stock_eval_loss
+    )
+    record["goal"] = ISSUE_GOALS[case.name]
+    record["meets_goal"] = _meets_goal(record, rt, quick)
+    return record
+
+
+def _measure_stock(case, config, state, batch_cpu, rt, steps, warmup, compile_, record) -> float:
+    """Stock transformers: every candidate mode, the fastest is the baseline (``record["stock"]``).
+    Returns the eager no-dropout loss."""
+    stock_batch = rt.to_device(batch_cpu)
     model = _fresh_model(case, config, state, rt)
     attention = perf.set_attention(model, "sdpa")
-    flops = perf.count_step_flops(model, stock_batch, rt)
-    record["flops_per_step"] = flops
-    record["flops_counted_on"] = "stock model, one forward + backward (torch.utils.flop_counter)"
+    flops = record["flops_per_step"]
     stock_eval_loss = _no_dropout_loss(model, stock_batch, rt)
     candidates = []
-    for label, use_compile in _stock_modes(rt, compile_, has_sdpa):
+    for label, use_compile in _stock_modes(rt, compile_, attention != "own"):
         model.load_state_dict(state)
         optimizer = perf.make_optimizer(model, rt)
         module = torch.compile(model, dynamic=False) if use_compile else model
@@ -434,15 +509,21 @@ def run_case(
     working = [c for c in candidates if "error" not in c]
     if not working:
         raise RuntimeError(f"{case.name}: no stock mode ran: {candidates}")
-    stock = max(working, key=lambda c: c["samples_per_second"])
-    record["stock"] = {**stock, "candidates": [_brief(c) for c in candidates]}
+    best = max(working, key=lambda c: c["samples_per_second"])
+    record["stock"] = {**best, "candidates": [_brief(c) for c in candidates]}
     del model, stock_batch
     _free(rt)
+    return stock_eval_loss
 
-    # ---- nbzoo's perf path, same weights and batch
-    cfg = case.perf(quick, batch_size, seq)
+
+def _measure_nbzoo(case, config, state, batch_cpu, rt, steps, warmup, compile_, record) -> float:
+    """nbzoo's perf path from the same weights and batch (``record["nbzoo"]``). Returns the eager
+    no-dropout loss."""
+    batch_size, seq = case.shape(record["quick"])
+    cfg = case.perf(record["quick"], batch_size, seq)
     if not compile_:
         cfg = cfg.with_(compile=False)
+    flops = record["flops_per_step"]
     model = _fresh_model(case, config, state, rt)
     handle = perf.enable(model, rt, cfg)
     try:
@@ -473,24 +554,7 @@ def run_case(
         perf.disable(handle)
     del model, optimizer
     _free(rt)
-
-    stock_sps, perf_sps = (
-        record["stock"]["samples_per_second"],
-        record["nbzoo"]["samples_per_second"],
-    )
-    record["ratio"] = perf_sps / stock_sps if stock_sps else None
-    s_loss, p_loss = record["stock"]["first_loss"], record["nbzoo"]["first_loss"]
-    record["loss_rel_diff"] = abs(p_loss - s_loss) / abs(s_loss)
-    record["loss_rel_diff_note"] = (
-        "first training step of each path from the same weights and batch; dropout is active "
-        "in both (different masks)"
-    )
-    record["loss_rel_diff_no_dropout"] = abs(perf_eval_loss - stock_eval_loss) / abs(
-        stock_eval_loss
-    )
-    record["goal"] = ISSUE_GOALS[case.name]
-    record["meets_goal"] = _meets_goal(record, rt, quick)
-    return record
+    return perf_eval_loss
 
 
 def _brief(candidate: dict[str, Any]) -> dict[str, Any]:
@@ -650,14 +714,25 @@ def main(args: argparse.Namespace) -> int:
     print(
         f"nbzoo bench: {len(names)} case(s) on {rt.kind} ({name}), {rt.precision}, "
         f"{args.steps} timed steps after {warmup} warm-up, compile "
-        f"{'on' if compile_ else 'off'}{', quick shapes' if args.quick else ''} → {_rel(folder)}",
+        f"{'on' if compile_ else 'off'}{', quick shapes' if args.quick else ''}, "
+        f"{getattr(args, 'order', 'stock-first')}, SDPA {getattr(args, 'sdpa', 'auto')} "
+        f"→ {_rel(folder)}",
         flush=True,
     )
     records, failed = [], []
     for i, case_name in enumerate(names, 1):
         tick = time.perf_counter()
         try:
-            record = run_case(CASES[case_name], rt, args.steps, warmup, args.quick, compile_)
+            record = run_case(
+                CASES[case_name],
+                rt,
+                args.steps,
+                warmup,
+                args.quick,
+                compile_,
+                order=getattr(args, "order", "stock-first"),
+                sdpa=getattr(args, "sdpa", "auto"),
+            )
         except Exception as exc:
             failed.append(case_name)
             print(f"[{i}/{len(names)}] {case_name}: FAILED: {_short_error(exc)}", flush=True)
@@ -685,10 +760,8 @@ def main(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m nbzoo.bench", description=__doc__.strip().splitlines()[0]
-    )
+def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The options of ``nbzoo bench`` and ``python -m nbzoo.bench`` (one list for both)."""
     parser.add_argument("cases", nargs="*", help=f"any of: {', '.join(CASES)} (default: all)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--precision", default="bf16", help="autocast precision of both paths")
@@ -701,6 +774,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--compile", choices=["auto", "on", "off"], default="auto",
         help="torch.compile in both paths (auto: off for --quick on a CPU)",
     )  # fmt: skip
+    parser.add_argument(
+        "--order", choices=ORDERS, default="stock-first",
+        help="which path each case measures first (both in one process)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--sdpa", choices=SDPA_BACKENDS, default="auto",
+        help="pin scaled_dot_product_attention to one kernel in both paths",
+    )  # fmt: skip
     parser.add_argument("--out", default=None, help="folder of the JSON files")
     parser.add_argument("--table", action="store_true", help="print the table of stored results")
     parser.add_argument(
@@ -708,6 +789,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="with --table: write it between the bench-table markers of PATH",
     )  # fmt: skip
     return parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    return add_arguments(
+        argparse.ArgumentParser(prog="nbzoo bench", description=__doc__.strip().splitlines()[0])
+    )
 
 
 if __name__ == "__main__":

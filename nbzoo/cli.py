@@ -314,27 +314,25 @@ def build_parser() -> argparse.ArgumentParser:
     res.add_argument("--dir", default=None)
     res.add_argument("--markdown", action="store_true", help="a Markdown table (for README.md)")
     res.set_defaults(func=cmd_results)
-    bench = sub.add_parser("bench", help="stock transformers vs nbzoo's perf path")
-    bench.add_argument("cases", nargs="*")
-    bench.add_argument("--device", default="auto")
-    bench.add_argument("--steps", type=int, default=20)
-    bench.add_argument("--quick", action="store_true")
-    bench.add_argument("--precision", default="bf16")
-    bench.add_argument("--warmup", type=int)
-    bench.add_argument("--compile", choices=["auto", "on", "off"], default="auto")
-    bench.add_argument("--out")
-    bench.add_argument("--table", action="store_true")
-    bench.add_argument("--update-readme")
+    # Its options are nbzoo.bench's own, parsed there (so that torch is imported only when needed).
+    bench = sub.add_parser(
+        "bench",
+        help="stock transformers vs nbzoo's perf path (--help: its options)",
+        add_help=False,
+    )
+    bench.add_argument("bench_args", nargs=argparse.REMAINDER)
     bench.set_defaults(func=cmd_bench)
     return parser
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    """``nbzoo bench ARGS``: ARGS are parsed by nbzoo.bench's own parser (``main`` hands them
+    over before this parser sees them, so that its options need not be listed twice)."""
     try:
         from nbzoo import bench
     except ImportError:
         raise UsageError("nbzoo bench is not available in this version") from None
-    return bench.main(args)
+    return bench.main(bench.build_parser().parse_args(args.bench_args))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -348,7 +346,11 @@ def main(argv: list[str] | None = None) -> int:
     for action in parser._subparsers._group_actions:  # sub-commands report the same way
         for sub in action.choices.values():
             sub.error = one_line_error  # type: ignore[method-assign]
-    args = parser.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["bench"]:
+        args = argparse.Namespace(func=cmd_bench, bench_args=argv[1:])
+    else:
+        args = parser.parse_args(argv)
     from papermill.exceptions import PapermillExecutionError
 
     try:

@@ -106,3 +106,23 @@ def test_the_committed_readme_shows_the_committed_gpu_records():
     check = bench_script("thor_gpu_check")
     record = json.loads((Path(ROOT) / check.RECORD).read_text(encoding="utf-8"))
     assert check.markdown(record) in readme
+
+
+def test_measuring_order_and_a_pinned_sdpa_kernel_change_no_path_s_arithmetic(one_torch_thread):
+    """--order and --sdpa only reorder and pin what is measured: each path's first training loss
+    is the same whichever runs first, and the math kernel gives the same loss as the default."""
+    from nbzoo.device import setup
+
+    rt = setup("cpu", "bf16", seed=0)
+    case = bench.CASES["albert_base_cls"]
+    first = bench.run_case(case, rt, 1, 1, quick=True, compile_=False)
+    swapped = bench.run_case(case, rt, 1, 1, quick=True, compile_=False, order="nbzoo-first")
+    pinned = bench.run_case(case, rt, 1, 1, quick=True, compile_=False, sdpa="math")
+    assert (swapped["order"], pinned["sdpa_backend"]) == ("nbzoo-first", "math")
+    for path in ("stock", "nbzoo"):
+        assert swapped[path]["first_loss"] == first[path]["first_loss"]
+        assert pinned[path]["first_loss"] == pytest.approx(first[path]["first_loss"], rel=1e-2)
+    with pytest.raises(ValueError, match="order must be one of"):
+        bench.run_case(case, rt, 1, 1, quick=True, compile_=False, order="random")
+    with pytest.raises(ValueError, match="SDPA backend must be one of"):
+        bench.sdpa_backend("fastest")
