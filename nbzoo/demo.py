@@ -129,7 +129,13 @@ def run_all(
             }:
                 pending.remove(stem)
                 n = threads * jobs if stem in alone else threads
-                threads_env = {"OMP_NUM_THREADS": str(n), "MKL_NUM_THREADS": str(n)}
+                # NBZOO_CPUS: the notebook's share, for work it spreads over processes itself
+                # (nbzoo.device.cpu_share)
+                threads_env = {
+                    "OMP_NUM_THREADS": str(n),
+                    "MKL_NUM_THREADS": str(n),
+                    "NBZOO_CPUS": str(n),
+                }
                 log = log_dir / f"{stem}.log"
                 with log.open("w") as out:
                     process = subprocess.Popen(

@@ -16,7 +16,8 @@ def recorder(tmp_path, fail=()):
     def command(stem):
         code = (
             "import json, os, sys, time; t = time.time(); time.sleep(0.3); "
-            f"json.dump({{'start': t, 'end': time.time(), 'threads': os.environ['OMP_NUM_THREADS']}}, "
+            "json.dump({'start': t, 'end': time.time(), 'threads': os.environ['OMP_NUM_THREADS'], "
+            "'cpus': os.environ['NBZOO_CPUS']}, "
             f"open({str(tmp_path / stem)!r} + '.json', 'w')); "
             f"print('boom' if {stem in fail} else 'fine'); sys.exit({int(stem in fail)})"
         )
@@ -68,6 +69,7 @@ def test_run_all_runs_in_parallel_in_dependency_order(tmp_path):
         "02_albert_inference": "6",  # alone, on both workers' threads
         "03_roberta_sst2": "3",
     }
+    assert all(v["cpus"] == v["threads"] for v in t.values())  # NBZOO_CPUS: the same share
     assert t["02_albert_inference"]["start"] >= t["01_albert_glue"]["end"]
     assert t["02_albert_inference"]["start"] >= t["03_roberta_sst2"]["end"]
     assert t["00_results"]["start"] >= t["02_albert_inference"]["end"]

@@ -55,6 +55,16 @@ def test_runtime_autocast_uses_bf16_on_cpu():
         assert torch.nn.Linear(4, 4)(torch.randn(2, 4)).dtype == torch.float32
 
 
+def test_cpu_share_is_nbzoo_demos_share_else_the_affinity(monkeypatch):
+    import os
+
+    monkeypatch.setenv("NBZOO_CPUS", "3")
+    assert device.cpu_share() == 3
+    for unusable in ("", "0", "two"):
+        monkeypatch.setenv("NBZOO_CPUS", unusable)
+        assert device.cpu_share() == len(os.sched_getaffinity(0))
+
+
 def test_seeding_makes_runs_repeatable():
     device.seed_everything(3)
     a = torch.rand(5)

@@ -280,6 +280,47 @@ def test_paired_step_times_alternate_thor_and_adamw_and_feed_the_ratio():
     assert m["thor_step_time_ratio"] == 1.1 and m["thor_step_time_ratio_sequential"] == 2.0
 
 
+def test_a_grid_trained_in_parallel_processes_equals_the_sequential_grid(tmp_path, capsys):
+    from nbzoo import device, presets, pretraining
+
+    cfg = _thor_variants_bench().variant_config(
+        _thor_variants_bench().demo_config("demo"),
+        {
+            "data_dir": str(tmp_path / "shards"),
+            "num_samples": 240,
+            "samples_per_shard": 120,
+            "eval_samples": 40,
+            "max_steps": 6,
+            "eval_every": 3,
+            "eval_batch_size": 40,
+            "grid": {
+                "thor": [{"lr": 0.02, "damping": 0.007035}],
+                "sgd": [{"lr": 0.1}],
+                "adamw": [{"lr": 0.003}],
+            },
+        },
+    )
+    rt = device.setup("cpu", "fp32", seed=0)
+    pretraining.prepare_data(cfg)
+    train_data, eval_data = pretraining.load_data(cfg)
+
+    def workers(n):
+        return presets.Config({**cfg, "grid_workers": n})
+
+    assert pretraining.grid_workers(workers(0), rt) >= 1
+    assert pretraining.grid_workers(workers(3), rt) == 3
+    gpu = device.Runtime(kind="cuda", precision="bf16")
+    assert pretraining.grid_workers(workers(3), gpu) == 1
+    one = pretraining.run_grid(workers(1), rt, train_data, eval_data)
+    two = pretraining.run_grid(workers(2), rt, train_data, eval_data)
+    assert "training 3 grid points, 2 at a time" in capsys.readouterr().out
+    assert [r.label for r in two] == [r.label for r in one]
+    for a, b in zip(one, two, strict=True):
+        assert b.evals == a.evals
+        assert [h["loss"] for h in b.history] == [h["loss"] for h in a.history]
+        assert b.refresh_log == a.refresh_log
+
+
 def _thor_variants_bench():
     return bench_script("thor_variants")
 
