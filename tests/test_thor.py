@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from nbzoo import device
+from nbzoo.optim import thor as thor_module
 from nbzoo.optim.thor import THOR, PolySchedule
 from nbzoo.train import TrainConfig, fit
 
@@ -162,6 +163,43 @@ def test_tied_decoder_step_inverts_the_sum_of_both_kronecker_products():
     expected = _solve(fisher, grad)
     got = torch.cat([d["emb.weight"], d["dec.bias"][:, None]], dim=1)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-10)
+
+
+def test_layers_of_one_shape_are_preconditioned_in_one_batch_with_the_same_arithmetic(monkeypatch):
+    torch.manual_seed(0)
+    layers = [nn.Linear(6, 6), nn.Tanh(), nn.Linear(6, 6), nn.Tanh(), nn.Linear(6, 6, bias=False)]
+    model = nn.Sequential(*layers, nn.Tanh(), nn.Linear(6, 6), nn.Tanh(), nn.Linear(6, 3))
+    # blocks of 4: a 6 × 7 gradient (bias folded) is cut into padded blocks on both sides
+    opt = THOR(model, lr=0.1, damping=DAMPING, frequency=1, stats_every=1, block_size=4)
+    x, y = torch.randn(16, 6), torch.randint(0, 3, (16,))
+    for _ in range(2):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    # the three 6 × 6 layers with a bias share a shape; the one without and the 3 × 6 head do not
+    (groups, rows, cols), *others = opt._stacks()
+    assert not others and [opt._names[g.weight] for g in groups] == [
+        "0.weight",
+        "2.weight",
+        "6.weight",
+    ]
+    assert rows.shape == (3, 2, 4, 4) and cols.shape == (3, 2, 4, 4)
+    assert groups[1].inverse["row"].data_ptr() == rows[1].data_ptr()  # a view, not a copy
+    opt.zero_grad()
+    nn.functional.cross_entropy(model(x), y).backward()
+    batched = opt._precondition_all()
+    one_by_one = {}
+    for g in opt.groups:
+        one_by_one.update(g.split(opt._precondition(g)))
+    assert batched.keys() == one_by_one.keys() and len(batched) == 9  # 5 weights, 4 biases
+    for p, d in one_by_one.items():
+        assert torch.equal(batched[p], d), opt._names[p]
+    # at most STACK_GROUPS layers per product: two stacked, the third one on its own
+    monkeypatch.setattr(thor_module, "STACK_GROUPS", 2)
+    opt._stacked = None
+    assert [len(groups) for groups, _, _ in opt._stacks()] == [2]
+    chunked = opt._precondition_all()
+    assert all(torch.equal(chunked[p], d) for p, d in one_by_one.items())
 
 
 def test_block_split_keeps_only_the_diagonal_blocks():

@@ -88,6 +88,11 @@ MINDSPORE_BERT = {
 }
 
 
+# At most this many layers per batched preconditioning product: the stacked gradients and their
+# products are temporary copies (BERT-Large's 98 layers of 1024 × 1025 would be 400 MB each).
+STACK_GROUPS = 16
+
+
 def _as_schedule(value: float | Callable[[int], float]) -> Callable[[int], float]:
     return value if callable(value) else (lambda step, v=float(value): v)
 
@@ -135,21 +140,22 @@ class _Factor:
 
 
 def _apply_left(blocks: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
-    """blockdiag(blocks) @ m, for m of shape dim × k."""
-    nb, b, _ = blocks.shape
-    dim = m.shape[0]
+    """blockdiag(blocks) @ m, for blocks nb × b × b and m of shape dim × k; or, with a leading
+    stack dimension on both (K × nb × b × b and K × dim × k), one such product per layer."""
+    *lead, nb, b, _ = blocks.shape
+    dim = m.shape[-2]
     if nb == 1 and b == dim:  # one block: a plain product (the common case below 128)
-        return blocks[0] @ m
+        return blocks[..., 0, :, :] @ m
     pad = nb * b - dim
     if pad:
         m = torch.nn.functional.pad(m, (0, 0, 0, pad))
-    out = torch.bmm(blocks, m.reshape(nb, b, -1)).reshape(nb * b, -1)
-    return out[:dim]
+    out = (blocks @ m.reshape(*lead, nb, b, -1)).reshape(*lead, nb * b, -1)
+    return out[..., :dim, :]
 
 
 def _apply_right(m: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
-    """m @ blockdiag(blocks), for m of shape k × dim."""
-    return _apply_left(blocks.transpose(1, 2), m.t()).t()
+    """m @ blockdiag(blocks), for m of shape k × dim (or a stack of both, as in _apply_left)."""
+    return _apply_left(blocks.transpose(-1, -2), m.transpose(-1, -2)).transpose(-1, -2)
 
 
 def _block_inverse(blocks: torch.Tensor) -> torch.Tensor:
@@ -288,6 +294,7 @@ class THOR(torch.optim.Optimizer):
         self.timings = {"statistics": 0.0, "all-reduce": 0.0, "inversion": 0.0, "precondition": 0.0}
         self.refresh_log: list[dict[str, int]] = []
         self._warned: set[str] = set()  # layers whose inversion failed, warned about once
+        self._stacked: list[tuple[list[_Group], torch.Tensor, torch.Tensor]] | None = None
         self._names: dict[nn.Parameter, str] = {}
         for n, p in model.named_parameters(remove_duplicate=False):
             self._names.setdefault(p, n)  # a shared weight is named after its first use
@@ -532,6 +539,7 @@ class THOR(torch.optim.Optimizer):
             g.trace = trace
             g.refreshes += 1
             refreshed += 1
+        self._stacked = None  # restacked at the next preconditioning
         self.refresh_log.append(
             {"step": self.steps, "refreshed": refreshed, "skipped": skipped, "failed": failed}
         )
@@ -560,6 +568,71 @@ class THOR(torch.optim.Optimizer):
         if not all(torch.isfinite(v).all() for v in inverse.values()):
             raise torch.linalg.LinAlgError("the inverse is not finite")
         return inverse
+
+    def _stacks(self) -> list[tuple[list[_Group], torch.Tensor, torch.Tensor]]:
+        """Groups that share one shape (BERT's q, k, v and output projections of every layer,
+        ...), :data:`STACK_GROUPS` at a time, with their block inverses stacked: (groups, row
+        stack, column stack). Each group's inverse then becomes a view into its stack, so nothing
+        is held twice. Rebuilt after each refresh or restore."""
+        if self._stacked is None:
+            by_shape: dict[tuple, list[_Group]] = {}
+            for g in self.groups:
+                inv = g.inverse
+                if "row" in inv and inv["row"].dim() == 3 and inv["col"].dim() == 3:
+                    key = (
+                        tuple(inv["row"].shape),
+                        tuple(inv["col"].shape),
+                        tuple(g.weight.shape),
+                        g.bias is not None,
+                        inv["row"].dtype,
+                        inv["row"].device,
+                    )
+                    by_shape.setdefault(key, []).append(g)
+            self._stacked = []
+            chunks = (
+                same[i : i + STACK_GROUPS]
+                for same in by_shape.values()
+                for i in range(0, len(same), STACK_GROUPS)
+            )
+            for groups in chunks:
+                if len(groups) < 2:
+                    continue
+                rows = torch.stack([g.inverse["row"] for g in groups])
+                cols = torch.stack([g.inverse["col"] for g in groups])
+                for i, g in enumerate(groups):
+                    g.inverse = {"row": rows[i], "col": cols[i]}
+                self._stacked.append((groups, rows, cols))
+        return self._stacked
+
+    def _precondition_all(self) -> dict[nn.Parameter, torch.Tensor]:
+        """The preconditioned direction of every parameter THOR handles. Groups of one shape go
+        through one batched product: done a group at a time, each group's handful of small
+        kernels is a launch apiece on a GPU (BERT-Large on an H200: 27.5 ms per step for about 150
+        groups, bench/README.md). The arithmetic per group is the same either way (a test
+        checks)."""
+        directions: dict[nn.Parameter, torch.Tensor] = {}
+        stacked: set[int] = set()
+        for groups, rows, cols in self._stacks():
+            present = [g.weight.grad is not None for g in groups]
+            if not all(present):  # a layer without a gradient this step: one at a time below
+                continue
+            grads = torch.stack([g.weight.grad for g in groups]).to(rows.dtype)
+            if groups[0].bias is not None:
+                biases = torch.stack(
+                    [
+                        g.bias.grad if g.bias.grad is not None else torch.zeros_like(g.bias)
+                        for g in groups
+                    ]
+                ).to(rows.dtype)
+                grads = torch.cat([grads, biases[..., None]], dim=-1)
+            out = _apply_right(_apply_left(rows, grads), cols)
+            for g, d in zip(groups, out.unbind(0), strict=True):
+                directions.update(g.split(d))
+                stacked.add(id(g))
+        for g in self.groups:
+            if id(g) not in stacked and g.inverse and g.weight.grad is not None:
+                directions.update(g.split(self._precondition(g)))
+        return directions
 
     def _precondition(self, g: _Group) -> torch.Tensor:
         grad = g.gradient().to(next(iter(g.inverse.values())).dtype)
@@ -595,9 +668,7 @@ class THOR(torch.optim.Optimizer):
             if self.steps % self.frequency == 0:
                 self._refresh(damping)
             tick = time.perf_counter()
-            for g in self.groups:
-                if g.inverse and g.weight.grad is not None:
-                    directions.update(g.split(self._precondition(g)))
+            directions.update(self._precondition_all())
             if self.layernorm == "diagonal":
                 ln = [p for p in self._layernorm if p.grad is not None]
                 if ln:
@@ -690,6 +761,7 @@ class THOR(torch.optim.Optimizer):
             device = g.weight.device
             g.inverse = {k: v.to(device) for k, v in s["inverse"].items()}
             g.trace, g.refreshes = s["trace"], int(s["refreshes"])
+        self._stacked = None
         self.steps = int(thor["steps"])
         self._batch = int(thor["batch"])
         self.timings = dict(thor["timings"])
