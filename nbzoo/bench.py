@@ -519,8 +519,7 @@ def _measure_stock(case, config, state, batch_cpu, rt, steps, warmup, compile_, 
 def _measure_nbzoo(case, config, state, batch_cpu, rt, steps, warmup, compile_, record) -> float:
     """nbzoo's perf path from the same weights and batch (``record["nbzoo"]``). Returns the eager
     no-dropout loss."""
-    batch_size, seq = case.shape(record["quick"])
-    cfg = case.perf(record["quick"], batch_size, seq)
+    cfg = case.perf(record["quick"], record["batch_size"], record["seq_len"])
     if not compile_:
         cfg = cfg.with_(compile=False)
     flops = record["flops_per_step"]
@@ -681,10 +680,10 @@ def update_readme(
 
 def main(args: argparse.Namespace) -> int:
     """Run the cases named in ``args`` (all when none); the ``nbzoo bench`` sub-command."""
-    if getattr(args, "table", False):
-        folder = output_dir(getattr(args, "quick", False), getattr(args, "out", None))
+    if args.table:
+        folder = output_dir(args.quick, args.out)
         text = render_table(folder)
-        if getattr(args, "update_readme", None):
+        if args.update_readme:
             update_readme(paths.resolve(args.update_readme), text)
         print(text, end="")
         return 0
@@ -699,23 +698,23 @@ def main(args: argparse.Namespace) -> int:
     if args.steps < 1:
         print(f"nbzoo bench: --steps must be at least 1, got {args.steps}", file=sys.stderr)
         return 2
-    rt = setup(args.device, getattr(args, "precision", None) or "bf16", seed=0)
-    compile_arg = getattr(args, "compile", "auto")
+    rt = setup(args.device, args.precision or "bf16", seed=0)
+    compile_arg = args.compile
     compile_ = compile_arg == "on" or (
         compile_arg == "auto" and not (args.quick and rt.kind == "cpu")
     )
-    warmup = getattr(args, "warmup", None) or (1 if args.quick else 3)
+    warmup = args.warmup or (1 if args.quick else 3)
     if args.quick and rt.kind == "cpu":
         # Tiny shapes gain nothing from threads, and on a shared 2-core machine a second
         # spinning OpenMP thread makes every step several times slower.
         torch.set_num_threads(1)
-    folder = output_dir(args.quick, getattr(args, "out", None))
+    folder = output_dir(args.quick, args.out)
     name = accelerator_name(rt)
     print(
         f"nbzoo bench: {len(names)} case(s) on {rt.kind} ({name}), {rt.precision}, "
         f"{args.steps} timed steps after {warmup} warm-up, compile "
         f"{'on' if compile_ else 'off'}{', quick shapes' if args.quick else ''}, "
-        f"{getattr(args, 'order', 'stock-first')}, SDPA {getattr(args, 'sdpa', 'auto')} "
+        f"{args.order}, SDPA {args.sdpa} "
         f"→ {_rel(folder)}",
         flush=True,
     )
@@ -730,8 +729,8 @@ def main(args: argparse.Namespace) -> int:
                 warmup,
                 args.quick,
                 compile_,
-                order=getattr(args, "order", "stock-first"),
-                sdpa=getattr(args, "sdpa", "auto"),
+                order=args.order,
+                sdpa=args.sdpa,
             )
         except Exception as exc:
             failed.append(case_name)

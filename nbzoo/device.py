@@ -85,12 +85,12 @@ def resolve_precision(name: str, kind: str) -> str:
 def cpu_share() -> int:
     """The CPUs this process may use: ``$NBZOO_CPUS`` where ``nbzoo demo`` set it (its share of
     the machine, beside the other notebooks it runs), else the process's CPU affinity."""
+    from nbzoo.demo import cpu_count
+
     given = os.environ.get("NBZOO_CPUS", "")
     if given.isdigit() and int(given) > 0:
         return int(given)
-    if hasattr(os, "sched_getaffinity"):
-        return len(os.sched_getaffinity(0))
-    return os.cpu_count() or 1
+    return cpu_count()
 
 
 def seed_everything(seed: int) -> None:

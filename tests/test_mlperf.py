@@ -283,8 +283,9 @@ def test_paired_step_times_alternate_thor_and_adamw_and_feed_the_ratio():
 def test_a_grid_trained_in_parallel_processes_equals_the_sequential_grid(tmp_path, capsys):
     from nbzoo import device, presets, pretraining
 
-    cfg = _thor_variants_bench().variant_config(
-        _thor_variants_bench().demo_config("demo"),
+    variants = _thor_variants_bench()
+    cfg = variants.variant_config(
+        variants.demo_config("demo"),
         {
             "data_dir": str(tmp_path / "shards"),
             "num_samples": 240,

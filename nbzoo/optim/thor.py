@@ -206,11 +206,12 @@ class _Group:
         weight is out × in, an Embedding's vocab × hidden: both already in that orientation)."""
         g = self.weight.grad
         if self.bias is not None:
-            bias_grad = (
-                self.bias.grad if self.bias.grad is not None else torch.zeros_like(self.bias)
-            )
-            g = torch.cat([g, bias_grad[:, None]], dim=1)
+            g = torch.cat([g, self.bias_gradient()[:, None]], dim=1)
         return g
+
+    def bias_gradient(self) -> torch.Tensor:
+        """The bias's gradient; zeros where the bias took no part in this step's loss."""
+        return self.bias.grad if self.bias.grad is not None else torch.zeros_like(self.bias)
 
     def split(self, d: torch.Tensor) -> dict[nn.Parameter, torch.Tensor]:
         if self.bias is None:
@@ -613,17 +614,11 @@ class THOR(torch.optim.Optimizer):
         directions: dict[nn.Parameter, torch.Tensor] = {}
         stacked: set[int] = set()
         for groups, rows, cols in self._stacks():
-            present = [g.weight.grad is not None for g in groups]
-            if not all(present):  # a layer without a gradient this step: one at a time below
+            if any(g.weight.grad is None for g in groups):  # handled one at a time below
                 continue
             grads = torch.stack([g.weight.grad for g in groups]).to(rows.dtype)
             if groups[0].bias is not None:
-                biases = torch.stack(
-                    [
-                        g.bias.grad if g.bias.grad is not None else torch.zeros_like(g.bias)
-                        for g in groups
-                    ]
-                ).to(rows.dtype)
+                biases = torch.stack([g.bias_gradient() for g in groups]).to(rows.dtype)
                 grads = torch.cat([grads, biases[..., None]], dim=-1)
             out = _apply_right(_apply_left(rows, grads), cols)
             for g, d in zip(groups, out.unbind(0), strict=True):
