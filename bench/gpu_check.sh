@@ -12,21 +12,31 @@
 # against 5.24 only, so that wheel travels; crc32c and tfrecord are for the MLPerf shards of the
 # THOR check; their other requirements are already in the image).
 #
-# Then through the device tool (one call; the first run, 2026-11-26 on an H200, needed about
-# 30 s to start, 150 s for the THOR check and 70-150 s per bench case, compile included):
-#   run(command="THOR_SECONDS=220 BENCH_SECONDS=360 bash bench/gpu_check.sh", carry=[".whl"],
-#       timeout_s=600)
-# and afterwards, here:
+# Then through the device tool (one call, within 10 minutes on an H200: about 30 s to start, then
+# three phases, each under its own timeout; the defaults below sum to 540 s):
+#   run(command="bash bench/gpu_check.sh", carry=[".whl"], timeout_s=600)
+# 1. THOR's step cost with the batched preconditioning (bench/thor_gpu_check.py, notebook 06's
+#    full-preset path, 60 steps per optimizer and 200 alternating THOR/AdamW steps; the run of
+#    2026-11-26 predates the batching: 1.49 x AdamW), at most THOR_SECONDS (default 160);
+# 2. the real-length cases (`nbzoo bench real_lengths`: ALBERT-base at SST-2 lengths, BERT-Large
+#    at MLPerf Wikipedia lengths; stock as the seed, stock at its best and nbzoo packing,
+#    interleaved), at most LENGTH_SECONDS (default 220);
+# 3. the full-length cases that lost on 2026-11-26 (albert_base_cls, bert_large_pretrain_512),
+#    the perf path measured first (`--order nbzoo-first`, to rule the order out), at most
+#    BENCH_SECONDS (default 160).
+# Every record is written to $OUT as soon as it is complete, so a phase cut short keeps the others.
+# Afterwards, here:
 #   cp <files_at>/bench/*.json results/bench/; cp <files_at>/thor_gpu_check.json results/bench/
+#   mkdir -p results/bench/lengths/cuda; cp <files_at>/lengths/*.json results/bench/lengths/cuda/
 #   .venv/bin/python -m nbzoo.bench --table --update-readme bench/README.md
+#   .venv/bin/python -m nbzoo.bench --table --lengths cuda --update-readme bench/README.md
 #   .venv/bin/python bench/thor_gpu_check.py --table --update-readme bench/README.md
+# (the lengths table in bench/README.md shows one device's records: the CPU ones are committed.)
 #
-# Arguments, if given, are the cases to run (default: all six), e.g. to split the work over two
-# calls. Each case's JSON is written to $OUT/bench/ as soon as it finishes, so a run cut short
-# still returns the cases it completed. Environment:
-#   THOR_SECONDS=N   first run bench/thor_gpu_check.py (notebook 06's full-preset path for a few
-#                    steps, issue 12) for at most N seconds; its record goes to $OUT/thor_gpu_check.json
-#   BENCH_SECONDS=N  the time given to `nbzoo bench` (default 560)
+# Arguments, if given, replace phase 3's cases. Environment:
+#   THOR_SECONDS=N, LENGTH_SECONDS=N, BENCH_SECONDS=N   each phase's time (0 skips the phase)
+#   DEVICE=cpu QUICK=1 PYTHON=.venv/bin/python          the same three phases at toy size on a
+#                                                       CPU (how the script is checked without a GPU)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/nbzoo-out}
@@ -43,24 +53,41 @@ mkdir -p /tmp/nbzp && ln -sfn "$PWD/patches" /tmp/nbzp/nbzoo_patches
 export PYTHONPATH="$PWD:/tmp/nbzp${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1 TORCHINDUCTOR_COMPILE_THREADS=16 TOKENIZERS_PARALLELISM=false
 
+PYTHON=${PYTHON:-python3}
+DEVICE=${DEVICE:-cuda}
+QUICK=${QUICK:-0}
+if [ "$QUICK" = 1 ]; then quick=(--quick); thor=(--tiny --steps 4 --paired-steps 4 --samples 200); else quick=(); thor=(--steps 60 --paired-steps 200); fi
+rc=0
+
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv || true
-python3 - <<'PY' || exit 1
+"$PYTHON" - <<'PY' || exit 1
 import torch, transformers
-print("torch", torch.__version__, "cuda", torch.version.cuda, "device", torch.cuda.get_device_name())
+print("torch", torch.__version__, "cuda", torch.version.cuda,
+      "device", torch.cuda.get_device_name() if torch.cuda.is_available() else "none")
 print("transformers", transformers.__version__)
 if transformers.__version__ != "5.24.0":
-    raise SystemExit("transformers 5.24.0 is needed (the perf patches are checked against it): carry .whl")
+    raise SystemExit("transformers 5.24.0 is needed (the patches are checked against it): carry .whl")
 PY
 
-if [ "${THOR_SECONDS:-0}" -gt 0 ]; then
-  timeout "$THOR_SECONDS" python3 bench/thor_gpu_check.py --device cuda \
-    --workdir /tmp/thor_gpu_check --json "$OUT/thor_gpu_check.json"
-  echo "thor_gpu_check: exit $?"
+if [ "${THOR_SECONDS:-160}" -gt 0 ]; then
+  timeout "${THOR_SECONDS:-160}" "$PYTHON" bench/thor_gpu_check.py --device "$DEVICE" "${thor[@]}" \
+    --workdir /tmp/thor_gpu_check --json "$OUT/thor_gpu_check.json" || rc=1
+  echo "thor_gpu_check: done (rc so far $rc)"
 fi
 
-# 10 timed steps after 3 warm-up ones: enough for a median, and keeps the compile-heavy run
-# of all six cases inside one device call.
-timeout "${BENCH_SECONDS:-560}" python3 -m nbzoo.bench "$@" --device cuda --steps 10 --warmup 3 --out "$OUT/bench"
-rc=$?
-ls -l "$OUT/bench"
+if [ "${LENGTH_SECONDS:-220}" -gt 0 ]; then
+  timeout "${LENGTH_SECONDS:-220}" "$PYTHON" -m nbzoo.bench real_lengths --device "$DEVICE" \
+    "${quick[@]}" --out "$OUT/lengths" || rc=1
+  echo "real-length cases: done (rc so far $rc)"
+fi
+
+# 10 timed steps after 3 warm-up ones: enough for a median inside the phase's time
+if [ "${BENCH_SECONDS:-160}" -gt 0 ]; then
+  cases=("$@")
+  [ ${#cases[@]} -gt 0 ] || cases=(albert_base_cls bert_large_pretrain_512)
+  timeout "${BENCH_SECONDS:-160}" "$PYTHON" -m nbzoo.bench "${cases[@]}" --device "$DEVICE" \
+    "${quick[@]}" --steps 10 --warmup 3 --order nbzoo-first --out "$OUT/bench" || rc=1
+  echo "full-length cases: done (rc so far $rc)"
+fi
+ls -l "$OUT" "$OUT/bench" "$OUT/lengths" 2>/dev/null
 exit $rc

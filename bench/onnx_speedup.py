@@ -7,8 +7,10 @@
 throughput does not depend on the weights, so a randomly initialised model measures it without a
 download) or a fine-tuned checkpoint folder. Inputs are random token ids with realistic padding
 (lengths uniform in [seq/8, seq]). The model goes through the notebook's pipeline (export → onnxslim →
-ORT transformer optimizer), then PyTorch and ORT alternate timing rounds on the same batches with the
-same thread count; the medians are compared. Prints one JSON record.
+ORT transformer optimizer, plus ORT's dynamic int8 quantization of the plain export), then PyTorch, the
+optimized fp32 graph and the int8 one alternate timing rounds on the same batches with the same thread
+count; the medians of the per-round ratios are compared (with their IQR). Prints one JSON record, with
+the CPU's int8 instruction sets.
 
 On a machine whose cores are shared, libgomp's default busy-waiting makes PyTorch with several
 threads collapse (each thread spins for a barrier while its partner is descheduled); run with
@@ -31,7 +33,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from transformers import AlbertConfig, AlbertForSequenceClassification  # noqa: E402
 
-from nbzoo.export import albert  # noqa: E402
+from nbzoo.export import albert, quantize  # noqa: E402
 
 ARCHS = {
     "tiny": dict(
@@ -86,14 +88,17 @@ def main() -> int:
     feats = features(model.config.vocab_size, args.batch * args.batches, args.seq)
     with tempfile.TemporaryDirectory() as tmp:
         stages = albert.build_stages(model, feats, tmp, parity_samples=4)
+        models = {name: stages.paths[name] for name in ("onnx_opt", "onnx_int8")}
         result = albert.speedup(
-            model, stages.paths["onnx_opt"], feats, args.batch, args.batches, args.rounds,
+            model, models, feats, args.batch, args.batches, args.rounds,
             args.threads, spinning=not args.no_spin,
         )  # fmt: skip
     result |= {
         "model": args.model,
         "fused": stages.fused,
         "max_abs_logit_diff": stages.parity["onnx_opt"],
+        "int8_max_abs_logit_diff": stages.parity["onnx_int8"],
+        "int8": quantize.int8_instruction_sets(),
         "cpu_count": os.cpu_count(),
     }
     print(json.dumps(result, indent=1))

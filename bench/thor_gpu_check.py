@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from nbzoo import bench, metrics, paths, presets, pretraining
+from nbzoo import bench, launch, metrics, paths, presets, pretraining
 from nbzoo import device as nbdevice
 from nbzoo.device import accelerator_name
 
@@ -105,7 +105,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     # the grid, through the same torchrun entry point the notebook uses for devices > 1
     tick = time.perf_counter()
-    runs = pretraining.launch_torchrun(cfg, 1, out / "torchrun")
+    launched = launch.run("nbzoo.pretraining:grid_on_rank", {**cfg, "devices": 1}, out / "torchrun")
+    runs = [pretraining.Run(**r) for r in launched["runs"]]
     record["torchrun_seconds"] = time.perf_counter() - tick
     record["runs"] = []
     for r in runs:

@@ -680,14 +680,29 @@ def update_readme(
 
 def main(args: argparse.Namespace) -> int:
     """Run the cases named in ``args`` (all when none); the ``nbzoo bench`` sub-command."""
-    if args.table:
+    if args.table and not args.lengths:
         folder = output_dir(args.quick, args.out)
         text = render_table(folder)
         if args.update_readme:
             update_readme(paths.resolve(args.update_readme), text)
         print(text, end="")
         return 0
-    names = list(args.cases) or list(CASES)
+    from nbzoo import bench_lengths
+
+    if args.table and args.lengths:
+        folder = bench_lengths.output_dir(args.lengths, args.out)
+        text = bench_lengths.render_table(folder)
+        if args.update_readme:
+            update_readme(
+                paths.resolve(args.update_readme),
+                text,
+                (bench_lengths.README_START, bench_lengths.README_END),
+            )
+        print(text, end="")
+        return 0
+    names = [n for c in args.cases for n in bench_lengths.GROUPS.get(c, [c])] or list(CASES)
+    if any(n in bench_lengths.CASES for n in names):
+        return _main_lengths(args, names)
     unknown = [n for n in names if n not in CASES]
     if unknown:
         print(
@@ -743,7 +758,7 @@ def main(args: argparse.Namespace) -> int:
         record["device"] = rt.kind
         record["device_name"] = name
         record["versions"] = _versions()
-        record["finished_at"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+        record["finished_at"] = _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
         path = write_record(record, folder)
         records.append(record)
         print(
@@ -759,11 +774,72 @@ def main(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def _main_lengths(args: argparse.Namespace, names: list[str]) -> int:
+    """The real-length cases (``nbzoo.bench_lengths``): three paths interleaved per case."""
+    from nbzoo import bench_lengths
+
+    unknown = [n for n in names if n not in bench_lengths.CASES]
+    if unknown:
+        print(
+            f"nbzoo bench: {unknown[0]!r} cannot run beside real-length cases; choose from: "
+            f"{', '.join([*bench_lengths.GROUPS, *bench_lengths.CASES])}",
+            file=sys.stderr,
+        )
+        return 2
+    # fp32 on a CPU unless asked: bf16 autocast is emulated on CPUs without AVX512-BF16 / AMX
+    rt = setup(args.device, args.precision or "auto", seed=0)
+    compile_ = {"on": True, "off": False}.get(args.compile)
+    folder = bench_lengths.output_dir(rt.kind + ("/quick" if args.quick else ""), args.out)
+    print(
+        f"nbzoo bench: {len(names)} real-length case(s) on {rt.kind} ({accelerator_name(rt)}), "
+        f"{torch.get_num_threads()} thread(s), load {os.getloadavg()[0]:.1f} → {_rel(folder)}",
+        flush=True,
+    )
+    failed = []
+    for i, name in enumerate(names, 1):
+        tick = time.perf_counter()
+        try:
+            record = bench_lengths.run_length_case(
+                bench_lengths.CASES[name],
+                rt,
+                warmup=args.warmup or (1 if rt.kind == "cpu" else 3),
+                compile_=compile_,
+                quick=args.quick,
+            )
+        except Exception as exc:
+            failed.append(name)
+            print(f"[{i}/{len(names)}] {name}: FAILED: {_short_error(exc)}", flush=True)
+            if os.environ.get("NBZOO_BENCH_TRACEBACK"):
+                traceback.print_exc()
+            _free(rt)
+            continue
+        record["seconds"] = time.perf_counter() - tick
+        path = write_record(bench_lengths.finish(record, rt), folder)
+        print(
+            f"[{i}/{len(names)}] {name}: seq/s stock as seed "
+            f"{record['stock_seed']['samples_per_second']:.2f}, stock best "
+            f"{record['stock_best']['samples_per_second']:.2f}, nbzoo "
+            f"{record['nbzoo']['samples_per_second']:.2f}: {record['ratio_vs_padded']:.2f}x vs "
+            f"padded, {record['ratio_vs_stock_best']:.2f}x vs stock best "
+            f"({record['seconds']:.0f} s) → {_rel(path)}",
+            flush=True,
+        )
+        _free(rt)
+    return 1 if failed else 0
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """The options of ``nbzoo bench`` and ``python -m nbzoo.bench`` (one list for both)."""
-    parser.add_argument("cases", nargs="*", help=f"any of: {', '.join(CASES)} (default: all)")
+    parser.add_argument(
+        "cases", nargs="*",
+        help=f"any of: {', '.join(CASES)} (default: all); or real-length cases / groups: "
+        "real_lengths, padding_sweep, albert_base_sst2, bert_large_mlperf512, albert_base_padNN",
+    )  # fmt: skip
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--precision", default="bf16", help="autocast precision of both paths")
+    parser.add_argument(
+        "--precision", default=None,
+        help="autocast precision of the paths (default bf16; real-length cases: auto, fp32 on a CPU)",
+    )  # fmt: skip
     parser.add_argument("--steps", type=int, default=20, help="timed steps per path")
     parser.add_argument(
         "--warmup", type=int, default=None, help="untimed steps (default 3; 1 quick)"
@@ -783,6 +859,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     )  # fmt: skip
     parser.add_argument("--out", default=None, help="folder of the JSON files")
     parser.add_argument("--table", action="store_true", help="print the table of stored results")
+    parser.add_argument(
+        "--lengths", default=None, metavar="DEVICE",
+        help="with --table: the real-length records of DEVICE (cpu, cuda) instead",
+    )  # fmt: skip
     parser.add_argument(
         "--update-readme", default=None, metavar="PATH",
         help="with --table: write it between the bench-table markers of PATH",

@@ -5,16 +5,20 @@
     nbzoo results
     nbzoo bench [CASE ...] --quick
 
-Mistakes in what the user typed (an unknown notebook, preset or parameter, a value of the wrong
-type) end with one line naming it and the allowed choices, and exit code 2.
+Mistakes in what the user typed (an unknown notebook, preset, parameter or kernel, a value of the
+wrong type or outside its domain, an output folder that is a file or cannot be written) end with
+one line naming it and the allowed choices, and exit code 2, before a kernel starts. The executed
+notebook is written under a temporary name and renamed when the run succeeds, so a failed or
+interrupted run (Ctrl-C: one line, exit 130) never replaces the previous one.
 """
 
 from __future__ import annotations
 
 import argparse
 import ast
-import logging
+import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -22,6 +26,7 @@ from typing import Any
 from nbzoo import paths, progress
 
 EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130  # what a shell reports for a command ended by SIGINT
 
 
 class UsageError(Exception):
@@ -33,7 +38,8 @@ def notebooks_dir() -> Path:
 
 
 def available_notebooks() -> list[str]:
-    return sorted(p.stem for p in notebooks_dir().glob("[0-9][0-9]_*.ipynb"))
+    # a dot in the stem: a failed run's notebook (01_albert_glue.failed.ipynb), not a tutorial
+    return sorted(p.stem for p in notebooks_dir().glob("[0-9][0-9]_*.ipynb") if "." not in p.stem)
 
 
 def find_notebook(name: str) -> Path:
@@ -49,51 +55,14 @@ def find_notebook(name: str) -> Path:
 
 
 def notebook_parameters(path: Path) -> dict[str, dict[str, Any]]:
-    """The knobs of the cell tagged ``parameters``: name → type, default and help comment.
+    """The knobs of the cell tagged ``parameters`` as papermill reads them: name → name,
+    inferred_type_name (``Optional[int]``), default and help (the line's comment)."""
+    import papermill
 
-    Read with ``ast`` rather than ``papermill.inspect_notebook``, whose line regex does not
-    understand ``int | None`` annotations or a ``=`` inside a comment.
-    """
-    import nbformat
-
-    nb = nbformat.read(path, as_version=4)
-    cells = [c for c in nb.cells if "parameters" in c.get("metadata", {}).get("tags", [])]
-    if not cells:
-        raise UsageError(f"{path.name} has no cell tagged 'parameters'")
-    source = cells[0].source
-    lines = source.splitlines()
-    found: dict[str, dict[str, Any]] = {}
-    for node in ast.parse(source).body:
-        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
-            type_name = ast.unparse(node.annotation)
-        elif (
-            isinstance(node, ast.Assign)
-            and len(node.targets) == 1
-            and isinstance(node.targets[0], ast.Name)
-        ):
-            type_name = (
-                type(ast.literal_eval(node.value)).__name__ if _literal(node.value) else None
-            )
-        else:
-            continue
-        name = (node.target if isinstance(node, ast.AnnAssign) else node.targets[0]).id
-        line = lines[node.lineno - 1]
-        comment = line.split("#", 1)[1].strip() if "#" in line[node.end_col_offset :] else ""
-        found[name] = {
-            "name": name,
-            "inferred_type_name": type_name,
-            "default": ast.unparse(node.value) if node.value is not None else "None",
-            "help": comment,
-        }
+    found = papermill.inspect_notebook(str(path))
+    if not found:
+        raise UsageError(f"{path.name} has no cell tagged 'parameters' with knobs papermill reads")
     return found
-
-
-def _literal(node: ast.AST) -> bool:
-    try:
-        ast.literal_eval(node)
-    except (ValueError, SyntaxError):
-        return False
-    return True
 
 
 _TYPES = {"int": int, "float": float, "str": str, "bool": bool, "dict": dict, "list": list}
@@ -144,7 +113,18 @@ def parse_overrides(
                 f"unknown parameter {name!r} for {path.stem}; choose one of: {', '.join(declared)}"
             )
         values[name] = convert(name, text, declared[name].get("inferred_type_name"))
+        check_domain(path.stem, name, values[name])
     return values
+
+
+def check_domain(stem: str, name: str, value: Any) -> None:
+    """A value outside the knob's domain (nbzoo/presets/domains.toml) is a usage error."""
+    from nbzoo import presets
+
+    try:
+        presets.check_domain(stem, name, value)
+    except presets.PresetError as exc:
+        raise UsageError(str(exc)) from None
 
 
 def run_parameters(path: Path, preset: str, pairs: list[str]) -> dict[str, Any]:
@@ -153,9 +133,16 @@ def run_parameters(path: Path, preset: str, pairs: list[str]) -> dict[str, Any]:
     notebooks' cells as they are."""
     declared = notebook_parameters(path)
     parameters = parse_overrides(path, pairs, declared)
-    if declared.get("preset", {}).get("default") != repr(preset):
+    if "preset" in declared and _literal_default(declared["preset"]) != preset:
         parameters = {"preset": preset, **parameters}
     return parameters
+
+
+def _literal_default(knob: dict[str, Any]) -> Any:
+    try:
+        return ast.literal_eval(knob.get("default", "None"))
+    except (ValueError, SyntaxError):
+        return None
 
 
 def cmd_list(_args: argparse.Namespace) -> int:
@@ -183,44 +170,102 @@ def cmd_run(args: argparse.Namespace) -> int:
             f"unknown preset {args.preset!r} for {path.stem}; choose one of: {', '.join(choices)}"
         )
     parameters = run_parameters(path, args.preset, args.param or [])
-    output = paths.results_dir(args.output_dir) / f"{path.stem}.ipynb"
+    check_kernel(args.kernel)
+    folder = writable_folder(paths.results_dir(args.output_dir))
+    output = folder / f"{path.stem}.ipynb"
     print(f"running {path.name} (preset {args.preset}) → {output}", flush=True)
-    seconds = execute(path, output, parameters, args.kernel, args.verbose)
+    from papermill.exceptions import PapermillExecutionError
+
+    try:
+        seconds = execute(path, output, parameters, args.kernel, args.verbose)
+    except PapermillExecutionError as exc:
+        lines = str(exc.evalue).strip().splitlines() or [""]
+        evalue = lines[0] + (" ..." if len(lines) > 1 else "")
+        print(
+            f"nbzoo: the notebook failed in cell {exc.exec_count}: {exc.ename}: {evalue} "
+            f"(the executed notebook, with the traceback: {failed_path(output)})",
+            file=sys.stderr,
+        )
+        return 1
+    except KeyboardInterrupt:
+        kept = f"; {output} left as it was" if output.exists() else ""
+        print(f"nbzoo: interrupted, nothing written{kept}", file=sys.stderr)
+        return EXIT_INTERRUPTED
     print(f"done in {seconds:.1f} s", flush=True)
     return 0
 
 
-class _KnownParameters(logging.Filter):
-    """Drop papermill's "Passed unknown parameter" warning: its parameter parser misses typed
-    lines such as ``epochs: int | None = None``, so it warns about every knob; the names have
-    already been checked against the parameters cell (:func:`parse_overrides`)."""
+def check_kernel(name: str) -> None:
+    """An unknown kernel name is a usage error, found before anything is written."""
+    from jupyter_client.kernelspec import KernelSpecManager, NoSuchKernel
 
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not record.getMessage().startswith("Passed unknown parameter")
+    manager = KernelSpecManager()
+    try:
+        manager.get_kernel_spec(name)
+    except NoSuchKernel:
+        known = ", ".join(sorted(manager.find_kernel_specs())) or "(none installed)"
+        raise UsageError(f"no Jupyter kernel named {name!r}; installed: {known}") from None
 
 
-_KNOWN_PARAMETERS = _KnownParameters()
+def writable_folder(folder: Path) -> Path:
+    """``folder``, created if missing, once a file could be created in it; else a usage error."""
+    if folder.exists() and not folder.is_dir():
+        raise UsageError(f"--output-dir {folder} is a file, not a folder")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as exc:
+        raise UsageError(f"--output-dir {folder} cannot be written: {exc.strerror}") from None
+    return folder
+
+
+def failed_path(output: Path) -> Path:
+    """Where a run that failed in a cell leaves its notebook (with the traceback)."""
+    return output.with_name(f"{output.stem}.failed.ipynb")
 
 
 def execute(
     path: Path, output: Path, parameters: dict[str, Any], kernel: str, verbose: bool = False
 ) -> float:
-    """Run one notebook with papermill from its own folder; return the seconds it took."""
+    """Run one notebook with papermill from its own folder; return the seconds it took.
+
+    papermill writes under a temporary name beside ``output``, renamed to ``output`` when the
+    run succeeds; a run that fails in a cell is renamed to :func:`failed_path` (its traceback
+    inside), anything else (Ctrl-C, a kernel that dies at start) leaves no file: the previous
+    ``output`` is never replaced by a run that did not finish."""
     import papermill
 
-    output.parent.mkdir(parents=True, exist_ok=True)
-    logging.getLogger("papermill").addFilter(_KNOWN_PARAMETERS)
+    output.parent.mkdir(parents=True, exist_ok=True)  # callers other than nbzoo run, too
+    partial = output.with_name(f".{output.stem}.running-{os.getpid()}.ipynb")
     start = time.perf_counter()
-    with progress.headless():
-        papermill.execute_notebook(
-            str(path),
-            str(output),
-            parameters=parameters,
-            cwd=str(path.parent),
-            kernel_name=kernel,
-            progress_bar=False,
-            log_output=verbose,
-        )
+    finished = False
+    try:
+        with progress.headless():
+            papermill.execute_notebook(
+                str(path),
+                str(partial),
+                parameters=parameters,
+                cwd=str(path.parent),
+                kernel_name=kernel,
+                progress_bar=False,
+                log_output=verbose,
+                # nbclient's default, a graceful shutdown, lets a kernel interrupted mid-cell
+                # (Ctrl-C) print a ZMQ traceback over our one-line message; the outputs are
+                # collected by then, so a kill loses nothing
+                shutdown_kernel="immediate",
+            )
+        os.replace(partial, output)
+        finished = True
+    except papermill.PapermillExecutionError as exc:
+        if exc.ename == "KeyboardInterrupt":  # Ctrl-C reached the kernel first
+            raise KeyboardInterrupt from None
+        if partial.exists():
+            os.replace(partial, failed_path(output))
+        raise
+    finally:
+        if not finished:
+            partial.unlink(missing_ok=True)
     return time.perf_counter() - start
 
 
@@ -240,6 +285,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         env = demo.clean_root(scratch, notebooks_dir(), paths.results_dir())
         print(f"[demo] data and checkpoints of this run go to {scratch}", flush=True)
     stems = available_notebooks()
+    start = time.perf_counter()
     outcomes = demo.run_all(
         stems,
         demo.nbzoo_run(output, args.kernel),
@@ -250,6 +296,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
         env=env,
     )
     print(f"[demo] executed notebooks are in {output}", flush=True)
+    wall, cpu = time.perf_counter() - start, sum(o.cpu_seconds for o in outcomes)
+    print(f"[demo] {len(stems)} notebooks in {wall:.1f} s, {cpu:.1f} s CPU in all", flush=True)
     cmd_results(argparse.Namespace(dir=None, markdown=False))
     bad = [o for o in outcomes if o.status != "ok"]
     for o in bad:
@@ -351,20 +399,14 @@ def main(argv: list[str] | None = None) -> int:
         args = argparse.Namespace(func=cmd_bench, bench_args=argv[1:])
     else:
         args = parser.parse_args(argv)
-    from papermill.exceptions import PapermillExecutionError
-
     try:
         return args.func(args)
     except UsageError as exc:
         print(f"nbzoo: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    except PapermillExecutionError as exc:
-        print(
-            f"nbzoo: the notebook failed in cell {exc.exec_count}: {exc.ename}: {exc.evalue} "
-            "(the executed notebook with the full traceback is in results/)",
-            file=sys.stderr,
-        )
-        return 1
+    except KeyboardInterrupt:
+        print("nbzoo: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

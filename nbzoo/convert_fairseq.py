@@ -30,6 +30,7 @@ import collections
 import copyreg
 import os
 import pickle
+import re
 import shutil
 import sys
 import types
@@ -265,6 +266,19 @@ def classification_heads(sd: dict[str, torch.Tensor]) -> dict[str, int]:
     }
 
 
+def _tensor(sd: dict[str, torch.Tensor], key: str, ndim: int) -> torch.Tensor:
+    """A tensor the config is read from, or a message naming what is missing."""
+    value = sd.get(key)
+    if value is None:
+        raise CheckpointError(
+            f"the state dict lacks {key!r}, which every fairseq RoBERTa encoder has "
+            "(a truncated or foreign checkpoint?)"
+        )
+    if value.ndim != ndim:
+        raise CheckpointError(f"{key} has shape {tuple(value.shape)}; expected {ndim} dimensions")
+    return value
+
+
 def roberta_config(
     ckpt: FairseqCheckpoint | None,
     sd: dict[str, torch.Tensor],
@@ -294,17 +308,17 @@ def roberta_config(
         raise CheckpointError(
             "the checkpoint has no args naming encoder_attention_heads: pass num_attention_heads"
         )
-    vocab, hidden = sd[ENC + "embed_tokens.weight"].shape
+    vocab, hidden = _tensor(sd, ENC + "embed_tokens.weight", 2).shape
     values = dict(
         vocab_size=int(vocab),
         hidden_size=int(hidden),
         num_hidden_layers=layers,
         num_attention_heads=int(heads),
-        intermediate_size=int(sd[ENC + "layers.0.fc1.weight"].shape[0]),
+        intermediate_size=int(_tensor(sd, ENC + "layers.0.fc1.weight", 2).shape[0]),
         hidden_act=ACTIVATIONS[activation],
         hidden_dropout_prob=float(arg("dropout", 0.1)),
         attention_probs_dropout_prob=float(arg("attention_dropout", 0.1)),
-        max_position_embeddings=int(sd[ENC + "embed_positions.weight"].shape[0]),
+        max_position_embeddings=int(_tensor(sd, ENC + "embed_positions.weight", 2).shape[0]),
         type_vocab_size=1,
         layer_norm_eps=1e-5,  # torch's LayerNorm default, which fairseq uses
         bos_token_id=0,
@@ -413,8 +427,11 @@ def convert(
     if id2label is not None:
         config_overrides["id2label"] = dict(id2label)
         config_overrides["label2id"] = {v: k for k, v in id2label.items()}
-    config = roberta_config(ckpt, sd, num_labels=num_labels, **config_overrides)
-    hf_sd, unused = to_hf_state_dict(sd, task, head_name)
+    try:
+        config = roberta_config(ckpt, sd, num_labels=num_labels, **config_overrides)
+        hf_sd, unused = to_hf_state_dict(sd, task, head_name)
+    except CheckpointError as exc:
+        raise CheckpointError(f"{ckpt.path}: {exc}") from None
     model = (RobertaForMaskedLM if task == "masked-lm" else RobertaForSequenceClassification)(
         config
     )
@@ -439,21 +456,55 @@ def convert(
     return Converted(model, config, unused, initialized, ckpt.placeholders)
 
 
+# What ``save_pretrained`` writes, and the training record that sentence_prediction.finetune
+# writes beside it: an existing folder holding only these is an earlier output.
+_SAVED_FILES = re.compile(
+    r"config\.json|generation_config\.json|model(-\d+-of-\d+)?\.safetensors"
+    r"|model\.safetensors\.index\.json|training_record\.json"
+)
+
+
+def _check_replaceable(folder: Path) -> None:
+    """Refuse to replace anything but an empty folder or an earlier ``save_pretrained`` output."""
+    if not folder.exists() and not folder.is_symlink():
+        return
+    if folder.is_symlink() or not folder.is_dir():
+        raise CheckpointError(f"{folder} exists and is not a folder; choose another output folder")
+    foreign = sorted(p.name for p in folder.iterdir() if not _SAVED_FILES.fullmatch(p.name))
+    if foreign:
+        raise CheckpointError(
+            f"{folder} exists and holds files that are not a saved model ({', '.join(foreign[:3])}"
+            f"{', ...' if len(foreign) > 3 else ''}); nothing was written: choose another output "
+            "folder or move it away"
+        )
+
+
 def save_safetensors(model: torch.nn.Module, folder: str | os.PathLike) -> Path:
-    """``save_pretrained`` (config.json + model.safetensors) into a temporary folder, then rename."""
+    """``save_pretrained`` (config.json + model.safetensors) into a temporary folder, then rename.
+
+    An existing ``folder`` is replaced only when it is empty or an earlier saved model; the
+    temporary folder is removed whatever happens (a full disk leaves nothing behind)."""
     folder = Path(folder)
+    _check_replaceable(folder)
     tmp = folder.with_name(folder.name + f".tmp-{os.getpid()}")
+    old = folder.with_name(folder.name + f".old-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
-    if folder.exists():
-        shutil.rmtree(folder)
-    tmp.rename(folder)
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        _check_replaceable(folder)  # again: it may have appeared while saving
+        if folder.exists():
+            folder.rename(old)
+        tmp.rename(folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
     return folder
 
 
 def convert_to_safetensors(
     checkpoint: str | os.PathLike, folder: str | os.PathLike, **kwargs: Any
 ) -> Converted:
+    _check_replaceable(Path(folder))  # before the conversion's work, not after
     converted = convert(checkpoint, **kwargs)
     save_safetensors(converted.model, folder)
     return converted
@@ -481,6 +532,9 @@ def main(argv: list[str] | None = None) -> int:
     except (CheckpointError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # a full disk, a read-only folder: nothing half-written is left
+        print(f"error: cannot write {args.output_dir}: {exc}", file=sys.stderr)
+        return 1
     print(f"wrote {args.output_dir} ({type(converted.model).__name__})")
     if converted.initialized_keys:
         print(

@@ -12,7 +12,7 @@ import os
 import platform
 import random
 import shutil
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 
 os.environ.setdefault("TORCH_DEVICE_BACKEND_AUTOLOAD", "0")
@@ -21,12 +21,21 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 DEVICES = ("auto", "cpu", "cuda", "npu")
+KINDS = ("cpu", "cuda", "npu")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16", "O0", "O1", "O2")
 
-# The seeds use apex opt levels. Native AMP covers them:
-#   O0 → fp32; O1 → autocast (fp16 where the device has a scaler, bf16 on CPU);
-#   O2 → bf16 autocast with fp32 master weights (the optimizer always sees fp32 parameters).
-APEX_LEVELS = {"O0": "fp32", "O1": "fp16", "O2": "bf16"}
+# The seeds use apex opt levels; each has a native counterpart here:
+#   O0 → fp32;
+#   O1 → fp16: autocast to fp16 over fp32 weights, dynamic loss scaling;
+#   O2 → an fp16 model over fp32 master weights, dynamic loss scaling (nbzoo.amp.MasterWeights).
+# bf16 (autocast to bfloat16, no loss scaling) is a choice of its own, no apex level.
+APEX_LEVELS = {"O0": "fp32", "O1": "fp16", "O2": "O2"}
+DESCRIPTIONS = {
+    "fp32": "fp32",
+    "bf16": "bf16 autocast over fp32 weights",
+    "fp16": "fp16 autocast over fp32 weights (apex O1)",
+    "O2": "fp16 model over fp32 master weights (apex O2)",
+}
 
 _npu_import_error: str | None = None
 
@@ -66,8 +75,24 @@ def resolve_device(name: str = "auto") -> str:
     return name
 
 
-def resolve_precision(name: str, kind: str) -> str:
-    """Map a precision request onto fp32, bf16 or fp16 for the given device kind."""
+def resolve_precision(name: str | Mapping[str, str], kind: str) -> str:
+    """Map a precision request onto fp32, bf16, fp16 (apex O1) or O2 for the device kind.
+
+    ``name`` is a level, or a level per device kind (``{"cuda": "O1", "npu": "O2", ...}``, as the
+    seeds give one per device), of which ``kind``'s applies."""
+    if isinstance(name, Mapping):
+        unknown = sorted(set(name) - set(KINDS))
+        if unknown:
+            raise ValueError(
+                f"precision per device kind: keys must be among {', '.join(KINDS)}; "
+                f"got {', '.join(map(repr, unknown))}"
+            )
+        if kind not in name:
+            raise ValueError(
+                f"precision gives a level for {', '.join(name) or 'no device kind'} "
+                f"but not for {kind}, the device this run uses"
+            )
+        name = name[kind]
     if name not in PRECISIONS:
         raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}; got {name!r}")
     name = APEX_LEVELS.get(name, name)
@@ -77,8 +102,6 @@ def resolve_precision(name: str, kind: str) -> str:
         if kind == "npu":
             return "fp16"
         return "fp32"
-    if kind == "cpu" and name == "fp16":
-        return "bf16"  # CPU autocast has no fp16 kernels worth using
     return name
 
 
@@ -111,6 +134,9 @@ class Runtime:
     world_size: int = 1
     local_rank: int = 0
     threads: int = field(default_factory=torch.get_num_threads)
+    loss_scale: bool = (
+        True  # dynamic loss scaling under fp16 and O2 (06: the seed's enable_lossscale)
+    )
 
     @property
     def device(self) -> torch.device:
@@ -120,7 +146,13 @@ class Runtime:
 
     @property
     def amp_dtype(self) -> torch.dtype | None:
+        """What autocast computes in; None for fp32 and for O2, whose model is fp16 itself."""
         return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
+
+    @property
+    def master_weights(self) -> bool:
+        """O2: the training loop casts the model to fp16 over fp32 master weights."""
+        return self.precision == "O2"
 
     @property
     def distributed(self) -> bool:
@@ -139,8 +171,9 @@ class Runtime:
             yield
 
     def grad_scaler(self) -> torch.amp.GradScaler:
-        """A loss scaler, enabled only where fp16 needs one."""
-        enabled = self.precision == "fp16" and self.kind != "cpu"
+        """A dynamic loss scaler for fp16 gradients (fp16 and O2, on every device kind, the CPU
+        too), disabled under fp32 and bf16, or when ``loss_scale`` is off."""
+        enabled = self.precision in ("fp16", "O2") and self.loss_scale
         return torch.amp.GradScaler(self.kind, enabled=enabled)
 
     def synchronize(self) -> None:
@@ -172,11 +205,18 @@ class Runtime:
         }
 
 
-def setup(device: str = "auto", precision: str = "auto", seed: int = 0) -> Runtime:
+def setup(
+    device: str = "auto",
+    precision: str | Mapping[str, str] = "auto",
+    seed: int = 0,
+    loss_scale: bool = True,
+) -> Runtime:
     """Pick the device and precision, seed everything, and join torch.distributed when launched
-    by torchrun (WORLD_SIZE > 1)."""
+    by torchrun (WORLD_SIZE > 1). ``loss_scale=False`` trains fp16 without loss scaling."""
     kind = resolve_device(device)
-    rt = Runtime(kind=kind, precision=resolve_precision(precision, kind), seed=seed)
+    rt = Runtime(
+        kind=kind, precision=resolve_precision(precision, kind), seed=seed, loss_scale=loss_scale
+    )
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size > 1:
         import torch.distributed as dist
@@ -194,6 +234,14 @@ def setup(device: str = "auto", precision: str = "auto", seed: int = 0) -> Runti
         torch.backends.cuda.matmul.allow_tf32 = True
     seed_everything(seed)
     return rt
+
+
+def precision_description(rt: Runtime) -> str:
+    """What the run computes in, in words (for the environment table)."""
+    text = DESCRIPTIONS.get(rt.precision, rt.precision)
+    if rt.precision in ("fp16", "O2"):
+        text += ", dynamic loss scaling" if rt.loss_scale else ", no loss scaling"
+    return text
 
 
 def cann_version() -> str | None:
@@ -233,7 +281,7 @@ def describe(rt: Runtime | None = None):
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "device": f"{rt.kind} ({accelerator_name(rt)})",
-        "precision": rt.precision,
+        "precision": precision_description(rt),
         "devices (world size)": rt.world_size,
         "cpu threads": rt.threads,
         "torch_npu": _npu_version() or "not installed",

@@ -1,13 +1,16 @@
 """GLUE fine-tuning of a sequence classifier (SST-2 classification, STS-B regression).
 
-Notebook 01 walks through these steps one by one; notebook 02 calls :func:`finetune_glue` when
-it needs 01's checkpoint and finds none. The configuration is the notebook's resolved preset
-(``nbzoo.presets.resolve("01_albert_glue", ...)``).
+Notebook 01 walks through these steps one by one: :func:`prepare_data`, :func:`build_model`,
+:func:`train` (in this process, or under torchrun when ``devices > 1``) and :func:`evaluate`
+(``mode = "eval"``: a fine-tuned checkpoint's dev metrics, the seed's ``train_eval_8p.sh``).
+Notebook 02 calls :func:`finetune_glue` when it needs 01's checkpoint and finds none. The
+configuration is the notebook's resolved preset (``nbzoo.presets.resolve("01_albert_glue", ...)``).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import contextlib
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +24,7 @@ from transformers import (
     get_linear_schedule_with_warmup,
 )
 
-from nbzoo import metrics, paths
+from nbzoo import launch, metrics, packing, paths
 from nbzoo.data import glue
 from nbzoo.device import Runtime
 from nbzoo.text import word_tokenizer
@@ -44,10 +47,31 @@ def prepare_data(task: str, cfg: Any) -> dict[str, glue.GlueSplit]:
         raise ValueError(
             f"data_source must be generate, download or local; got {cfg.data_source!r}"
         )
+    return read_data(task, cfg)
+
+
+def read_data(task: str, cfg: Any) -> dict[str, glue.GlueSplit]:
+    """Train and dev of ``task`` as they are in ``cfg.data_dir`` (what every rank reads)."""
+    data_dir = paths.resolve(cfg.data_dir)
     return {split: glue.read_split(data_dir, task, split) for split in ("train", "dev")}
 
 
-def build_tokenizer(cfg: Any, train: glue.GlueSplit):
+def task_checkpoint(folder: str | Path, task: str) -> Path:
+    """The fine-tuned checkpoint of ``task`` in ``folder``: ``folder/<task>/`` (a run's
+    ``checkpoint_dir``) or ``folder`` itself, each a ``save_pretrained`` folder."""
+    folder = paths.resolve(folder)
+    for candidate in (folder / task, folder):
+        if (candidate / "config.json").exists():
+            return candidate
+    raise FileNotFoundError(
+        f"{folder}: no checkpoint of {task} here: expected {folder / task}/config.json or "
+        f"{folder}/config.json (a folder written by save_pretrained, as 01 writes under checkpoint_dir)"
+    )
+
+
+def build_tokenizer(cfg: Any, train: glue.GlueSplit, task: str = "sst2"):
+    if cfg.get("init_checkpoint"):
+        return AutoTokenizer.from_pretrained(task_checkpoint(cfg.init_checkpoint, task))
     if cfg.model_name == TINY:
         return word_tokenizer(train.text_a + (train.text_b or []))
     return AutoTokenizer.from_pretrained(cfg.model_name)
@@ -58,6 +82,12 @@ def num_labels(task: str) -> int:
 
 
 def build_model(task: str, cfg: Any, tokenizer) -> torch.nn.Module:
+    """The tiny ALBERT (``model_name = "tiny"``), the pretrained model ``model_name``, or, with
+    ``init_checkpoint``, a fine-tuned checkpoint to continue from."""
+    if cfg.get("init_checkpoint"):
+        return AutoModelForSequenceClassification.from_pretrained(
+            task_checkpoint(cfg.init_checkpoint, task), num_labels=num_labels(task)
+        )
     if cfg.model_name == TINY:
         config = AlbertConfig(
             vocab_size=len(tokenizer),
@@ -118,7 +148,7 @@ def finetune_glue(
 ) -> Finetuned:
     """Data → tokenizer → model → training → dev metrics → ``save_pretrained`` checkpoint."""
     data = data or prepare_data(task, cfg)
-    tokenizer = build_tokenizer(cfg, data["train"])
+    tokenizer = build_tokenizer(cfg, data["train"], task)
     train_set = glue.EncodedGlue(data["train"], tokenizer, cfg.max_seq_length)
     dev_set = glue.EncodedGlue(data["dev"], tokenizer, cfg.max_seq_length)
     torch.manual_seed(cfg.seed)
@@ -139,15 +169,70 @@ def finetune_glue(
         checkpoint_dir=folder / "training",
         checkpoint_every=cfg.checkpoint_every or None,
         seed=cfg.seed,
-        run_id=config_hash(task, cfg, len(train_set)),
+        run_id=config_hash(task, launch.identity(cfg), len(train_set)),
         desc=f"{task} training",
     )
-    result = fit(model, train_set, optimizer, rt, train_cfg, scheduler=scheduler, eval_fn=evaluate)
+    collate, packed = None, contextlib.nullcontext()
+    if getattr(cfg, "packing", False):  # notebook 02 has no packing knob
+        # The same sentences per optimizer step as padded; only their layout changes (rows of
+        # whole sentences), and the loss stays the mean over sentences: an exact change.
+        collate = packing.PackedCollator(cfg.max_seq_length, pad_token_id=tokenizer.pad_token_id)
+        packed = packing.packed_training(model, rt.kind)
+    with packed:
+        result = fit(
+            model, train_set, optimizer, rt, train_cfg, collate_fn=collate,
+            scheduler=scheduler, eval_fn=evaluate,
+        )  # fmt: skip
     final = result.evals[-1] if result.evals else evaluate(model)
     scores = {k: v for k, v in final.items() if k not in ("step", "epoch")}
     if rt.is_main:
         model.save_pretrained(folder, safe_serialization=True)
         tokenizer.save_pretrained(folder)
+        launch.write_record(folder / RECORD, {"result": asdict(result), "metrics": scores})
+    return Finetuned(task, model, tokenizer, result, scores, folder)
+
+
+RECORD = "training_record.json"  # beside the checkpoint: the run's history and final metrics
+
+
+def train(
+    task: str, cfg: Any, rt: Runtime, data: dict[str, glue.GlueSplit] | None = None
+) -> Finetuned:
+    """Fine-tune ``task``: in this process, or with ``devices`` (× ``nnodes``) > 1 on every rank
+    under torchrun, then the checkpoint rank 0 saved is loaded here."""
+    if not launch.needed(cfg, rt):
+        return finetune_glue(task, cfg, rt, data)
+    folder = checkpoint_path(cfg, task)
+    record = launch.run("nbzoo.finetune:train_on_rank", cfg, folder / "launch", task=task)
+    model, tokenizer = load_finetuned(folder, rt.device)
+    return Finetuned(
+        task, model, tokenizer, TrainResult(**record["result"]), record["metrics"], folder
+    )
+
+
+def train_on_rank(cfg: Any, rt: Runtime, task: str) -> dict[str, Any]:
+    """The torchrun entry point (``nbzoo.launch``): every rank fine-tunes on its shard."""
+    run = finetune_glue(task, cfg, rt, read_data(task, cfg))
+    return {"result": asdict(run.result), "metrics": run.metrics}
+
+
+def evaluate(
+    task: str, cfg: Any, rt: Runtime, data: dict[str, glue.GlueSplit] | None = None
+) -> Finetuned:
+    """``mode = "eval"``, the seed's ``train_eval_8p.sh``: the dev metrics of a fine-tuned
+    checkpoint -- ``init_checkpoint``, else the one this preset's training saved in
+    ``checkpoint_dir``. On that run's own checkpoint they equal its final metrics exactly. The
+    training history comes from the run's record beside the checkpoint (empty without one)."""
+    folder = task_checkpoint(cfg.get("init_checkpoint") or paths.resolve(cfg.checkpoint_dir), task)
+    data = data or read_data(task, cfg)
+    model, tokenizer = load_finetuned(folder, rt.device)
+    dev_set = glue.EncodedGlue(data["dev"], tokenizer, cfg.max_seq_length)
+    outputs, labels = predict(model, dev_set, rt, batch_size=128)
+    scores = task_metrics(task, outputs, labels)
+    result = TrainResult([], [], 0, 0, 0.0, None)
+    if (folder / RECORD).exists():
+        result = TrainResult(**launch.read_record(folder / RECORD)["result"])
+    print(f"{task}: evaluated {folder} on {len(dev_set)} dev rows: {scores}")
     return Finetuned(task, model, tokenizer, result, scores, folder)
 
 

@@ -21,7 +21,9 @@ behaviour follows ais_bench (Ascend/tools, ais-bench_workload/tool/ais_bench/ais
 Unlike ais_bench, everything is checked before the first inference (one message naming the file
 at fault), folders are matched to the model's inputs by name (``--match_inputs position`` maps
 them by order, as ais_bench does), and outputs are written to a hidden temporary folder that is
-renamed into place only when complete.
+renamed into place only when complete. An existing ``<output_dirname>`` is replaced only when it
+holds an earlier run's output (never a folder of the user's), and two input files that would
+name the same output file (``3.npy`` and ``3.bin``) are refused.
 """
 
 from __future__ import annotations
@@ -99,6 +101,7 @@ def list_files(folder: Path) -> list[Path]:
 
 
 def _npy_header(path: Path) -> tuple[np.dtype, tuple[int, ...]]:
+    """dtype and shape from a .npy header; the file must hold exactly the data it announces."""
     try:
         with open(path, "rb") as f:
             version = np.lib.format.read_magic(f)
@@ -108,9 +111,21 @@ def _npy_header(path: Path) -> tuple[np.dtype, tuple[int, ...]]:
                 else np.lib.format.read_array_header_2_0
             )
             shape, _, dtype = read(f)
+            data_start = f.tell()
     except (ValueError, OSError, SyntaxError) as exc:
         raise InferError(f"{path}: not a readable .npy file ({exc})") from None
-    return np.dtype(dtype), tuple(shape)
+    dtype = np.dtype(dtype)
+    if dtype.hasobject:
+        raise InferError(f"{path}: holds Python objects ({dtype}); only numeric arrays are read")
+    expected = data_start + int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    size = path.stat().st_size
+    if size != expected:
+        state = "truncated" if size < expected else "longer than its header says"
+        raise InferError(
+            f"{path}: {state}: {size} bytes, but a {dtype} array of shape {tuple(shape)} "
+            f"takes {expected}"
+        )
+    return dtype, tuple(shape)
 
 
 def describe_file(path: Path, spec: InputSpec) -> SampleFile:
@@ -135,9 +150,31 @@ def describe_file(path: Path, spec: InputSpec) -> SampleFile:
 
 
 def load_file(sample: SampleFile) -> np.ndarray:
-    if sample.path.suffix.lower() == ".npy":
-        return np.load(sample.path, allow_pickle=False)
-    return np.fromfile(sample.path, dtype=sample.dtype).reshape(sample.shape)
+    try:
+        if sample.path.suffix.lower() == ".npy":
+            return np.load(sample.path, allow_pickle=False)
+        return np.fromfile(sample.path, dtype=sample.dtype).reshape(sample.shape)
+    except (ValueError, OSError) as exc:  # changed since it was checked
+        raise InferError(f"{sample.path}: cannot be read ({exc})") from None
+
+
+def output_stem(path: Path) -> str:
+    """The name an input file gives its outputs: the file name without its .npy / .bin suffix
+    (``123.npy`` -> ``123_k.npy``, ``a.1.npy`` -> ``a.1_k.npy``)."""
+    return path.name[: -len(path.suffix)]
+
+
+def check_output_names(paths: Sequence[Path]) -> None:
+    """Two inputs that would write the same output file are refused (``a.npy`` and ``a.bin``)."""
+    seen: dict[str, Path] = {}
+    for path in paths:
+        stem = output_stem(path)
+        if stem in seen:
+            raise InferError(
+                f"{path} and {seen[stem].name} would both write outputs named {stem}_<k>; "
+                "rename one of them"
+            )
+        seen[stem] = path
 
 
 def save_output(path: Path, data: np.ndarray, outfmt: str) -> None:
@@ -216,6 +253,7 @@ def make_plan(
     elif match_inputs != "position":
         raise InferError(f"--match_inputs must be name or position; got {match_inputs!r}")
     files = [list_files(f) for f in folders]
+    check_output_names(files[0])  # the first input's file names name the outputs
     counts = {str(f): len(fs) for f, fs in zip(folders, files, strict=True)}
     if len(set(counts.values())) > 1:
         detail = ", ".join(f"{k}: {v}" for k, v in counts.items())
@@ -377,6 +415,8 @@ def latency_stats(times_ms: Sequence[float], batchsize: int) -> dict[str, float]
         "count": int(t.size),
         "p50": float(np.percentile(t, 50)),
         "p99": float(np.percentile(t, 99)),
+        "q1": float(np.percentile(t, 25)),
+        "q3": float(np.percentile(t, 75)),
         "throughput": 1000.0 * batchsize / mean if mean > 0 else 0.0,
     }
 
@@ -425,8 +465,36 @@ def _output_target(output: str | None, output_dirname: str | None) -> Path | Non
     return Path(output) / name
 
 
+_OUTPUT_FILE = re.compile(r".+_\d+\.(npy|bin|txt)")
+
+
+def _check_replaceable(final: Path) -> None:
+    """An existing output folder is replaced only when it is an earlier run's: an empty folder,
+    or one holding nothing but ``<stem>_<k>.npy|bin|txt`` files with ``<name>_summary.json``
+    beside it. Anything else is the user's, and the run stops before writing anything."""
+    if not final.exists() and not final.is_symlink():
+        return
+    if final.is_symlink() or not final.is_dir():
+        raise InferError(
+            f"{final} exists and is not a folder; choose another --output_dirname or --output"
+        )
+    entries = list(final.iterdir())
+    if not entries:
+        return
+    summary = final.with_name(f"{final.name}_summary.json")
+    foreign = [e.name for e in entries if not (e.is_file() and _OUTPUT_FILE.fullmatch(e.name))]
+    if foreign or not summary.is_file():
+        detail = f"it holds {', '.join(sorted(foreign)[:3])}" if foreign else f"no {summary.name}"
+        raise InferError(
+            f"{final} exists and is not an earlier nbzoo.infer output ({detail}); nothing was "
+            "written: choose another --output_dirname or move the folder away"
+        )
+
+
 def _install(tmp: Path, final: Path) -> None:
-    """Move a finished output folder into place, replacing an older run's."""
+    """Move a finished output folder into place, replacing an earlier run's output (checked by
+    :func:`_check_replaceable` before the run)."""
+    _check_replaceable(final)
     old = final.with_name(f".{final.name}.old-{os.getpid()}")
     if final.exists():
         final.rename(old)
@@ -462,6 +530,8 @@ def run(
     if not model.is_file():
         raise InferError(f"{model}: --model file does not exist")
     final = _output_target(None if output is None else str(output), output_dirname)
+    if final is not None:
+        _check_replaceable(final)
     if model.suffix == ".om":
         return _run_ais_bench(model, inputs, final, outfmt, batchsize, loop, warmup_count, device)
     if model.suffix != ".onnx":
@@ -512,7 +582,7 @@ def run(
         warmup_count=warmup_count,
         throughput=stats["throughput"],
         samples_per_second=plan.samples * loop / (sum(all_times) / 1000.0),
-        latency_ms={k: stats[k] for k in ("mean", "p50", "p99")},
+        latency_ms={k: stats[k] for k in ("mean", "p50", "p99", "q1", "q3")},
         compute_time_ms={
             k: stats[k] for k in ("min", "max", "mean", "median", "percentile(99%)", "count")
         },
@@ -539,7 +609,7 @@ def _save_batch(plan: Plan, b: int, outs: list[np.ndarray], folder: Path, outfmt
         for j, part in enumerate(np.array_split(out, plan.files_per_batch, axis=0)):
             if chunk[j] is None:  # a padding row
                 continue
-            stem = chunk[j].path.name.split(".")[0]
+            stem = output_stem(chunk[j].path)
             save_output(folder / f"{stem}_{k}.{outfmt.lower()}", part, outfmt)
             written += 1
     return written

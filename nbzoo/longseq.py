@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from nbzoo import metrics
+from nbzoo import metrics, progress
 from nbzoo.device import Runtime
 
 TINY = "tiny"  # model_name of the demo presets: built from ``model_config``, trained from scratch
@@ -88,7 +88,26 @@ def build_mlm_model(
     for key in ("architectures", "transformers_version", "_name_or_path", "model_type"):
         base.pop(key, None)
     config = builders[kind]({**base, **model_config}, tokenizer, block_size)
-    return classes[kind].from_pretrained(model_name, config=config, ignore_mismatched_sizes=True)
+    model, info = classes[kind].from_pretrained(
+        model_name, config=config, ignore_mismatched_sizes=True, output_loading_info=True
+    )
+    reinit_mismatched(model, info.get("mismatched_keys", []), classes[kind](config))
+    return model
+
+
+def reinit_mismatched(model: torch.nn.Module, keys, fresh: torch.nn.Module) -> list[str]:
+    """Give every weight whose checkpoint shape did not fit the value a fresh model starts with.
+
+    transformers 5 leaves some of them uninitialised: with another vocabulary than the checkpoint's,
+    ``lm_head.bias`` of Longformer and Reformer came back as NaN (found by ``make rehearse``), so
+    the full presets trained on NaN logits."""
+    names = [k if isinstance(k, str) else k[0] for k in keys]
+    own, new = model.state_dict(), fresh.state_dict()
+    with torch.no_grad():
+        for name in names:
+            if name in own and name in new and own[name].shape == new[name].shape:
+                own[name].copy_(new[name])
+    return names
 
 
 def full_attention_twin(config) -> torch.nn.Module:
@@ -170,7 +189,7 @@ def evaluate_mlm(
     was_training = model.training
     model.eval()
     preds, labels_all, nll_sum, n = [], [], 0.0, 0
-    for batch in batches:
+    for batch in progress.eval_bar(batches, "evaluate", disable=not rt.is_main):
         labels = batch["labels"]
         inputs = {k: v for k, v in batch.items() if k != "labels"}
         with rt.autocast():
@@ -221,9 +240,11 @@ def saved_activation_bytes(fn: Callable[[], torch.Tensor]) -> tuple[torch.Tensor
 
 
 def measure_step(
-    model: torch.nn.Module, input_ids: torch.Tensor, rt: Runtime, repeats: int = 2
+    model: torch.nn.Module, input_ids: torch.Tensor, rt: Runtime, repeats: int = 5
 ) -> dict[str, float]:
-    """Time of one training step (forward + backward) and its activation memory."""
+    """Time of one training step (forward + backward): the median of ``repeats`` steps after a
+    warm-up one, with their spread (slowest - fastest), so that a busy machine shows as a wide
+    spread rather than a changed figure; and the step's activation memory."""
     model.train()
     input_ids = input_ids.to(rt.device)
     labels = input_ids.clone()
@@ -244,7 +265,11 @@ def measure_step(
         rt.synchronize()
         seconds.append(time.perf_counter() - tick)
         model.zero_grad(set_to_none=True)
-    row = {"seconds_per_step": float(min(seconds)), "activation_MiB": saved / 2**20}
+    row = {
+        "seconds_per_step": float(np.median(seconds)),
+        "seconds_spread": float(max(seconds) - min(seconds)),
+        "activation_MiB": saved / 2**20,
+    }
     if (peak := rt.peak_memory_bytes()) is not None:
         row["peak_MiB"] = peak / 2**20
     return row
@@ -256,7 +281,7 @@ def scaling_table(
     rt: Runtime,
     batch_size: int = 1,
     vocab_size: int = 100,
-    repeats: int = 2,
+    repeats: int = 5,
     seed: int = 0,
 ):
     """Memory and time per training step against sequence length, one row per (model, length).

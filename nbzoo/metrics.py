@@ -11,6 +11,7 @@ import json
 import math
 import os
 import platform
+import sys
 from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import Any
@@ -59,6 +60,46 @@ def masked_token_accuracy(logits_or_predictions, labels, ignore_index: int = IGN
     if not keep.any():
         raise ValueError("no labelled (masked) positions to score")
     return float((pred[keep] == labels[keep]).mean())
+
+
+# --- the demos' checks of their own learning ------------------------------------------------------
+
+# How far above "learnt nothing" a demo's metric must be: 5 standard errors of that metric on the
+# evaluation set, for a model at the baseline. A model that learnt nothing gets there by chance with
+# probability < 3e-7 (one-sided normal tail), so a pass says it learnt; the bar is set by the baseline
+# and the size of the evaluation set, not by the value today's run happens to reach.
+LEARNING_SIGMAS = 5.0
+
+
+def majority_rate(labels) -> float:
+    """Accuracy of always answering the most frequent label."""
+    counts = np.unique(np.asarray(labels), return_counts=True)[1]
+    return float(counts.max() / counts.sum())
+
+
+def proportion_standard_error(p: float, n: int) -> float:
+    """Standard error of an accuracy ``p`` measured on ``n`` items (binomial: sqrt(p(1-p)/n))."""
+    return math.sqrt(p * (1.0 - p) / n)
+
+
+def correlation_standard_error(n: int) -> float:
+    """Standard error of the Pearson correlation of two unrelated variables on ``n`` pairs."""
+    return 1.0 / math.sqrt(n - 1)
+
+
+def learning_check(
+    metric: str, value: float, baseline: float, standard_error: float, what: str
+) -> dict[str, Any]:
+    """One row of a demo's learning checks: ``value`` must exceed ``baseline`` (``what`` it is)
+    by :data:`LEARNING_SIGMAS` standard errors."""
+    bar = baseline + LEARNING_SIGMAS * standard_error
+    return {
+        "metric": metric,
+        "this run": value,
+        "baseline": f"{baseline:.4f} ({what})",
+        f"bar (+{LEARNING_SIGMAS:g} s.e.)": bar,
+        "learnt": bool(value > bar),
+    }
 
 
 def samples_per_second(samples: int, seconds: float) -> float:
@@ -149,7 +190,7 @@ def write_results(
         "reference": dict(reference),
         "samples_per_second": None if samples_per_second is None else float(samples_per_second),
         "versions": _versions(),
-        "finished_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "finished_at": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
     }
     if extra:
         record["extra"] = dict(extra)
@@ -164,16 +205,29 @@ def write_results(
 
 def read_json_records(folder: Path, keys: Collection[str]) -> list[dict[str, Any]]:
     """The ``*.json`` files of ``folder`` (name order) that hold an object with all of ``keys``;
-    other JSON is passed over, a file that is not JSON is an error naming it."""
+    other JSON is passed over. A file that cannot be read as JSON is passed over too, with one
+    line on stderr naming it and where it breaks: one broken file must not hide the others'
+    results (``nbzoo results``, ``nbzoo bench``)."""
     records = []
-    for path in sorted(folder.glob("*.json")):
+    for path in sorted(Path(folder).glob("*.json")):
         try:
             record = json.loads(path.read_text(encoding="utf-8"))
         except json.JSONDecodeError as exc:
-            raise ValueError(f"{path}: not valid JSON ({exc})") from None
+            _skipped(path, f"not valid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}")
+            continue
+        except UnicodeDecodeError as exc:
+            _skipped(path, f"not UTF-8 text (byte {exc.start})")
+            continue
+        except OSError as exc:
+            _skipped(path, f"unreadable ({exc.strerror or exc})")
+            continue
         if isinstance(record, dict) and all(k in record for k in keys):
             records.append(record)
     return records
+
+
+def _skipped(path: Path, why: str) -> None:
+    print(f"nbzoo: skipped {path}: {why}", file=sys.stderr, flush=True)
 
 
 def read_results(folder: str | os.PathLike | None = None) -> list[dict[str, Any]]:

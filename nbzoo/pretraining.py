@@ -7,16 +7,16 @@ The loss is MLPerf's: the encoder output is gathered at ``masked_lm_positions`` 
 ``masked_lm_weights``-weighted mean, plus the NSP cross-entropy. The model is transformers'
 ``BertForPreTraining``; its decoder shares the word-embedding matrix (THOR handles the pair).
 
-Run under torchrun for ``devices > 1``: ``torchrun --nproc_per_node N -m nbzoo.pretraining CONFIG.json``
-(the notebook writes the config and launches it); every rank trains, rank 0 writes the runs.
+The verbs: :func:`prepare_data`, :func:`build_model`, :func:`train` (the grid, in this process or,
+for ``devices > 1``, on every rank under torchrun through :mod:`nbzoo.launch`; rank 0 writes the
+runs) and :func:`evaluate_checkpoint` (``mode = "eval"``, the seed's ``pretrain_eval.py``).
+``init_checkpoint`` (the seed's ``load_checkpoint_path``) gives every run its starting weights.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import multiprocessing
-import sys
 import time
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -31,17 +31,23 @@ from torch import nn
 from transformers import BertConfig, BertForPreTraining
 
 from nbzoo import device as nbdevice
-from nbzoo import paths
+from nbzoo import fidelity, launch, packing, paths, progress
 from nbzoo.data import mlperf
 from nbzoo.device import Runtime
 from nbzoo.optim.thor import THOR, PolySchedule
-from nbzoo.train import TrainConfig, config_hash, epoch_batches, fit
+from nbzoo.train import TrainConfig, config_hash, epoch_batches, fit, global_mean
 
 STEM = "06_bert_thor"
 OPTIMIZERS = ("thor", "sgd", "adamw")
-# The seed (seeds/003_bert_thor.md): BERT-Large, MLPerf v0.7, THOR on 8 Ascend 910, batch 12 each.
-SEED_ACCURACY = {1000: 0.27491578, 2000: 0.69612586, 3000: 0.71377236}
-SEED_MS_PER_STEP = 275.0
+# The seed's figures (seeds/003_bert_thor.md, kept in nbzoo/seeds.toml): BERT-Large, MLPerf v0.7,
+# THOR on 8 Ascend 910, batch 12 each -- MLM accuracy at its evaluation steps, and ms per step.
+_SEED_REFERENCE = fidelity.reference(STEM)
+SEED_ACCURACY = {
+    int(name.split("@")[1]): value
+    for name, value in _SEED_REFERENCE["metrics"].items()
+    if name.startswith("mlm_accuracy_thor@")
+}
+SEED_MS_PER_STEP = float(_SEED_REFERENCE["ms_per_step"])
 
 BERT_LARGE = {
     "vocab_size": 30522,
@@ -87,8 +93,33 @@ def pretraining_loss(model: BertForPreTraining, batch: dict[str, torch.Tensor]) 
     per_token = nn.functional.cross_entropy(
         scores.float().flatten(0, 1), batch["masked_lm_ids"].flatten(), reduction="none"
     )
-    mlm = (per_token * weights.flatten()).sum() / (weights.sum() + 1e-5)
+    mlm = global_mean((per_token * weights.flatten()).sum(), weights.sum() + 1e-5)
     return mlm + nn.functional.cross_entropy(nsp.float(), batch["next_sentence_labels"].flatten())
+
+
+def packed_pretraining_loss(model: BertForPreTraining, batch: dict[str, torch.Tensor]):
+    """:func:`pretraining_loss` of a batch from ``packing.MLPerfPackedCollator``: the samples
+    side by side in rows, attention block-diagonal, positions restarting per sample, NSP on each
+    sample's [CLS]. The same weighted masked-LM mean and NSP mean as the padded batch's."""
+    mask = packing.attention_mask_for(
+        batch["sequence_ids"], model.config._attn_implementation, model.dtype
+    )
+    out = model.bert(
+        input_ids=batch["input_ids"],
+        attention_mask=mask,
+        token_type_ids=batch["segment_ids"],
+        position_ids=batch["position_ids"],
+    )
+    hidden = packing.gather_sequences(out.last_hidden_state, batch["masked_lm_positions"])
+    scores = model.cls.predictions(hidden)
+    first = packing.gather_sequences(out.last_hidden_state, batch["cls_positions"])
+    nsp = model.cls.seq_relationship(model.bert.pooler(first[:, None, :]))
+    weights = batch["masked_lm_weights"].float()
+    per_token = nn.functional.cross_entropy(
+        scores.float(), batch["masked_lm_ids"], reduction="none"
+    )
+    mlm = (per_token * weights).sum() / (weights.sum() + 1e-5)
+    return mlm + nn.functional.cross_entropy(nsp.float(), batch["next_sentence_labels"])
 
 
 class PretrainingModel(nn.Module):
@@ -100,6 +131,8 @@ class PretrainingModel(nn.Module):
         self.bert_pretraining = bert
 
     def forward(self, **batch: torch.Tensor) -> dict[str, torch.Tensor]:
+        if packing.is_packed(batch):
+            return {"loss": packed_pretraining_loss(self.bert_pretraining, batch)}
         return {"loss": pretraining_loss(self.bert_pretraining, batch)}
 
 
@@ -112,7 +145,8 @@ def evaluate(
     was_training = model.training
     model.eval()
     hits = weight = loss = nsp_hits = 0.0
-    for start in range(0, len(dataset), batch_size):
+    starts = range(0, len(dataset), batch_size)
+    for start in progress.eval_bar(starts, "evaluate", disable=not rt.is_main):
         rows = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
         batch = rt.to_device(mlperf.collate(rows))
         with rt.autocast():
@@ -232,8 +266,61 @@ class Run:
 
 
 def initial_state(cfg: Any) -> dict[str, torch.Tensor]:
-    """The weights every run of the comparison starts from."""
-    return {k: v.clone() for k, v in build_model(cfg.model_config, cfg.seed).state_dict().items()}
+    """The weights every run of the comparison starts from: ``init_checkpoint`` (the seed's
+    ``load_checkpoint_path``) where given, else the seeded random initialisation."""
+    model = build_model(cfg.model_config, cfg.seed)
+    if cfg.get("init_checkpoint"):
+        model.load_state_dict(read_checkpoint(cfg.init_checkpoint, model))
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def read_checkpoint(path: str | Path, model: BertForPreTraining) -> dict[str, torch.Tensor]:
+    """BertForPreTraining weights from a safetensors file, or a folder holding model.safetensors:
+    transformers' ``save_pretrained`` layout or a training checkpoint of this notebook
+    (``checkpoint_dir/<run>/last``). The decoder shares the word embeddings, so a file without it
+    is complete. MindSpore's ``.ckpt`` (the seed's format) is not read: convert it first."""
+    from safetensors.torch import load_file
+
+    path = paths.resolve(path)
+    file = path / "model.safetensors" if path.is_dir() else path
+    if not file.exists() or file.suffix != ".safetensors":
+        raise FileNotFoundError(
+            f"{file}: init_checkpoint must be a .safetensors file of BertForPreTraining weights or "
+            "a folder holding model.safetensors (a run's checkpoint_dir/<run>/last); "
+            "MindSpore .ckpt files are not read"
+        )
+    prefix = "bert_pretraining."
+    state = {k.removeprefix(prefix): v for k, v in load_file(str(file)).items()}
+    expected = model.state_dict()
+    tied = "cls.predictions.decoder.weight"
+    if tied not in state and "bert.embeddings.word_embeddings.weight" in state:
+        state[tied] = state["bert.embeddings.word_embeddings.weight"]
+    if tied.replace("weight", "bias") not in state and "cls.predictions.bias" in state:
+        state[tied.replace("weight", "bias")] = state["cls.predictions.bias"]
+    missing = sorted(set(expected) - set(state))
+    wrong = sorted(k for k in expected if k in state and state[k].shape != expected[k].shape)
+    if missing or wrong:
+        raise ValueError(
+            f"{file}: not this model_config's BertForPreTraining: "
+            f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, other shapes {wrong[:5]}"
+        )
+    return {k: state[k] for k in expected}
+
+
+def evaluate_checkpoint(cfg: Any, rt: Runtime, eval_data: Sequence) -> dict[str, float]:
+    """``mode = "eval"``, the seed's ``pretrain_eval.py``: masked-LM accuracy (and loss, NSP
+    accuracy) of ``init_checkpoint`` on the evaluation set. On a run's last checkpoint it equals
+    that run's final evaluation exactly."""
+    if not cfg.get("init_checkpoint"):
+        raise ValueError(
+            "mode = eval needs init_checkpoint: a run's checkpoint_dir/<run>/last folder or a "
+            ".safetensors file of BertForPreTraining weights"
+        )
+    model = build_model(cfg.model_config, cfg.seed)
+    model.load_state_dict(read_checkpoint(cfg.init_checkpoint, model))
+    scores = evaluate(model.to(rt.device), eval_data, rt, cfg.eval_batch_size)
+    print(f"evaluated {cfg.init_checkpoint} on {len(eval_data)} samples: {scores}")
+    return scores
 
 
 def start_from(
@@ -250,6 +337,15 @@ def start_from(
     model = PretrainingModel(bert).to(rt.device)
     opt, sched = make_optimizer(kind, model, lr, damping, cfg)
     return model, opt, sched
+
+
+def collate_for(kind: str, cfg: Any):
+    """MLPerf's padded batches, or (``cfg.packing``) the same samples packed into rows of the
+    shards' sequence length. THOR keeps padded batches: its curvature statistics average over
+    every position of the batch, padding included, so packing would change them."""
+    if getattr(cfg, "packing", False) and kind != "thor":
+        return packing.MLPerfPackedCollator()  # rows as long as the shards' sequences
+    return mlperf.collate
 
 
 def train_one(
@@ -277,7 +373,16 @@ def train_one(
         log_every=10,
         seed=cfg.seed,
         desc=f"{kind} lr={lr:g}" + (f" d={damping:g}" if damping is not None else ""),
-        run_id=config_hash(kind, lr, damping, cfg.model_config, cfg.max_steps, cfg.batch_size),
+        run_id=config_hash(
+            kind,
+            lr,
+            damping,
+            cfg.model_config,
+            cfg.max_steps,
+            cfg.batch_size,
+            rt.world_size,
+            cfg.get("init_checkpoint", ""),
+        ),
     )
 
     def eval_fn(m):
@@ -290,7 +395,7 @@ def train_one(
             opt,
             rt,
             tc,
-            collate_fn=mlperf.collate,
+            collate_fn=collate_for(kind, cfg),
             scheduler=sched,
             eval_fn=eval_fn,
         )
@@ -473,7 +578,17 @@ def paired_step_times(
                 opt.remove_hooks()
     skip = min(2, steps - 1)  # the first steps allocate
     thor_ms, adamw_ms = (1e3 * float(np.median(times[k][skip:])) for k in ("thor", "adamw"))
-    return {"thor_ms": thor_ms, "adamw_ms": adamw_ms, "ratio": thor_ms / adamw_ms, "steps": steps}
+    spread = {}  # of the steps: interquartile range, ms (THOR's refresh steps sit in its tail)
+    for kind in ("thor", "adamw"):
+        q3, q1 = np.percentile(times[kind][skip:], [75, 25])
+        spread[f"{kind}_ms_iqr"] = 1e3 * float(q3 - q1)
+    return {
+        "thor_ms": thor_ms,
+        "adamw_ms": adamw_ms,
+        **spread,
+        "ratio": thor_ms / adamw_ms,
+        "steps": steps,
+    }
 
 
 def seed_step_metrics(run: Run) -> dict[str, float]:
@@ -521,11 +636,7 @@ def thor_cost_breakdown(run: Run) -> dict[str, float]:
     }
 
 
-# --- torchrun entry point ----------------------------------------------------------------------------
-
-
-class _Cfg(dict):
-    __getattr__ = dict.__getitem__
+# --- training, in this process or on every rank under torchrun ------------------------------------
 
 
 def load_data(cfg: Any, world_size: int = 1):
@@ -538,57 +649,32 @@ def load_data(cfg: Any, world_size: int = 1):
     return train_data, eval_data
 
 
-def main(argv: list[str] | None = None) -> None:
-    """``torchrun --nproc_per_node N -m nbzoo.pretraining CONFIG.json OUT.json``."""
-    argv = sys.argv[1:] if argv is None else argv
-    cfg = _Cfg(json.loads(Path(argv[0]).read_text()))
-    if cfg.get("threads"):
-        torch.set_num_threads(cfg.threads)
-    rt = nbdevice.setup(cfg.device, cfg.precision, cfg.seed)
+def train(
+    cfg: Any,
+    rt: Runtime,
+    train_data: Sequence,
+    eval_data: Sequence,
+    workdir: str | Path | None = None,
+) -> list[Run]:
+    """The grid: in this process, or with ``devices`` (× ``nnodes``) > 1 on every rank under
+    torchrun (files in ``workdir``), returning rank 0's runs."""
+    if not launch.needed(cfg, rt):
+        return run_grid(cfg, rt, train_data, eval_data)
+    workdir = workdir or paths.results_dir(cfg.get("output_dir")) / f"{STEM}_torchrun"
+    record = launch.run("nbzoo.pretraining:grid_on_rank", cfg, workdir)
+    return [Run(**r) for r in record["runs"]]
+
+
+def grid_on_rank(cfg: Any, rt: Runtime) -> dict[str, Any]:
+    """The torchrun entry point (``nbzoo.launch``): every rank trains every grid point."""
     train_data, eval_data = load_data(cfg, rt.world_size)
     tick = time.perf_counter()
     runs = run_grid(cfg, rt, train_data, eval_data)
-    if rt.is_main:
-        out = Path(argv[1])
-        tmp = out.with_suffix(".tmp")
-        tmp.write_text(
-            json.dumps(
-                {
-                    "runs": [asdict(r) for r in runs],
-                    "world_size": rt.world_size,
-                    "seconds": time.perf_counter() - tick,
-                }
-            )
-        )
-        tmp.replace(out)
-
-
-def runs_from_json(path: str | Path) -> list[Run]:
-    return [Run(**r) for r in json.loads(Path(path).read_text())["runs"]]
-
-
-def launch_torchrun(cfg: Any, devices: int, workdir: str | Path) -> list[Run]:
-    """Run the grid on ``devices`` processes (torchrun); return rank 0's runs."""
-    import subprocess
-
-    workdir = Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    config, out = workdir / "config.json", workdir / "runs.json"
-    config.write_text(json.dumps(dict(cfg)))
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        f"--nproc_per_node={devices}",
-        "-m",
-        "nbzoo.pretraining",
-        str(config),
-        str(out),
-    ]
-    done = subprocess.run(cmd, capture_output=True, text=True)
-    if done.returncode != 0:
-        raise RuntimeError(f"torchrun failed ({' '.join(cmd)}):\n{done.stderr[-4000:]}")
-    return runs_from_json(out)
+    return {
+        "runs": [asdict(r) for r in runs],
+        "world_size": rt.world_size,
+        "seconds": time.perf_counter() - tick,
+    }
 
 
 def prepare_data(cfg: Any) -> list[Path]:
@@ -603,7 +689,3 @@ def prepare_data(cfg: Any) -> list[Path]:
     if cfg.data_source != "local":
         raise ValueError(f"data_source must be generate or local; got {cfg.data_source!r}")
     return mlperf.list_shards(folder)
-
-
-if __name__ == "__main__":
-    main()

@@ -33,7 +33,11 @@ ENV = "NBZOO_PROGRESS"
 
 
 def _in_kernel() -> bool:
-    return "ipykernel" in sys.modules and "IPython" in sys.modules
+    """Running inside a Jupyter kernel (not merely in a process that imported ipykernel, as a test
+    run that drives notebooks does)."""
+    ipython = sys.modules.get("IPython")
+    shell = ipython.get_ipython() if ipython is not None else None
+    return getattr(shell, "kernel", None) is not None
 
 
 def _ci() -> bool:
@@ -108,6 +112,18 @@ def bar(*args: Any, **kwargs: Any) -> std.tqdm:
         lines = int(os.environ.get("NBZOO_PROGRESS_LINES", "10"))
         return LineBar(*args, lines=lines, **kwargs)
     return std.tqdm(*args, **kwargs)
+
+
+def eval_bar(iterable: Any, desc: str = "evaluate", *, disable: bool = False, **kwargs: Any):
+    """A bar over an evaluation loop: it appears only once the loop has run
+    ``NBZOO_PROGRESS_EVAL_DELAY`` seconds (default 5; tqdm's ``delay``) and goes when it ends
+    (``leave=False``), so the quick evaluations after every epoch leave nothing in a stored
+    notebook while a long one (a full dev set on a CPU) shows how far it is."""
+    kwargs.setdefault("delay", float(os.environ.get("NBZOO_PROGRESS_EVAL_DELAY", "5")))
+    kwargs.setdefault("mininterval", float(os.environ.get("NBZOO_PROGRESS_INTERVAL", "0.5")))
+    # a widget bar that goes (leave=False) closes its model, and JupyterLab then shows "Error
+    # displaying widget: model not found" where it was: in a live notebook the bar stays
+    return bar(iterable, desc=desc, leave=mode() == "widget", disable=disable, **kwargs)
 
 
 # Set for kernels started inside ``headless()``: our bars print lines, and the bars of

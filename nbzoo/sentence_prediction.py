@@ -1,18 +1,23 @@
 """fairseq's ``sentence_prediction`` fine-tuning of RoBERTa (the seed's SST-2 recipe) on nbzoo.train.
 
-Notebook 03 walks through these steps; the configuration is its resolved preset
+Notebook 03 walks through these steps -- :func:`prepare_data`, :func:`build_model`, :func:`train`
+(in this process, or under torchrun when ``devices > 1``) and :func:`evaluate` (``mode = "eval"``,
+the seed's ``train_eval_8p.sh``); the configuration is its resolved preset
 (``nbzoo.presets.resolve("03_roberta_sst2", ...)``). fairseq's recipe
 (``examples/roberta/config/finetuning/sst_2.yaml``): Adam with betas (0.9, 0.98), eps 1e-6 and
 decoupled weight decay 0.1 on every parameter (fairseq's Adam is AdamW), lr 1e-5 with linear
-warm-up over 6% of the updates then polynomial (power 1) decay to 0, batch 32, dropout 0.1,
+warm-up over 6% of the updates then polynomial (power 1) decay to 0, batches of at most 32
+sentences and 4400 tokens (``--max-tokens``, batched as fairseq does), dropout 0.1,
 ``<s>`` prepended to every sentence, max 512 positions, 10 epochs.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tarfile
-from dataclasses import dataclass
+import zlib
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,10 +28,16 @@ from transformers import (
     get_polynomial_decay_schedule_with_warmup,
 )
 
-from nbzoo import convert_fairseq, metrics, paths
-from nbzoo.data import fairseq, glue
-from nbzoo.data.download import download
-from nbzoo.data.fairseq_glue import PadCollator, SentencePredictionDataset, binarize_sst2
+from nbzoo import convert_fairseq, launch, metrics, packing, paths
+from nbzoo.data import fairseq, glue, sources
+from nbzoo.data.download import DownloadError, download
+from nbzoo.data.fairseq_batching import EpochBatches
+from nbzoo.data.fairseq_glue import (
+    PadCollator,
+    SentencePredictionDataset,
+    binarize_sst2,
+    label_folder,
+)
 from nbzoo.data.gpt2_bpe import RobertaEncoder, download_gpt2_bpe, train_bpe
 from nbzoo.device import Runtime
 from nbzoo.train import TrainConfig, TrainResult, config_hash, fit, predict
@@ -37,7 +48,8 @@ DATA_SOURCES = ("generate", "download", "binarized")
 
 
 def prepare_data(cfg: Any) -> Path:
-    """The binarized SST-2 folder (``input0/`` + ``label/``) the run trains on.
+    """The binarized SST-2 folder (``input0/`` + ``label/`` or the seed's ``lable/``) the run
+    trains on.
 
     ``generate``: sample TSVs in GLUE's layout → a small byte-level BPE learnt on them → binarize.
     ``download``: GLUE's SST-2 archive + fairseq's GPT-2 BPE files → binarize.
@@ -49,11 +61,15 @@ def prepare_data(cfg: Any) -> Path:
             f"data_source must be one of {', '.join(DATA_SOURCES)}; got {cfg.data_source!r}"
         )
     if cfg.data_source == "binarized":
-        for part in ("input0/dict.txt", "input0/train.idx", "label/dict.txt", "label/train.idx"):
-            if not (data_dir / part).exists():
+        parts = [data_dir / "input0" / "dict.txt", data_dir / "input0" / "train.idx"]
+        if (data_dir / "input0").is_dir():
+            labels = label_folder(data_dir)
+            parts += [labels / "dict.txt", labels / "train.idx"]
+        for part in parts:
+            if not part.exists():
                 raise FileNotFoundError(
-                    f"{data_dir / part}: missing; data_dir must be fairseq's binarized SST-2 folder "
-                    "(input0/ and label/, as examples/roberta/preprocess_GLUE_tasks.sh writes it)"
+                    f"{part}: missing; data_dir must be fairseq's binarized SST-2 folder "
+                    f"(input0/ and label/ or the seed's lable/): {sources.FAIRSEQ_SST2_HOWTO}"
                 )
         return data_dir
     glue_dir, bpe_dir = paths.resolve(cfg.glue_dir), paths.resolve(cfg.bpe_dir)
@@ -78,25 +94,43 @@ def load_splits(
     }
 
 
+def batch_plan(cfg: Any, train: SentencePredictionDataset):
+    """fairseq's --max-tokens batching (``max_tokens`` tokens, at most ``batch_size`` sentences
+    per batch, fixed batches shuffled per epoch), or None for plain batches of ``batch_size``
+    when ``max_tokens`` is 0."""
+    if not cfg.max_tokens:
+        return None
+    return EpochBatches(train.item_tokens, cfg.max_tokens, cfg.batch_size, seed=cfg.seed).epoch
+
+
 def download_roberta_base(model_path: Path, url: str) -> Path:
     """Fetch fairseq's roberta.base archive and unpack its model.pt (and dict.txt) beside
     ``model_path``; tar members that would land outside the folder are refused."""
     folder = model_path.parent
-    archive = download(url, folder / Path(url).name)
-    with tarfile.open(archive) as tar:
-        members = [
-            m
-            for m in tar.getmembers()
-            if m.isfile() and Path(m.name).name in ("model.pt", "dict.txt")
-        ]
-        for member in members:
-            source = tar.extractfile(member)
-            target = folder / Path(member.name).name
-            tmp = target.with_name(target.name + ".part")
-            with source, open(tmp, "wb") as out:
-                while block := source.read(1 << 20):
-                    out.write(block)
-            os.replace(tmp, target)
+    remote = sources.remote(url)  # fairseq publishes no checksum for roberta.base (sources.py)
+    archive = download(url, folder / Path(url).name, sha256=remote.sha256, size=remote.size)
+    tmp = None
+    try:
+        with tarfile.open(archive) as tar:
+            members = [
+                m
+                for m in tar.getmembers()
+                if m.isfile() and Path(m.name).name in ("model.pt", "dict.txt")
+            ]
+            for member in members:
+                source = tar.extractfile(member)
+                target = folder / Path(member.name).name
+                tmp = target.with_name(target.name + ".part")
+                with source, open(tmp, "wb") as out:
+                    while block := source.read(1 << 20):
+                        out.write(block)
+                os.replace(tmp, target)
+    except (tarfile.TarError, EOFError, zlib.error) as exc:
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
+        raise DownloadError(
+            f"{archive}: damaged archive ({exc}); delete it and run again to download it anew"
+        ) from None
     if not model_path.exists():
         raise FileNotFoundError(f"{archive}: no model.pt inside to place at {model_path}")
     return model_path
@@ -104,7 +138,10 @@ def download_roberta_base(model_path: Path, url: str) -> Path:
 
 def build_model(cfg: Any, dictionary: fairseq.Dictionary, num_classes: int) -> torch.nn.Module:
     """A tiny RoBERTa from ``model_config`` (demo), roberta.base's architecture with random weights
-    (perf), or a fairseq ``model.pt`` converted to transformers (full; classifier freshly made)."""
+    (perf), a fairseq ``model.pt`` converted to transformers (full; classifier freshly made), or,
+    with ``init_checkpoint``, a fine-tuned checkpoint (``save_pretrained`` folder) to continue from."""
+    if cfg.get("init_checkpoint"):
+        return load_checkpoint(cfg.init_checkpoint, dictionary, dropout=cfg.dropout)
     common = dict(
         vocab_size=len(dictionary),  # dict.txt + the 4 specials + <mask>, as fairseq builds it
         bos_token_id=dictionary.bos(),
@@ -144,6 +181,29 @@ def build_model(cfg: Any, dictionary: fairseq.Dictionary, num_classes: int) -> t
     return converted.model
 
 
+def load_checkpoint(
+    folder: str | os.PathLike, dictionary: fairseq.Dictionary, **overrides: Any
+) -> torch.nn.Module:
+    """A fine-tuned classifier saved by :func:`finetune` (``checkpoint_dir/hf``), checked against
+    the data's dictionary."""
+    folder = paths.resolve(folder)
+    if not (folder / "config.json").exists():
+        raise FileNotFoundError(
+            f"{folder}: no fine-tuned checkpoint here (config.json missing); expected the "
+            "save_pretrained folder 03 writes to checkpoint_dir/hf"
+        )
+    if "dropout" in overrides:
+        dropout = overrides.pop("dropout")
+        overrides.update(hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout)
+    model = RobertaForSequenceClassification.from_pretrained(folder, **overrides)
+    if model.config.vocab_size != len(dictionary):
+        raise ValueError(
+            f"{folder}: embeddings for {model.config.vocab_size} symbols, but the data's "
+            f"dictionary (+<mask>) has {len(dictionary)}: evaluate on the data it was trained on"
+        )
+    return model
+
+
 def make_optimizer(model: torch.nn.Module, cfg: Any, total_steps: int):
     """fairseq's Adam (decoupled weight decay on all parameters) + polynomial decay with warm-up."""
     optimizer = torch.optim.AdamW(
@@ -174,6 +234,7 @@ class Finetuned:
     result: TrainResult
     accuracy: float
     splits: dict[str, SentencePredictionDataset]
+    checkpoint: Path | None = None  # the save_pretrained folder of the model
 
 
 def finetune(
@@ -187,7 +248,13 @@ def finetune(
     train, valid = splits["train"], splits["valid"]
     torch.manual_seed(cfg.seed)
     model = build_model(cfg, train.dictionary, len(train.class_names)).to(rt.device)
-    steps = cfg.epochs * -(-len(train) // (cfg.batch_size * rt.world_size))
+    plan = batch_plan(cfg, train)
+    per_epoch = (
+        len(plan(0, rt.rank, rt.world_size))
+        if plan
+        else -(-len(train) // (cfg.batch_size * rt.world_size))
+    )
+    steps = cfg.epochs * per_epoch
     if cfg.max_steps:
         steps = min(steps, cfg.max_steps)
     optimizer, scheduler = make_optimizer(model, cfg, steps)
@@ -201,21 +268,95 @@ def finetune(
         else None,
         checkpoint_every=cfg.checkpoint_every or None,
         seed=cfg.seed,
-        run_id=config_hash(dict(cfg), len(train)),
+        run_id=config_hash(launch.identity(cfg), len(train)),
         desc="SST-2 fine-tuning",
     )
-    result = fit(
-        model,
-        train,
-        optimizer,
-        rt,
-        train_cfg,
-        collate_fn=PadCollator(train.dictionary.pad()),
-        scheduler=scheduler,
-        eval_fn=lambda m: {"accuracy": accuracy(m, valid, rt)},
-    )
+    collate, packed = PadCollator(train.dictionary.pad()), contextlib.nullcontext()
+    if cfg.packing:
+        # the same sentences per step, packed whole into rows of max_positions: exact
+        collate = packing.PackedCollator(cfg.max_positions, pad_token_id=train.dictionary.pad())
+        packed = packing.packed_training(model, rt.kind)
+    with packed:
+        result = fit(
+            model,
+            train,
+            optimizer,
+            rt,
+            train_cfg,
+            collate_fn=collate,
+            scheduler=scheduler,
+            eval_fn=lambda m: {"accuracy": accuracy(m, valid, rt)},
+            batch_plan=plan,
+        )
     final = result.evals[-1]["accuracy"] if result.evals else accuracy(model, valid, rt)
-    return Finetuned(model, result, float(final), splits)
+    if rt.is_main:
+        convert_fairseq.save_safetensors(model, hf_checkpoint(cfg))
+        launch.write_record(
+            hf_checkpoint(cfg) / RECORD, {"result": asdict(result), "accuracy": final}
+        )
+    return Finetuned(model, result, float(final), splits, hf_checkpoint(cfg))
+
+
+RECORD = "training_record.json"  # beside the checkpoint: the run's history and final accuracy
+
+
+def hf_checkpoint(cfg: Any) -> Path:
+    """Where the fine-tuned model is saved (``save_pretrained``: config.json + model.safetensors)."""
+    return paths.resolve(cfg.checkpoint_dir) / "hf"
+
+
+def train(
+    cfg: Any,
+    rt: Runtime,
+    data_folder: str | os.PathLike,
+    splits: dict[str, SentencePredictionDataset] | None = None,
+) -> Finetuned:
+    """Fine-tune in this process, or with ``devices`` (× ``nnodes``) > 1 on every rank under
+    torchrun, then load the checkpoint rank 0 saved."""
+    if not launch.needed(cfg, rt):
+        return finetune(cfg, rt, data_folder, splits)
+    splits = splits or load_splits(data_folder, cfg.max_positions)
+    record = launch.run(
+        "nbzoo.sentence_prediction:train_on_rank",
+        cfg,
+        hf_checkpoint(cfg).with_name("launch"),
+        data_folder=str(data_folder),
+    )
+    model = load_checkpoint(hf_checkpoint(cfg), splits["train"].dictionary).to(rt.device)
+    return Finetuned(
+        model,
+        TrainResult(**record["result"]),
+        float(record["accuracy"]),
+        splits,
+        hf_checkpoint(cfg),
+    )
+
+
+def train_on_rank(cfg: Any, rt: Runtime, data_folder: str) -> dict[str, Any]:
+    """The torchrun entry point (``nbzoo.launch``): every rank fine-tunes on its shard."""
+    run = finetune(cfg, rt, data_folder)
+    return {"result": asdict(run.result), "accuracy": run.accuracy}
+
+
+def evaluate(
+    cfg: Any,
+    rt: Runtime,
+    data_folder: str | os.PathLike,
+    splits: dict[str, SentencePredictionDataset] | None = None,
+) -> Finetuned:
+    """``mode = "eval"``, the seed's ``train_eval_8p.sh``: valid accuracy of a fine-tuned
+    checkpoint -- ``init_checkpoint``, else the one this preset's training saved. On that run's
+    own checkpoint it equals the run's final accuracy exactly; the history comes from the run's
+    record beside the checkpoint (empty without one)."""
+    splits = splits or load_splits(data_folder, cfg.max_positions)
+    folder = paths.resolve(cfg.get("init_checkpoint") or hf_checkpoint(cfg))
+    model = load_checkpoint(folder, splits["train"].dictionary).to(rt.device)
+    score = accuracy(model, splits["valid"], rt)
+    result = TrainResult([], [], 0, 0, 0.0, None)
+    if (folder / RECORD).exists():
+        result = TrainResult(**launch.read_record(folder / RECORD)["result"])
+    print(f"evaluated {folder} on {len(splits['valid'])} valid sentences: accuracy {score:.4f}")
+    return Finetuned(model, result, score, splits, folder)
 
 
 def predict_sentences(

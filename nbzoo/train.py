@@ -6,7 +6,8 @@ need *exact* resume (same data order, RNG state and optimizer state mid-epoch) a
 enough to read in a tutorial. The Trainer's internals change between transformers releases (the
 seeds replaced trainer.py by hand for that reason); a 200-line loop over plain torch does not.
 
-What it does: AMP through the Runtime (autocast + a GradScaler for fp16), gradient accumulation,
+What it does: AMP through the Runtime (autocast, a dynamic loss scale for fp16, and for apex's O2
+an fp16 model over fp32 master weights, :mod:`nbzoo.amp`), gradient accumulation,
 gradient clipping, evaluation each epoch (and every ``eval_every`` steps), atomic checkpoints
 (model weights as safetensors, the rest with torch.save) with exact resume, a ``tqdm.auto``
 progress bar, loss history and samples/s. Under torchrun (``WORLD_SIZE>1``) it wraps the model in
@@ -15,6 +16,7 @@ DistributedDataParallel and shards every epoch's permutation across ranks.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -33,6 +35,7 @@ from safetensors.torch import load_model, save_model
 from torch.utils.data import default_collate
 
 from nbzoo import progress
+from nbzoo.amp import MasterWeights
 from nbzoo.device import Runtime
 
 Batch = dict[str, Any]
@@ -56,6 +59,14 @@ class TrainConfig:
     log_every: int = 10
     seed: int = 0
     desc: str = "train"
+    # Under torchrun: collate the whole global micro-batch on every rank and keep this rank's rows
+    # (rank::world_size), so that a collator drawing random masks draws them as one process with
+    # the global batch would.
+    collate_global_batch: bool = False
+    # Under torchrun: tell DistributedDataParallel the graph is the same every step (its
+    # static_graph), for a model whose backward re-enters autograd (reversible layers) or whose
+    # forward leaves a parameter unused -- both of which DDP otherwise refuses.
+    ddp_static_graph: bool = False
 
 
 @dataclass
@@ -132,6 +143,27 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+CHECKPOINTS = ("last", "previous", ".old")  # newest first; ".old": the layout before "previous"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True
+    return True
+
+
+def _clean_temporary(folder: Path) -> None:
+    """Remove ``.tmp-<pid>`` folders of saves that died (their process is gone) or are ours."""
+    for tmp in folder.glob(".tmp-*"):
+        pid = tmp.name.removeprefix(".tmp-")
+        if not pid.isdigit() or int(pid) == os.getpid() or not _pid_alive(int(pid)):
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
 def save_checkpoint(
     folder: str | os.PathLike,
     model: torch.nn.Module,
@@ -140,37 +172,87 @@ def save_checkpoint(
     scaler,
     state: TrainState,
 ) -> Path:
-    """Write ``folder/last`` atomically: a temporary folder, then two renames."""
+    """Write ``folder/last`` atomically (a temporary folder, then renames), keeping the one
+    before as ``folder/previous`` to fall back on if ``last`` is ever found broken. A save that
+    fails (a full disk) removes its temporary folder and leaves both untouched."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    tmp, last, old = folder / f".tmp-{os.getpid()}", folder / "last", folder / ".old"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    save_model(model, str(tmp / "model.safetensors"))
-    torch.save(
-        {
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict() if scheduler is not None else None,
-            "scaler": scaler.state_dict(),
-            "rng": _rng_state(),
-            "state": asdict(state),
-        },
-        tmp / "trainer_state.pt",
-    )
+    _clean_temporary(folder)
+    tmp, last, previous = folder / f".tmp-{os.getpid()}", folder / "last", folder / "previous"
+    try:
+        tmp.mkdir()
+        save_model(model, str(tmp / "model.safetensors"))
+        torch.save(
+            {
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict() if scheduler is not None else None,
+                "scaler": scaler.state_dict(),
+                "rng": _rng_state(),
+                "state": asdict(state),
+            },
+            tmp / "trainer_state.pt",
+        )
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    # at every moment at least one complete checkpoint exists under a name find_checkpoint reads
     if last.exists():
-        shutil.rmtree(old, ignore_errors=True)
-        last.rename(old)
+        shutil.rmtree(previous, ignore_errors=True)
+        last.rename(previous)
     tmp.rename(last)
-    shutil.rmtree(old, ignore_errors=True)
+    shutil.rmtree(folder / ".old", ignore_errors=True)
     return last
 
 
+def checkpoint_problem(path: Path) -> str | None:
+    """What is wrong with a checkpoint folder, or None when its files read back whole: the
+    safetensors header must cover the file exactly, and every member of ``trainer_state.pt``
+    (a zip archive) must match its CRC."""
+    import zipfile
+
+    from safetensors import SafetensorError, safe_open
+
+    weights, trainer = path / "model.safetensors", path / "trainer_state.pt"
+    for f in (weights, trainer):
+        if not f.is_file():
+            return f"{f.name} is missing"
+    try:
+        with safe_open(str(weights), "pt") as handle:
+            handle.keys()
+    except (SafetensorError, OSError) as exc:
+        return f"{weights.name} is unreadable ({exc})"
+    try:
+        with zipfile.ZipFile(trainer) as archive:
+            bad = archive.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError) as exc:
+        return f"{trainer.name} is unreadable ({exc})"
+    if bad is not None:
+        return f"{trainer.name} is corrupt (member {bad} fails its CRC)"
+    return None
+
+
 def find_checkpoint(folder: str | os.PathLike) -> Path | None:
-    """The newest complete checkpoint (``last``, or ``.old`` if a save died between renames)."""
-    for name in ("last", ".old"):
-        path = Path(folder) / name
-        if (path / "model.safetensors").exists() and (path / "trainer_state.pt").exists():
+    """The newest intact checkpoint: ``last``, else ``previous`` (or ``.old``, from a save that
+    died between renames). A broken one (truncated weights or trainer state) is named on
+    stdout and moved aside to ``broken-<name>-<time>`` -- never deleted -- so that the run
+    resumes from the one before instead of failing on every rerun."""
+    folder = Path(folder)
+    for name in CHECKPOINTS:
+        path = folder / name
+        if not path.is_dir():
+            continue
+        problem = checkpoint_problem(path)
+        if problem is None:
             return path
+        aside = folder / f"broken-{name.lstrip('.')}-{time.strftime('%Y%m%d-%H%M%S')}"
+        try:
+            path.rename(aside)
+            note = f"set aside as {aside}"
+        except FileNotFoundError:  # another rank set it aside first
+            continue
+        except OSError as exc:
+            note = f"left in place ({exc}) and skipped"
+        print(f"checkpoint {path} is broken: {problem}; {note}", flush=True)
     return None
 
 
@@ -200,10 +282,10 @@ def _forward_loss(model, batch: Batch, loss_fn) -> torch.Tensor:
     return loss
 
 
-def _evaluate(model, eval_fn, state: TrainState) -> None:
+def _evaluate(model, eval_fn, state: TrainState, masters: MasterWeights | None = None) -> None:
     was_training = model.training
     model.eval()
-    with torch.no_grad():
+    with torch.no_grad(), masters.fp32() if masters else contextlib.nullcontext():
         metrics = eval_fn(model)
     model.train(was_training)
     state.evals.append(
@@ -222,15 +304,34 @@ def fit(
     eval_fn: Callable[[torch.nn.Module], dict[str, float]] | None = None,
     loss_fn: Callable[[torch.nn.Module, Batch], torch.Tensor] | None = None,
     callbacks: Iterable[Callback] = (),
+    batch_plan: Callable[[int, int, int], list[list[int]]] | None = None,
 ) -> TrainResult:
     """Train ``model`` (already on ``rt.device``) and return its history.
 
     ``scheduler`` is stepped once per optimizer step. ``callbacks`` run after every optimizer step
-    as ``cb(step, loss, state)``.
+    as ``cb(step, loss, state)``. ``batch_plan(epoch, rank, world_size)``, when given, returns
+    the rank's micro-batches (lists of indices) of an epoch in place of :func:`epoch_batches`
+    (e.g. fairseq's ``--max-tokens`` batches); it must give every rank as many batches.
+
+    Under precision O2 the model trains as fp16 copies of its parameters while ``optimizer`` steps
+    on the fp32 originals (the master weights); evaluation, checkpoints and the model handed back
+    hold the fp32 masters.
     """
+    if batch_plan is None:
+
+        def batch_plan(epoch: int, rank: int, world_size: int) -> list[list[int]]:
+            return epoch_batches(
+                len(train_dataset), cfg.batch_size, cfg.seed, epoch, rank, world_size
+            )
+
     collate_fn = collate_fn or default_collate
     scaler = rt.grad_scaler()
     if hasattr(optimizer, "attach_grad_scaler"):
+        if rt.master_weights:
+            raise ValueError(
+                "precision O2 is not available with THOR: THOR reads its layers' weights and "
+                "gradients from the model, which O2 replaces by fp16 copies; use fp16 (O1) or bf16"
+            )
         optimizer.attach_grad_scaler(scaler)  # THOR gathers G from unscaled gradients
     state, resumed_from = TrainState(run_id=cfg.run_id), None
     if (
@@ -249,14 +350,38 @@ def fit(
                 flush=True,
             )
 
+    masters = MasterWeights(model, optimizer) if rt.master_weights else None
+    if masters:
+        masters.use_fp16()
+    try:
+        return _train(
+            model, train_dataset, optimizer, rt, cfg, collate_fn, scheduler, eval_fn, loss_fn,
+            list(callbacks), scaler, state, resumed_from, masters, batch_plan,
+        )  # fmt: skip
+    finally:
+        if masters:
+            masters.use_masters()  # the model leaves as it came: fp32, holding the masters
+
+
+def _train(
+    model, train_dataset, optimizer, rt, cfg, collate_fn, scheduler, eval_fn, loss_fn,
+    callbacks, scaler, state: TrainState, resumed_from, masters: MasterWeights | None,
+    batch_plan: Callable[[int, int, int], list[list[int]]],
+) -> TrainResult:  # fmt: skip
+    """:func:`fit`'s loop, from a loaded (or new) state; the model already in its precision."""
+
+    def checkpoint() -> None:
+        with masters.fp32() if masters else contextlib.nullcontext():
+            save_checkpoint(cfg.checkpoint_dir, model, optimizer, scheduler, scaler, state)
+
     net = model
     if rt.distributed:
         net = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=None if rt.kind == "cpu" else [rt.local_rank]
+            model,
+            device_ids=None if rt.kind == "cpu" else [rt.local_rank],
+            static_graph=cfg.ddp_static_graph,
         )
-    batches_per_epoch = len(
-        epoch_batches(len(train_dataset), cfg.batch_size, 0, 0, rt.rank, rt.world_size)
-    )
+    batches_per_epoch = len(batch_plan(0, rt.rank, rt.world_size))
     steps_per_epoch = math.ceil(batches_per_epoch / cfg.grad_accum)
     total_steps = steps_per_epoch * cfg.epochs
     if cfg.max_steps is not None:
@@ -273,15 +398,31 @@ def fit(
     model.train()
     done = state.step >= total_steps
     while not done and state.epoch < cfg.epochs:
-        batches = epoch_batches(
-            len(train_dataset), cfg.batch_size, cfg.seed, state.epoch, rt.rank, rt.world_size
-        )
+        batches = batch_plan(state.epoch, rt.rank, rt.world_size)
         micro_losses: list[float] = []
         tick = time.perf_counter()
         step_samples = 0
+        every_rank = None
+        if cfg.collate_global_batch and rt.distributed:
+            every_rank = [
+                epoch_batches(
+                    len(train_dataset), cfg.batch_size, cfg.seed, state.epoch, r, rt.world_size
+                )
+                for r in range(rt.world_size)
+            ]
         while state.batch_in_epoch < len(batches):
             i = state.batch_in_epoch
-            batch = rt.to_device(collate_fn([train_dataset[j] for j in batches[i]]))
+            if every_rank is None:
+                batch = rt.to_device(collate_fn([train_dataset[j] for j in batches[i]]))
+            else:
+                rows = [j for group in zip(*(b[i] for b in every_rank), strict=True) for j in group]
+                whole = collate_fn([train_dataset[j] for j in rows])
+                batch = rt.to_device(
+                    {
+                        k: v[rt.rank :: rt.world_size] if torch.is_tensor(v) else v
+                        for k, v in whole.items()
+                    }
+                )
             boundary = (i + 1) % cfg.grad_accum == 0 or i + 1 == len(batches)
             sync = boundary or not rt.distributed
             ctx = net.no_sync() if not sync else _nullcontext()
@@ -294,11 +435,16 @@ def fit(
             state.batch_in_epoch += 1
             if not boundary:
                 continue
+            if masters:
+                masters.grads_to_masters()
             if cfg.max_grad_norm is not None:
                 scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-            scaler.step(optimizer)
+                params = masters.masters if masters else model.parameters()
+                torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+            scaler.step(optimizer)  # skipped when the unscaled gradients hold an inf or a NaN
             scaler.update()
+            if masters:
+                masters.masters_to_model()
             optimizer.zero_grad(set_to_none=True)
             if scheduler is not None:
                 scheduler.step()
@@ -308,6 +454,8 @@ def fit(
             state.samples += step_samples
             state.train_seconds += seconds
             step_loss = sum(micro_losses) / len(micro_losses)
+            if rt.distributed:  # the mean over the ranks: the global batch's loss
+                step_loss = mean_over_ranks(step_loss, rt.device)
             state.history.append(
                 {
                     "step": state.step,
@@ -324,7 +472,7 @@ def fit(
             for cb in callbacks:
                 cb(state.step, step_loss, state)
             if eval_fn is not None and cfg.eval_every and state.step % cfg.eval_every == 0:
-                _evaluate(model, eval_fn, state)
+                _evaluate(model, eval_fn, state, masters)
             if cfg.max_steps is not None and state.step >= cfg.max_steps:
                 done = True
             if (
@@ -332,7 +480,7 @@ def fit(
                 and rt.is_main
                 and (done or (cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0))
             ):
-                save_checkpoint(cfg.checkpoint_dir, model, optimizer, scheduler, scaler, state)
+                checkpoint()
             if done:
                 break
             tick = time.perf_counter()
@@ -341,12 +489,12 @@ def fit(
         state.epoch += 1
         state.batch_in_epoch = 0
         if eval_fn is not None:
-            _evaluate(model, eval_fn, state)
+            _evaluate(model, eval_fn, state, masters)
         if cfg.checkpoint_dir is not None and rt.is_main:
-            save_checkpoint(cfg.checkpoint_dir, model, optimizer, scheduler, scaler, state)
+            checkpoint()
     bar.close()
     if done and eval_fn is not None and (not state.evals or state.evals[-1]["step"] != state.step):
-        _evaluate(model, eval_fn, state)
+        _evaluate(model, eval_fn, state, masters)
     return TrainResult(
         history=state.history,
         evals=state.evals,
@@ -355,6 +503,35 @@ def fit(
         train_seconds=state.train_seconds,
         resumed_from_step=resumed_from,
     )
+
+
+def mean_over_ranks(value: float, device: torch.device | str = "cpu") -> float:
+    """The mean of a number over the ranks of a torchrun job (the number itself without one).
+    ``device``: where the process group's backend reduces (nccl / hccl: the accelerator)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return value
+    dtype = torch.float64 if torch.device(device).type == "cpu" else torch.float32
+    t = torch.tensor([value], dtype=dtype, device=device)
+    dist.all_reduce(t)
+    return float(t) / dist.get_world_size()
+
+
+def global_mean(total: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+    """``total / count`` for a loss averaged over a varying number of items per batch (masked
+    tokens): under torchrun the count is summed over the ranks, and the rank's term scaled by the
+    world size, so that DistributedDataParallel's mean of the ranks' gradients is the gradient of
+    the global batch's mean -- what one process would compute on the whole global batch. (DDP's
+    default, each rank's own mean then the mean of those, weighs a rank's tokens by how few it
+    has.) Without torchrun: ``total / count``."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return total / count
+    every = count.detach().clone()
+    dist.all_reduce(every)
+    return total * dist.get_world_size() / every
 
 
 class _nullcontext:
@@ -379,7 +556,8 @@ def predict(
     was_training = model.training
     model.eval()
     outputs, labels = [], []
-    for start in range(0, len(dataset), batch_size):
+    starts = range(0, len(dataset), batch_size)
+    for start in progress.eval_bar(starts, "predict", disable=not rt.is_main):
         batch = collate_fn(
             [dataset[j] for j in range(start, min(start + batch_size, len(dataset)))]
         )

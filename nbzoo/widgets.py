@@ -10,13 +10,17 @@ Sentiment (notebooks 01 and 02)::
     from nbzoo import widgets
     widgets.sentiment_box(model, tokenizer)                       # PyTorch only
     widgets.sentiment_box(model, tokenizer, onnx_session=sess)    # PyTorch | ONNX side by side
+    widgets.sentiment_box(model, tokenizer, onnx_session={"fp32": s32, "int8": s8})  # pick the ONNX
     widgets.predict_sentiment("a moving film .", model, tokenizer)  # the same numbers, a DataFrame
 
 ``model`` is any ``*ForSequenceClassification`` with ``len(labels)`` outputs (default labels
 negative / positive), ``tokenizer`` its (fast) tokenizer, ``onnx_session`` an
 ``onnxruntime.InferenceSession`` of the exported model: its input names pick the encodings it
 is fed, and a static sequence length / batch size in its input shape is honoured by padding
-(and repeating the row). Type a sentence, press Enter: each backend's label and probabilities.
+(and repeating the row). A dict of sessions (name → session, e.g. fp32 and int8) puts buttons
+over the box that choose the ONNX model answering beside PyTorch (rows ``ONNX Runtime (name)``);
+the static view shows every one. Type a sentence, press Enter: each backend's label and
+probabilities.
 
 Attention (notebooks 04 Reformer and 05 Longformer)::
 
@@ -100,6 +104,11 @@ def _onnx_logits(session, enc: dict[str, np.ndarray]) -> np.ndarray:
     batch, _ = _static_shape(session)
     feed = {}
     for inp in session.get_inputs():
+        if inp.name == "token_type_ids" and inp.name not in enc:
+            enc = {
+                **enc,
+                inp.name: np.zeros_like(enc["input_ids"]),
+            }  # one segment: PyTorch's default
         if inp.name not in enc:
             raise ValueError(
                 f"the ONNX model wants input {inp.name!r}; the tokenizer gives only "
@@ -124,15 +133,19 @@ def predict_sentiment(
 ):
     """Label and class probabilities of ``text``, one row per backend (PyTorch, ONNX Runtime).
 
-    Both backends get the same encoding (padded to the ONNX model's fixed length if it has one).
+    ``onnx_session`` may be a dict (name → session): one row ``ONNX Runtime (name)`` each.
+    All backends get the same encoding (padded to an ONNX model's fixed length if one has it).
     The tokens the model saw are in ``table.attrs["tokens"]``."""
     import pandas as pd
 
-    pad_to = _static_shape(onnx_session)[1] if onnx_session is not None else None
-    enc = _encode(text, tokenizer, max_length, pad_to)
+    sessions = _onnx_rows(onnx_session)
+    fixed = {_static_shape(sess)[1] for sess in sessions.values()} - {None}
+    if len(fixed) > 1:
+        raise ValueError(f"the ONNX models have different fixed sequence lengths {sorted(fixed)}")
+    enc = _encode(text, tokenizer, max_length, fixed.pop() if fixed else None)
     backends: dict[str, np.ndarray] = {"PyTorch": _torch_logits(model, enc)}
-    if onnx_session is not None:
-        backends["ONNX Runtime"] = _onnx_logits(onnx_session, enc)
+    for row, sess in sessions.items():
+        backends[row] = _onnx_logits(sess, enc)
     rows = {}
     for name, logits in backends.items():
         if logits.shape != (len(labels),):
@@ -151,6 +164,16 @@ def predict_sentiment(
     table.attrs["tokens"] = tokenizer.convert_ids_to_tokens(enc["input_ids"][0][mask].tolist())
     table.attrs["text"] = text
     return table
+
+
+def _onnx_rows(onnx_session) -> dict[str, Any]:
+    """Row label → session: ``ONNX Runtime`` for one session, ``ONNX Runtime (name)`` per entry
+    of a dict."""
+    if onnx_session is None:
+        return {}
+    if isinstance(onnx_session, dict):
+        return {f"ONNX Runtime ({name})": sess for name, sess in onnx_session.items()}
+    return {"ONNX Runtime": onnx_session}
 
 
 def sentiment_html(table, labels: Sequence[str] = DEFAULT_LABELS) -> str:
@@ -200,7 +223,17 @@ class SentimentBox:
 
         self.model, self.tokenizer, self.onnx_session = model, tokenizer, onnx_session
         self.labels, self.max_length, self.title = tuple(labels), max_length, title
-        self.static = self.predict(text)
+        # several ONNX models: the static view shows them all, the live box the chosen one
+        self.choices = list(onnx_session) if isinstance(onnx_session, dict) else []
+        self.choice = self.choices[0] if self.choices else None
+        self.static = predict_sentiment(
+            text,
+            model,
+            tokenizer,
+            onnx_session=onnx_session,
+            labels=self.labels,
+            max_length=max_length,
+        )
         self.text = w.Text(
             value=text,
             placeholder="type a sentence and press Enter",
@@ -211,19 +244,36 @@ class SentimentBox:
         hint = "type a sentence and press Enter"
         if onnx_session is not None:
             hint += " — PyTorch and the ONNX model side by side"
-        self.widget = w.VBox(
-            [w.HTML(f"<b>{html.escape(title)}</b>: {hint}"), self.text, self.result]
-        )
+        parts = [w.HTML(f"<b>{html.escape(title)}</b>: {hint}")]
+        if len(self.choices) > 1:
+            self.chooser = w.ToggleButtons(
+                options=self.choices, value=self.choice, description="ONNX model:"
+            )
+            self.chooser.add_class("nbzoo-onnx-choice")
+            self.chooser.observe(lambda change: self.select(change["new"]), names="value")
+            parts.append(self.chooser)
+        self.widget = w.VBox([*parts, self.text, self.result])
         self.widget.add_class("nbzoo-sentiment")
         self.text.observe(lambda change: self.update(change["new"]), names="value")
-        self.result.value = sentiment_html(self.static, self.labels)
+        self.result.value = sentiment_html(self.predict(text), self.labels)
+
+    def select(self, choice: str) -> None:
+        """Answer with the ONNX model ``choice`` (a key of the dict of sessions) from now on."""
+        if choice not in self.choices:
+            raise ValueError(f"no ONNX model {choice!r}; the box has {self.choices}")
+        self.choice = choice
+        self.update(self.text.value)
 
     def predict(self, text: str):
+        """PyTorch and the chosen ONNX model (the only one when a single session was given)."""
+        session = self.onnx_session
+        if self.choice is not None:
+            session = {self.choice: self.onnx_session[self.choice]}
         return predict_sentiment(
             text,
             self.model,
             self.tokenizer,
-            onnx_session=self.onnx_session,
+            onnx_session=session,
             labels=self.labels,
             max_length=self.max_length,
         )
@@ -265,8 +315,9 @@ class SentimentBox:
 
 
 def sentiment_box(model: torch.nn.Module, tokenizer, **kwargs: Any) -> SentimentBox:
-    """See :class:`SentimentBox` (keyword arguments: onnx_session, labels, text, max_length,
-    title). Make it the last expression of a cell to show it."""
+    """See :class:`SentimentBox` (keyword arguments: onnx_session — one session or a dict
+    name → session, chosen by buttons —, labels, text, max_length, title). Make it the last
+    expression of a cell to show it."""
     return SentimentBox(model, tokenizer, **kwargs)
 
 

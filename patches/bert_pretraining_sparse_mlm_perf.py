@@ -4,9 +4,11 @@ Upstream ``BertForPreTraining.forward`` projects every position onto the 30k voc
 ignores the ~85 % of positions labelled -100. This replacement runs the prediction head on the
 labelled positions only (``nbzoo.perf.labelled_positions``; a static count when the model carries
 ``_nbzoo_mlm_budget``), with the same cross-entropy (mean over labelled positions) plus the NSP
-loss. It takes this path only when it computes gradients with both labels given; then
-``prediction_logits`` is None (full logits are not computed). Every other call (evaluation under
-``torch.no_grad()``, no labels, tuple outputs) goes to the upstream forward unchanged.
+loss. It takes this path only when it trains a model put on the perf path (``nbzoo.perf.enable``,
+which sets ``_nbzoo_mlm_budget``) in training mode, with gradients on and both labels given; then
+``prediction_logits`` is None (full logits are not computed), which is the point. Every other
+call -- evaluation (eval mode, or no gradients), missing labels, tuple outputs, a model not on
+the perf path -- goes to the upstream forward unchanged and gets upstream's logits.
 """
 
 from __future__ import annotations
@@ -36,7 +38,9 @@ def forward(
     sparse = (
         labels is not None
         and next_sentence_label is not None
+        and self.training
         and torch.is_grad_enabled()
+        and hasattr(self, "_nbzoo_mlm_budget")  # put on the perf path by nbzoo.perf.enable
         and kwargs.get("return_dict", True) is not False
         and not kwargs.get("output_attentions")
         and not kwargs.get("output_hidden_states")
@@ -84,6 +88,6 @@ PATCH = patching.Patch(
     name=NAME,
     target="transformers.models.bert.modeling_bert:BertForPreTraining.forward",
     replacement=forward,
-    requires={"transformers": ">=5.24,<5.25", "torch": ">=2.4"},
+    requires={"transformers": ">=5.24,<5.25", "torch": ">=2.13,<2.14"},
     reason="speed: MLM logits and loss only at the labelled (masked) positions",
 )

@@ -127,6 +127,6 @@ PATCH = patching.Patch(
     name=NAME,
     target="transformers.models.longformer.modeling_longformer:LongformerSelfAttention.forward",
     replacement=forward,
-    requires={"transformers": ">=5.24,<5.25", "torch": ">=2.4"},
+    requires={"transformers": ">=5.24,<5.25", "torch": ">=2.13,<2.14"},
     reason="speed: sliding-window and global attention as one fused SDPA kernel per layer",
 )

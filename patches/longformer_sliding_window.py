@@ -10,15 +10,19 @@ How: the sequence is cut into blocks of ``w`` (the one-sided window); every bloc
 meets the keys of its own and its two neighbouring blocks (``cat`` of shifted block views, one
 batched matmul), and the diagonal band ``i - w .. i + w`` is cut out of each ``w x 3w`` score
 block by the pad-and-reshape ("skew") trick; the weighted sum of the values is the same trick
-backwards. Global attention uses a fixed number of slots, ``config.max_global_tokens`` (default
-16): the global positions are gathered with ``topk`` and unused slots are masked, so no shape
-depends on the data. The arithmetic is upstream's: same scaling, the same mask values (-inf off
-the sequence, ``finfo.min`` for masked and global keys), fp32 softmax, the same dropout.
+backwards. Global attention gathers the global positions with ``topk`` into slots (in sequence
+order, unused slots masked). The arithmetic is upstream's: same scaling, the same mask values
+(-inf off the sequence, ``finfo.min`` for masked and global keys), fp32 softmax, the same dropout.
 
-Differences, stated: with ``output_attentions`` the global columns number ``max_global_tokens``
-(upstream: the largest count in the batch, or none); a batch with more global tokens per
-sequence than slots is refused in eager mode with a clear error (under compile / export the
-extra ones would be dropped silently, so size the slots for the data).
+Outputs are upstream's in eager mode: as many global slots as the largest number of global tokens
+in the batch (so any number of global tokens; question answering makes every question token
+global), the global columns of ``attentions`` per example in sequence order, and no global
+attention probabilities (``global_attentions`` None) when no token is global.
+
+The one difference, needed for export only: while tracing (ONNX export, ``torch.jit.trace``,
+``torch.compile``) no shape may depend on the data, so the slots number
+``config.max_global_tokens`` (default 16) whatever the batch; a sequence with more global tokens
+than that loses the extra ones in an exported or compiled graph (size the slots for the data).
 """
 
 from __future__ import annotations
@@ -90,6 +94,16 @@ def global_slots(is_global: torch.Tensor, slots: int) -> tuple[torch.Tensor, tor
     return index, used
 
 
+def global_slot_count(config, is_index_global_attn: torch.Tensor) -> int:
+    """Upstream's count in eager mode (the most global tokens of any sequence in the batch, 0
+    when none); a fixed ``config.max_global_tokens`` while tracing, where no shape may depend on
+    the data."""
+    length = is_index_global_attn.shape[1]
+    if _tracing():
+        return min(getattr(config, "max_global_tokens", DEFAULT_MAX_GLOBAL_TOKENS), length)
+    return int(is_index_global_attn.sum(-1).max()) if is_index_global_attn.numel() else 0
+
+
 def _gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """x: (B, L, ...) and index (B, K) -> (B, K, ...)."""
     shape = index.shape + x.shape[2:]
@@ -107,20 +121,12 @@ def forward(
     output_attentions=False,
 ):
     """Drop-in for ``LongformerSelfAttention.forward`` (same arguments and outputs; the
-    ``is_global_attn`` flag is not needed: global attention always runs through its slots)."""
+    ``is_global_attn`` flag is not needed: the slot count says whether any token is global)."""
     batch, length, embed = hidden_states.shape
     heads, dim, w = self.num_heads, self.head_dim, self.one_sided_attn_window_size
     if length % w != 0:
         raise ValueError(f"sequence length {length} must be a multiple of {w} (half the window)")
-    slots = min(getattr(self.config, "max_global_tokens", DEFAULT_MAX_GLOBAL_TOKENS), length)
-    if slots > 0 and not _tracing():
-        most = int(is_index_global_attn.sum(-1).max())
-        if most > slots:
-            raise ValueError(
-                f"a sequence has {most} tokens with global attention, more than "
-                f"config.max_global_tokens = {slots} slots of the longformer_sliding_window patch"
-            )
-
+    slots = global_slot_count(self.config, is_index_global_attn)
     query = (self.query(hidden_states) / math.sqrt(dim)).view(batch, length, heads, dim)
     key = self.key(hidden_states).view(batch, length, heads, dim)
     value = self.value(hidden_states).view(batch, length, heads, dim)
@@ -185,8 +191,9 @@ PATCH = Patch(
     replacement=forward,
     requires={"transformers": ">=5.24,<5.25"},
     reason=(
-        "sliding-window attention without as_strided and with fixed global-attention slots: "
-        "exports to ONNX at any multiple of the window, compiles without graph breaks, and "
+        "sliding-window attention without as_strided, global attention through slots (fixed in "
+        "number while tracing): exports to ONNX at any multiple of the window, compiles without "
+        "graph breaks, and "
         "avoids the strided copies that made the seed replace modeling_longformer.py for NPUs"
     ),
 )

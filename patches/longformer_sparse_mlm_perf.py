@@ -5,8 +5,10 @@ vocabulary projection) on every position; at sequence 4096 that is about a third
 step, spent mostly on positions labelled -100. This replacement runs the head on the labelled
 positions only (``nbzoo.perf.labelled_positions``; a static count when the model carries
 ``_nbzoo_mlm_budget``) with the same mean cross-entropy. It takes this path only when it
-computes gradients with labels given; then ``logits`` is None. Every other call goes to the
-upstream forward unchanged.
+trains a model put on the perf path (``nbzoo.perf.enable``, which sets ``_nbzoo_mlm_budget``) in
+training mode, with gradients on and labels given; then ``logits`` is None, which is the point.
+Every other call -- evaluation (eval mode, or no gradients), no labels, a model not on the perf
+path -- goes to the upstream forward unchanged and gets upstream's logits.
 """
 
 from __future__ import annotations
@@ -38,7 +40,9 @@ def forward(
     upstream = patching.original(NAME)
     sparse = (
         labels is not None
+        and self.training
         and torch.is_grad_enabled()
+        and hasattr(self, "_nbzoo_mlm_budget")  # put on the perf path by nbzoo.perf.enable
         and return_dict is not False
         and not output_attentions
         and not output_hidden_states
@@ -79,6 +83,6 @@ PATCH = patching.Patch(
     name=NAME,
     target="transformers.models.longformer.modeling_longformer:LongformerForMaskedLM.forward",
     replacement=forward,
-    requires={"transformers": ">=5.24,<5.25", "torch": ">=2.4"},
+    requires={"transformers": ">=5.24,<5.25", "torch": ">=2.13,<2.14"},
     reason="speed: MLM logits and loss only at the labelled (masked) positions",
 )

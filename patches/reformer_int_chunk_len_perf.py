@@ -32,6 +32,6 @@ PATCH = patching.Patch(
     name=NAME,
     target="transformers.models.reformer.modeling_reformer:_get_least_common_mult_chunk_len",
     replacement=least_common_mult_chunk_len,
-    requires={"transformers": ">=5.24,<5.25", "torch": ">=2.4"},
+    requires={"transformers": ">=5.24,<5.25", "torch": ">=2.13,<2.14"},
     reason="compile: a Python int instead of a NumPy integer removes a graph break per step",
 )

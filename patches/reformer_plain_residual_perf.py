@@ -81,6 +81,6 @@ PATCH = patching.Patch(
     name=NAME,
     target="transformers.models.reformer.modeling_reformer:ReformerEncoder.forward",
     replacement=forward,
-    requires={"transformers": ">=5.24,<5.25", "torch": ">=2.4"},
+    requires={"transformers": ">=5.24,<5.25", "torch": ">=2.13,<2.14"},
     reason="speed: ordinary autograd instead of reversible layers, so compile / CUDA graphs apply",
 )

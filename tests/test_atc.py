@@ -39,7 +39,15 @@ NPU_SMI = """\
 +===================+=================+======================================================+
 """
 
-SEED_FILE = Path(__file__).resolve().parents[2] / "shared" / "seeds" / "002_albert.md"
+# shared/seeds beside the checkout (/work/main) or beside the folder of worktrees (/work/wt/x)
+SEED_FILE = next(
+    (
+        p / "shared" / "seeds" / "002_albert.md"
+        for p in Path(__file__).resolve().parents[2:4]
+        if (p / "shared" / "seeds" / "002_albert.md").exists()
+    ),
+    Path("shared/seeds/002_albert.md"),
+)
 
 
 def test_seq128_command_is_the_seeds():
@@ -101,13 +109,16 @@ def test_without_atc_the_step_is_skipped_and_says_so(tmp_path, monkeypatch):
     monkeypatch.setenv("PATH", str(tmp_path))  # no atc, no npu-smi
     model = tmp_path / "albert_seq16_bs64_sim.onnx"
     model.write_bytes(b"not used")
-    run = atc.convert_albert(model, tmp_path / "albert_seq16_bs64", 64, 16)
+    run = atc.convert_albert(model, tmp_path / "albert_seq16_bs64", 64, 16, cwd=tmp_path)
     assert not run.ran and run.returncode is None
     assert run.message.startswith("skipped:") and "not on PATH" in run.message
     assert run.command.startswith("atc --input_format=ND --framework=5 --model=")
     assert "--soc_version=${chip_name}" in run.command
-    assert (tmp_path / "precision.ini").exists()  # written for seq 16 all the same
-    run128 = atc.convert_albert(tmp_path / "albert_seq128_bs32_sim.onnx", "out", 32, 128)
+    assert (tmp_path / "precision.ini").exists()  # written into cwd for seq 16 all the same
+    assert run.command.endswith("--op_precision_mode=precision.ini")  # the seed's: in cwd
+    run128 = atc.convert_albert(
+        tmp_path / "albert_seq128_bs32_sim.onnx", "out", 32, 128, cwd=tmp_path
+    )
     assert "--op_select_implmode=high_performance" in run128.command and not run128.ran
 
 

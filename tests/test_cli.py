@@ -1,15 +1,38 @@
+import ast
+import json
+import logging
+import os
+import re
+import signal
 import subprocess
 import sys
+import time
 
+import nbformat
+import papermill
 import pytest
 
 from nbzoo import cli
 
+NOTEBOOKS = cli.available_notebooks()
 
-def nbzoo(*args):
+
+def nbzoo(*args, env=None):
     return subprocess.run(
-        [sys.executable, "-m", "nbzoo.cli", *args], capture_output=True, text=True, timeout=120
+        [sys.executable, "-m", "nbzoo.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=None if env is None else {**os.environ, **env},
     )
+
+
+def one_line_error(proc, code=2):
+    """The one line nbzoo wrote (the kernel's own start-up warnings, [IPKernelApp] ..., aside)."""
+    lines = [x for x in proc.stderr.strip().splitlines() if not x.startswith("[IPKernelApp]")]
+    assert proc.returncode == code, proc.stderr
+    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    return lines[0]
 
 
 @pytest.mark.parametrize(
@@ -17,7 +40,7 @@ def nbzoo(*args):
     [
         (
             ["run", "01_albert_glue", "--preset", "nope"],
-            "unknown preset 'nope' for 01_albert_glue; choose one of: demo, full, perf",
+            "unknown preset 'nope' for 01_albert_glue; choose one of: demo, full, full_8p, perf",
         ),
         (
             ["run", "01_albert_glue", "-p", "no_such_knob=1"],
@@ -33,6 +56,14 @@ def nbzoo(*args):
             "unknown notebook 'no_such_notebook'; choose one of: 00_results, 01_albert_glue",
         ),
         (["frobnicate"], "invalid choice: 'frobnicate'"),
+        (
+            ["run", "01_albert_glue", "-p", "epochs=-1"],
+            "parameter epochs must be >= 1 (nbzoo/presets/domains.toml), got -1",
+        ),
+        (["run", "01_albert_glue", "-p", "epochs=1.5"], "parameter epochs expects int, got '1.5'"),
+        (["run", "01_albert_glue", "-p", "batch_size=0"], "parameter batch_size must be >= 1"),
+        (["run", "01_albert_glue", "-p", "task=mrpc"], "task must be one of sst2, stsb, both"),
+        (["run", "01_albert_glue", "--kernel", "nope"], "no Jupyter kernel named 'nope'"),
     ],
 )
 def test_user_mistakes_exit_2_with_one_line(args, message):
@@ -71,3 +102,147 @@ def test_run_injects_only_what_differs_from_the_notebook():
     assert cli.run_parameters(path, "demo", []) == {}  # `make notebooks`: no injected cell
     assert cli.run_parameters(path, "full", []) == {"preset": "full"}
     assert cli.run_parameters(path, "demo", ["epochs=2"]) == {"epochs": 2}
+
+
+def parameters_cell_knobs(path):
+    """Every name the parameters cell assigns, read with ast (independently of papermill), with
+    its annotation's source where it has one."""
+    nb = nbformat.read(path, as_version=4)
+    (cell,) = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
+    knobs = {}
+    for node in ast.parse(cell.source).body:
+        if isinstance(node, ast.AnnAssign):
+            knobs[node.target.id] = ast.unparse(node.annotation)
+        elif isinstance(node, ast.Assign):
+            knobs.update({t.id: None for t in node.targets if isinstance(t, ast.Name)})
+    return knobs
+
+
+@pytest.mark.parametrize("stem", NOTEBOOKS)
+def test_papermill_help_notebook_lists_every_knob_of_the_parameters_cell(stem):
+    path = cli.notebooks_dir() / f"{stem}.ipynb"
+    proc = subprocess.run(
+        [sys.executable, "-m", "papermill", "--help-notebook", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    listed = dict(re.findall(r"^  (\w+): (.+?) \(default", proc.stdout, re.MULTILINE))
+    knobs = parameters_cell_knobs(path)
+    missed = [k for k in knobs if k not in listed]
+    assert not missed, (
+        f"papermill does not read {missed}: one line per knob, `name: Optional[int] = None  # help`"
+        " (not `int | None`), no '=' in the comment"
+    )
+    assert list(listed) == list(knobs)
+    for name, annotation in knobs.items():
+        assert annotation is None or listed[name] == annotation, (name, listed[name])
+
+
+@pytest.mark.parametrize("stem", NOTEBOOKS)
+def test_plain_papermill_warns_of_no_knob_of_the_cell(stem, tmp_path, caplog):
+    """`papermill in.ipynb out.ipynb -p KNOB VALUE` for every knob: no "unknown parameter"
+    (prepare_only: papermill parameterizes the notebook without a kernel)."""
+    path = cli.notebooks_dir() / f"{stem}.ipynb"
+    knobs = parameters_cell_knobs(path)
+    with caplog.at_level(logging.WARNING, logger="papermill"):
+        papermill.execute_notebook(
+            str(path), str(tmp_path / "out.ipynb"), parameters=dict.fromkeys(knobs, 1),
+            prepare_only=True, kernel_name="python3",
+        )  # fmt: skip
+    assert [r.getMessage() for r in caplog.records if "unknown parameter" in r.getMessage()] == []
+
+
+def test_a_bad_kernel_keeps_the_previous_notebook(tmp_path):
+    previous = tmp_path / "prev" / "01_albert_glue.ipynb"
+    previous.parent.mkdir()
+    previous.write_text("the previous run")
+    proc = nbzoo("run", "01_albert_glue", "--kernel", "nope", "--output-dir", str(previous.parent))
+    assert "no Jupyter kernel named 'nope'" in one_line_error(proc)
+    assert previous.read_text() == "the previous run"
+    assert sorted(p.name for p in previous.parent.iterdir()) == ["01_albert_glue.ipynb"]
+
+
+def test_an_output_dir_that_is_a_file_or_below_one_is_a_usage_error(tmp_path):
+    afile = tmp_path / "notes.txt"
+    afile.write_text("mine")
+    for folder, why in ((afile, "is a file, not a folder"), (afile / "sub", "cannot be written")):
+        proc = nbzoo("run", "01_albert_glue", "--output-dir", str(folder))
+        assert why in one_line_error(proc)
+    assert afile.read_text() == "mine"
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into a read-only folder")
+def test_an_unwritable_output_dir_is_a_usage_error(tmp_path):
+    folder = tmp_path / "locked"
+    folder.mkdir(mode=0o500)
+    proc = nbzoo("run", "01_albert_glue", "--output-dir", str(folder))
+    assert "cannot be written: Permission denied" in one_line_error(proc)
+
+
+def probe_project(root, code):
+    """A project (NBZOO_ROOT) whose one notebook 01_probe runs ``code``."""
+    (root / "nbzoo").mkdir(parents=True)
+    (root / "notebooks").mkdir()
+    nb = nbformat.v4.new_notebook()
+    params = nbformat.v4.new_code_cell("fail: bool = False")
+    params.metadata["tags"] = ["parameters"]
+    nb.cells = [params, nbformat.v4.new_code_cell(code)]
+    nb.metadata["kernelspec"] = {
+        "name": "python3",
+        "display_name": "Python 3",
+        "language": "python",
+    }
+    nbformat.write(nb, root / "notebooks" / "01_probe.ipynb")
+    return {"NBZOO_ROOT": str(root)}
+
+
+@pytest.mark.slow
+def test_a_run_that_fails_keeps_the_previous_notebook_and_one_that_succeeds_replaces_it(tmp_path):
+    env = probe_project(tmp_path, "assert not fail, 'failed on purpose\\nmore'\nprint('ran')")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "01_probe.ipynb").write_text("the previous run")
+    proc = nbzoo("run", "01_probe", "--output-dir", str(out), "-p", "fail=true", env=env)
+    assert "AssertionError: failed on purpose ..." in one_line_error(proc, code=1)
+    assert (out / "01_probe.ipynb").read_text() == "the previous run"
+    failed = nbformat.read(out / "01_probe.failed.ipynb", as_version=4)
+    assert any(o.get("ename") == "AssertionError" for o in failed.cells[-1].outputs)
+    (tmp_path / "notebooks" / "01_probe.failed.ipynb").write_text("{}")  # as in `make notebooks`
+    assert "01_probe.failed" not in nbzoo("list", env=env).stdout  # not taken for a tutorial
+
+    proc = nbzoo("run", "01_probe", "--output-dir", str(out), env=env)
+    assert proc.returncode == 0, proc.stderr
+    executed = json.loads((out / "01_probe.ipynb").read_text())
+    assert "ran" in "".join(executed["cells"][-1]["outputs"][0]["text"])
+    assert sorted(p.name for p in out.iterdir()) == ["01_probe.failed.ipynb", "01_probe.ipynb"]
+
+
+@pytest.mark.slow
+def test_ctrl_c_during_a_run_ends_in_one_line_and_writes_nothing(tmp_path):
+    env = probe_project(tmp_path, "import time\ntime.sleep(60)")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "01_probe.ipynb").write_text("the previous run")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "nbzoo.cli", "run", "01_probe", "--output-dir", str(out)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, **env},
+        start_new_session=True,  # its own process group, as a terminal's foreground job
+        # and Ctrl-C's default action, as a terminal gives it (a background job of a script, such as
+        # `make test &`, inherits SIGINT ignored)
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
+    deadline = time.monotonic() + 60
+    while not list(out.glob(".01_probe.running-*")) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    time.sleep(3)  # the kernel is up and in the sleeping cell
+    os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does
+    _, stderr = proc.communicate(timeout=60)
+    proc.stderr = stderr
+    assert one_line_error(proc, code=cli.EXIT_INTERRUPTED).startswith("nbzoo: interrupted")
+    assert sorted(p.name for p in out.iterdir()) == ["01_probe.ipynb"]
+    assert (out / "01_probe.ipynb").read_text() == "the previous run"

@@ -103,6 +103,27 @@ def test_tokenizer_folder_errors_name_the_file(tmp_path, sample):
         corpus.load_tokenizer(bad)
 
 
+@pytest.mark.parametrize(
+    "name, content, line",
+    [
+        ("merges.txt", b"#version: 0.2\n\xc4\xa0 t\nna\xff ve\n", 3),
+        ("config.json", b'{\n  "model_type": "roberta",\n  "name": "\xe9"\n}\n', 3),
+        ("vocab.json", b'{"a": 0,\n "\xfe": 1}', 2),
+    ],
+)
+def test_tokenizer_files_with_bytes_that_are_not_utf8_name_the_file_and_line(
+    tmp_path, sample, name, content, line
+):
+    root, _ = sample
+    bad = tmp_path / "lf_token"
+    bad.mkdir()
+    for each in corpus.TOKENIZER_FILES:
+        (bad / each).write_bytes((root / "lf_token" / each).read_bytes())
+    (bad / name).write_bytes(content)
+    with pytest.raises(corpus.CorpusFormatError, match=rf"{name}, line {line}: not UTF-8 text"):
+        corpus.load_tokenizer(bad)
+
+
 def test_group_blocks_concatenates_documents(sample):
     root, tok = sample
     docs = corpus.read_corpus(root, "test")
@@ -189,3 +210,33 @@ def test_masked_batches_are_fixed(sample):
     b = corpus.masked_batches(data, corpus.ngram_collator(tok, seed=5), 4)
     assert len(a) == -(-len(data) // 4)
     assert all(torch.equal(x["labels"], y["labels"]) for x, y in zip(a, b, strict=True))
+
+
+def test_local_data_without_lf_token_stops_and_names_the_seeds_layout(tmp_path):
+    corpus.write_sample_corpus(tmp_path, {"train": 20, "test": 5}, seed=0)
+    with pytest.raises(FileNotFoundError) as info:
+        corpus.prepare_data(tmp_path, "local")
+    message = str(info.value)
+    assert "lf_token: vocab.json, merges.txt, config.json missing" in message
+    assert "do not train one in its place" in message and "seeds/000_reformer.md" in message
+    assert not (tmp_path / "lf_token").exists()
+
+
+def test_local_data_reads_the_seeds_lf_token_as_it_is(tmp_path, sample):
+    root, tok = sample
+    loaded, docs = corpus.prepare_data(root, "local")
+    assert loaded.get_vocab() == tok.get_vocab()
+    assert docs["train"] == corpus.read_corpus(root, "train") and len(docs["test"]) == 30
+
+
+def test_generated_data_trains_its_own_vocabulary(tmp_path):
+    tok, docs = corpus.prepare_data(tmp_path, "generate", {"train": 40, "test": 5}, vocab_size=300)
+    assert corpus.layout(tmp_path).has_tokenizer() and len(docs["train"]) == 40
+    assert 260 < len(tok) <= 300
+    with pytest.raises(ValueError, match="data_source must be one of generate, local"):
+        corpus.prepare_data(tmp_path, "hub")
+
+
+def test_a_missing_corpus_file_says_where_the_seeds_data_comes_from(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"train_corpus.txt.*name no public source"):
+        corpus.read_corpus(tmp_path, "train")

@@ -133,3 +133,18 @@ def test_in_place_runs_start_from_a_clean_root(tmp_path):
         str(results.resolve()),
         str(scratch.resolve() / "notebooks" / "01_albert_glue.ipynb"),
     ]
+
+
+def test_each_outcome_reports_the_cpu_time_its_processes_used(tmp_path):
+    spin = "import time; t = time.process_time()\nwhile time.process_time() - t < 0.3: pass"
+    idle = "import time; time.sleep(0.3)"
+    commands = {"01_albert_glue": spin, "03_roberta_sst2": idle}
+    lines = []
+    outcomes = demo.run_all(
+        list(commands), lambda stem: [sys.executable, "-c", commands[stem]], tmp_path, jobs=2,
+        threads=1, report=lines.append,
+    )  # fmt: skip
+    cpu = {o.stem: o.cpu_seconds for o in outcomes}
+    assert cpu["01_albert_glue"] >= 0.3 > cpu["03_roberta_sst2"] - 0.25
+    assert all(o.seconds >= 0.3 for o in outcomes)
+    assert any("01_albert_glue done in" in line and "s CPU)" in line for line in lines)

@@ -31,13 +31,25 @@ def test_explicit_missing_devices_fail_with_a_clear_message():
         ("auto", "npu", "fp16"),
         ("O0", "cuda", "fp32"),
         ("O1", "cuda", "fp16"),
-        ("O2", "npu", "bf16"),
-        ("fp16", "cpu", "bf16"),
+        ("O1", "cpu", "fp16"),
+        ("O2", "npu", "O2"),
+        ("O2", "cpu", "O2"),
+        ("fp16", "cpu", "fp16"),
         ("bf16", "cuda", "bf16"),
+        ({"cuda": "O1", "npu": "O2", "cpu": "O2"}, "cuda", "fp16"),
+        ({"cuda": "O1", "npu": "O2", "cpu": "O2"}, "npu", "O2"),
+        ({"cuda": "fp32", "npu": "O2", "cpu": "O2"}, "cuda", "fp32"),
     ],
 )
 def test_precision_policy_maps_apex_levels_onto_native_amp(request_, kind, expected):
     assert device.resolve_precision(request_, kind) == expected
+
+
+def test_a_precision_per_device_kind_names_the_missing_kind():
+    with pytest.raises(ValueError, match="a level for cuda, npu but not for cpu"):
+        device.resolve_precision({"cuda": "O1", "npu": "O2"}, "cpu")
+    with pytest.raises(ValueError, match="keys must be among cpu, cuda, npu; got 'gpu'"):
+        device.resolve_precision({"gpu": "O1"}, "cpu")
 
 
 def test_unknown_precision_is_rejected():

@@ -16,7 +16,9 @@ from nbzoo.export import onnx as onnx_export
 NAMES = list(albert.INPUT_NAMES)
 
 
-def tiny_albert(seed: int = 0, vocab_size: int = 50) -> AlbertForSequenceClassification:
+def tiny_albert(
+    seed: int = 0, vocab_size: int = 50, max_positions: int = 64
+) -> AlbertForSequenceClassification:
     torch.manual_seed(seed)
     config = AlbertConfig(
         vocab_size=vocab_size,
@@ -25,7 +27,7 @@ def tiny_albert(seed: int = 0, vocab_size: int = 50) -> AlbertForSequenceClassif
         num_hidden_layers=2,
         num_attention_heads=4,
         intermediate_size=64,
-        max_position_embeddings=64,
+        max_position_embeddings=max_positions,
         num_labels=2,
     )
     model = AlbertForSequenceClassification(config)
@@ -60,8 +62,9 @@ def test_pipeline_stages_match_pytorch_and_fuse_the_transformer(model, stages):
         "albert_dynamic.onnx",
         "albert_dynamic_sim.onnx",
         "albert_dynamic_opt.onnx",
+        "albert_dynamic_int8.onnx",
     ]
-    assert max(stages.parity.values()) < 1e-5
+    assert max(stages.parity[name] for name in albert.FP32_STAGES) < 1e-5
     # every layer's attention, both GELUs, all LayerNorms (with their residual adds)
     assert stages.fused["Attention"] == model.config.num_hidden_layers
     assert stages.fused["FastGelu"] == model.config.num_hidden_layers
@@ -72,8 +75,36 @@ def test_pipeline_stages_match_pytorch_and_fuse_the_transformer(model, stages):
     assert onnx_export.node_count(opt) < onnx_export.node_count(stages.paths["onnx_sim"])
     # a different batch size and sequence length than at export time (dynamic axes)
     other = features(5, 20, seed=7)
-    for path in stages.paths.values():
-        assert onnx_export.parity_check(model, path, other) < 1e-5
+    for name in albert.FP32_STAGES:
+        assert onnx_export.parity_check(model, stages.paths[name], other) < 1e-5
+
+
+def test_int8_stage_quantizes_the_plain_exports_matmuls_and_stays_close(model, stages):
+    hist = onnx_export.op_histogram(stages.paths["onnx_int8"])
+    plain = onnx_export.op_histogram(stages.paths["onnx"])
+    quantized = hist["MatMulInteger"] + hist["com.microsoft::DynamicQuantizeMatMul"]
+    assert quantized > 0 and hist["MatMul"] < plain["MatMul"]
+    assert hist["DynamicQuantizeLinear"] + hist["com.microsoft::DynamicQuantizeMatMul"] > 0
+    # int8 rounding moves the logits, but by a small fraction of their spread
+    feats = features(32, 12, seed=3)
+    with torch.no_grad():
+        ref = model(**{k: torch.from_numpy(v) for k, v in feats.items()}).logits.numpy()
+    diff = onnx_export.parity_check(model, stages.paths["onnx_int8"], feats)
+    assert 0 < diff < 0.1 * np.ptp(ref)
+
+
+def test_int8_instruction_sets_are_read_from_cpuinfo(tmp_path):
+    from nbzoo.export import quantize
+
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nflags\t\t: fpu sse4_2 avx2 avx512bw avx512_vnni\n")
+    flags = quantize.cpu_flags(cpuinfo)
+    isa = quantize.int8_instruction_sets(flags)
+    assert isa["int8_instruction_sets"] == ["avx2", "avx512bw", "avx512_vnni"]
+    assert isa["int8_dot_product"] and "VNNI" in isa["described"]
+    avx2_only = quantize.int8_instruction_sets({"avx2", "fma"})
+    assert avx2_only["int8_instruction_sets"] == ["avx2"] and not avx2_only["int8_dot_product"]
+    assert quantize.cpu_flags(tmp_path / "absent") == set()
 
 
 def test_graph_tables_count_what_the_files_hold(stages):
@@ -182,3 +213,15 @@ def test_torch_batches_pad_like_the_runner_and_speedup_reports(model, stages):
         result["onnx_samples_per_second"] / result["torch_samples_per_second"]
     )
     assert result["seq_len"] == 12 and result["batches_per_round"] == 2
+
+
+def test_speedup_times_several_models_in_alternating_rounds_with_their_spread(model, stages):
+    feats = features(8, 12)
+    paths = {"onnx_opt": stages.paths["onnx_opt"], "onnx_int8": stages.paths["onnx_int8"]}
+    result = albert.speedup(model, paths, feats, 4, n_batches=2, rounds=3)
+    for name in ("onnx_opt", "onnx_int8"):
+        q1, q3 = result[f"{name}_speedup_iqr"]
+        assert q1 <= result[f"{name}_speedup"] <= q3
+        lo, hi = result[f"{name}_samples_per_second_iqr"]
+        assert lo <= result[f"{name}_samples_per_second"] <= hi
+    assert result["onnx_speedup"] == result["onnx_opt_speedup"] and result["rounds"] == 3

@@ -312,3 +312,60 @@ def test_newer_checkpoints_keep_the_model_settings_in_cfg(tmp_path, classifier):
         converted.config.num_attention_heads == HEADS
         and converted.config.hidden_dropout_prob == 0.2
     )
+
+
+def test_an_existing_folder_of_the_users_is_never_wiped(tmp_path, classifier, capsys):
+    path = save_fairseq(tmp_path / "model.pt", fairseq_names(classifier.state_dict()))
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("my notes")
+    assert cf.main([str(path), str(out), "--num-labels", "3"]) == 2
+    assert "holds files that are not a saved model (notes.txt)" in capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.pt", "out"]
+
+
+def test_a_rerun_replaces_its_earlier_output(tmp_path, classifier):
+    path = save_fairseq(tmp_path / "model.pt", fairseq_names(classifier.state_dict()))
+    assert cf.main([str(path), str(tmp_path / "out"), "--num-labels", "3"]) == 0
+    first = (tmp_path / "out" / "model.safetensors").stat().st_mtime_ns
+    assert cf.main([str(path), str(tmp_path / "out"), "--num-labels", "3"]) == 0
+    assert (tmp_path / "out" / "model.safetensors").stat().st_mtime_ns >= first
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.pt", "out"]
+
+
+def test_a_rerun_replaces_an_earlier_fine_tuning_output_with_its_training_record(
+    tmp_path, classifier
+):
+    """03's fine-tuning writes training_record.json beside the saved model; its next run saves
+    into the same folder."""
+    out = cf.save_safetensors(classifier, tmp_path / "hf")
+    (out / "training_record.json").write_text("{}")
+    cf.save_safetensors(classifier, out)
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]
+
+
+def test_a_full_disk_leaves_no_temporary_folder(tmp_path, classifier, monkeypatch, capsys):
+    path = save_fairseq(tmp_path / "model.pt", fairseq_names(classifier.state_dict()))
+    real = RobertaForSequenceClassification.save_pretrained
+
+    def disk_full(self, folder, **kw):
+        real(self, folder, **kw)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(RobertaForSequenceClassification, "save_pretrained", disk_full)
+    for _ in range(2):
+        assert cf.main([str(path), str(tmp_path / "out"), "--num-labels", "3"]) == 1
+    assert "cannot write" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.pt"]
+
+
+def test_a_checkpoint_without_embed_tokens_gets_a_message(tmp_path, classifier, capsys):
+    sd = fairseq_names(classifier.state_dict())
+    del sd[E + "embed_tokens.weight"]
+    path = save_fairseq(tmp_path / "model.pt", sd)
+    assert cf.main([str(path), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "model.pt: the state dict lacks 'encoder.sentence_encoder.embed_tokens.weight'" in err
+    assert not (tmp_path / "out").exists()

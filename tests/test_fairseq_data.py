@@ -248,6 +248,12 @@ def test_bad_bpe_files_are_named(tmp_path):
     (tmp_path / "vocab.bpe").write_text("#version: 0.2\na b\nthree parts here\n", encoding="utf-8")
     with pytest.raises(FairseqFormatError, match=r"vocab\.bpe, line 3: expected a merge"):
         GPT2BPE.from_dir(tmp_path)
+    (tmp_path / "vocab.bpe").write_bytes(b"#version: 0.2\na b\n\x80 b\n")
+    with pytest.raises(FairseqFormatError, match=r"vocab\.bpe, line 3: not UTF-8 text"):
+        GPT2BPE.from_dir(tmp_path)
+    (tmp_path / "dict.txt").write_bytes(b"a 5\nb 3\n\xe4 2\n")
+    with pytest.raises(FairseqFormatError, match=r"dict\.txt, line 3: not UTF-8 text"):
+        Dictionary.load(tmp_path / "dict.txt")
 
 
 @pytest.fixture(scope="module")
@@ -368,3 +374,23 @@ def test_label_items_that_are_not_label_plus_eos_are_rejected(sst2_bin, tmp_path
     write_dataset(folder / "input0" / "train", [[4, 999, 2]] * 300, vocab_size=1000)
     with pytest.raises(FairseqFormatError, match=r"train\.bin: item 0 holds token id 999"):
         SentencePredictionDataset(folder, "train")
+
+
+def test_the_binarizer_can_write_the_seeds_lable_spelling_and_the_reader_reads_it(
+    sst2_bin, tmp_path
+):
+    dest = binarize_sst2(
+        sst2_bin / "glue",
+        tmp_path / "SST-2",
+        RobertaEncoder.from_dir(sst2_bin / "bpe"),
+        label_name="lable",
+    )
+    assert sorted(p.name for p in dest.iterdir()) == ["input0", "lable"]
+    seed_layout = SentencePredictionDataset(dest, "valid")
+    fairseq_layout = SentencePredictionDataset(sst2_bin / "SST-2", "valid")
+    assert (seed_layout.targets == fairseq_layout.targets).all()
+    assert (tmp_path / "SST-2" / "lable" / "train.idx").read_bytes() == (
+        sst2_bin / "SST-2" / "label" / "train.idx"
+    ).read_bytes()
+    with pytest.raises(ValueError, match="label_name must be one of label, lable"):
+        binarize_sst2(sst2_bin / "glue", tmp_path / "x", None, label_name="labels")

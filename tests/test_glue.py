@@ -77,6 +77,27 @@ def test_errors_name_the_file_and_line(tmp_path):
         glue.read_split(tmp_path, "stsb", "test")
 
 
+def test_a_tsv_with_bytes_that_are_not_utf8_names_the_file_and_line(tmp_path):
+    path = tmp_path / "SST-2" / "train.tsv"
+    path.parent.mkdir()
+    path.write_bytes(b"sentence\tlabel\ngood film\t1\nna\xefve \xff film\t0\n")
+    with pytest.raises(glue.GlueFormatError, match=r"SST-2/train.tsv, line 3: not UTF-8 text"):
+        glue.read_split(tmp_path, "sst2", "train")
+
+
+def test_a_header_only_train_tsv_says_it_has_no_rows(tmp_path):
+    write(tmp_path / "SST-2" / "train.tsv", "sentence\tlabel\n")
+    with pytest.raises(glue.GlueFormatError, match=r"train.tsv: the header and no rows"):
+        glue.read_split(tmp_path, "sst2", "train")
+
+
+def test_a_missing_tsv_names_the_glue_archive_it_comes_from(tmp_path):
+    with pytest.raises(
+        FileNotFoundError, match=r"https://dl.fbaipublicfiles.com/glue/data/SST-2.zip"
+    ):
+        glue.read_split(tmp_path, "sst2", "dev")
+
+
 def test_generator_is_seeded_and_balanced():
     a = glue.generate_split("sst2", 2000, seed=0)
     assert a.text_a == glue.generate_split("sst2", 2000, seed=0).text_a

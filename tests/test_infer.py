@@ -251,3 +251,72 @@ def test_natural_order_and_postprocess_errors(tmp_path):
     assert albert_preprocess.postprocess(tmp_path, tmp_path / "label.npy")["accuracy"] == (
         pytest.approx(1 / 3)
     )
+
+
+def run_argv(setup, data, out, name="run"):
+    return ["--model", str(setup["model"]), "--input", dirs_arg(data), "--output", str(out)] + [
+        "--output_dirname",
+        name,
+        "--outfmt",
+        "NPY",
+        "--batchsize",
+        "8",
+    ]
+
+
+def test_an_existing_folder_of_the_users_is_never_emptied(setup, tmp_path, capsys):
+    important = tmp_path / "out" / "important"
+    important.mkdir(parents=True)
+    (important / "notes.txt").write_text("my notes")
+    assert infer.main(run_argv(setup, setup["data"], tmp_path / "out", "important")) == 2
+    err = capsys.readouterr().err
+    assert "important exists and is not an earlier nbzoo.infer output" in err and "notes.txt" in err
+    assert (important / "notes.txt").read_text() == "my notes"
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["important"]
+
+
+def test_output_files_without_a_summary_beside_them_are_not_replaced(setup, tmp_path, capsys):
+    looks_like_outputs = tmp_path / "out" / "run"
+    looks_like_outputs.mkdir(parents=True)
+    np.save(looks_like_outputs / "0_0.npy", np.ones(3))
+    assert infer.main(run_argv(setup, setup["data"], tmp_path / "out")) == 2
+    assert "no run_summary.json" in capsys.readouterr().err
+    assert np.load(looks_like_outputs / "0_0.npy").tolist() == [1, 1, 1]
+
+
+def test_a_rerun_replaces_the_earlier_output_of_the_same_name(setup, tmp_path):
+    argv = run_argv(setup, setup["data"], tmp_path / "out")
+    assert infer.main(argv) == 0
+    (tmp_path / "out" / "run" / f"{N + 5}_0.npy").write_bytes(b"stale output of an earlier run")
+    assert infer.main(argv) == 0
+    assert sorted(p.name for p in (tmp_path / "out" / "run").iterdir()) == sorted(
+        f"{i}_0.npy" for i in range(N)
+    )
+
+
+def test_inputs_named_alike_write_one_output_each(setup, tmp_path, capsys):
+    data = copy_data(setup["data"], tmp_path / "data")
+    for name in albert_preprocess.INPUT_NAMES:  # a.1.npy and a.2.npy used to write one a_0.npy
+        for f in sorted((data / name).iterdir()):
+            f.rename(f.with_name(f"a.{f.name}"))
+    assert infer.main(run_argv(setup, data, tmp_path / "out")) == 0
+    out = tmp_path / "out" / "run"
+    assert sorted(p.name for p in out.iterdir()) == sorted(f"a.{i}_0.npy" for i in range(N))
+    assert f"({N} files)" in capsys.readouterr().out
+
+
+def test_two_inputs_that_would_write_the_same_output_are_refused(setup, tmp_path, capsys):
+    data = copy_data(setup["data"], tmp_path / "data")
+    for name in albert_preprocess.INPUT_NAMES:  # 3.npy and 3.bin both name outputs 3_<k>
+        np.load(data / name / "3.npy").tofile(data / name / "3.bin")
+        (data / name / "36.npy").unlink()
+    err = rejected(setup, data, tmp_path, capsys)
+    assert "input_ids/3.npy and 3.bin would both write outputs named 3_<k>" in err
+
+
+def test_a_truncated_npy_input_is_named_before_any_inference(setup, tmp_path, capsys):
+    data = copy_data(setup["data"], tmp_path / "data")
+    victim = data / "input_ids" / "30.npy"
+    victim.write_bytes(victim.read_bytes()[:-5])
+    err = rejected(setup, data, tmp_path, capsys)
+    assert "30.npy: truncated" in err and "shape (1, 16)" in err

@@ -85,6 +85,17 @@ def test_reformer_keeps_less_for_backward_than_full_attention():
     assert small["seconds_per_step"] > 0
 
 
+def test_step_time_is_the_median_of_its_repeats_with_their_spread(monkeypatch):
+    """A busy machine slows some steps: the median and the spread show it, one step does not
+    move the figure (steps of 1, 9 and 2 s: median 2, spread 8)."""
+    rt = device.setup("cpu", "fp32", 0)
+    ticks = iter([0.0, 1.0, 10.0, 19.0, 20.0, 22.0])
+    monkeypatch.setattr(longseq.time, "perf_counter", lambda: next(ticks))
+    ids = torch.randint(5, 60, (1, 256))
+    row = longseq.measure_step(longseq.reformer_at_length(reformer().config, 256), ids, rt, 3)
+    assert row["seconds_per_step"] == 2.0 and row["seconds_spread"] == 8.0
+
+
 def test_saved_activation_bytes_counts_each_storage_once():
     x = torch.randn(256, 256, requires_grad=True)
     _, nbytes = longseq.saved_activation_bytes(lambda: (x * x).sum())

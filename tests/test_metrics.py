@@ -90,6 +90,22 @@ def test_json_records_keep_objects_with_the_keys_and_name_a_broken_file(tmp_path
     found = metrics.read_json_records(tmp_path, ("notebook", "metrics"))
     assert [r["notebook"] for r in found] == ["a", "b"]
     assert metrics.read_results(tmp_path) == found
-    (tmp_path / "broken.json").write_text("{not json")
-    with pytest.raises(ValueError, match=r"broken\.json: not valid JSON"):
-        metrics.read_json_records(tmp_path, ("case",))
+
+
+def test_a_broken_results_file_is_named_and_the_others_still_listed(tmp_path, capsys):
+    from nbzoo import cli
+
+    record = {"notebook": "01_albert_glue", "preset": "demo", "device": "cpu", "precision": "fp32"}
+    record["metrics"] = {"accuracy": 0.75}
+    (tmp_path / "a.json").write_text(json.dumps(record))
+    (tmp_path / "broken.json").write_text('{"notebook": "x", "metrics": {\n')
+    (tmp_path / "latin1.json").write_bytes('{"notebook": "é"}'.encode("latin-1"))
+    (tmp_path / "dir.json").mkdir()
+    found = metrics.read_json_records(tmp_path, ("notebook", "metrics"))
+    assert [r["notebook"] for r in found] == ["01_albert_glue"]
+    err = capsys.readouterr().err
+    assert f"skipped {tmp_path / 'broken.json'}: not valid JSON at line 2, column 1" in err
+    assert f"skipped {tmp_path / 'latin1.json'}: not UTF-8 text" in err
+    assert f"skipped {tmp_path / 'dir.json'}: unreadable" in err
+    assert cli.main(["results", "--dir", str(tmp_path)]) == 0  # a table, no traceback
+    assert "01_albert_glue" in capsys.readouterr().out

@@ -166,6 +166,29 @@ def test_eval_split_is_the_first_samples_in_shard_order_and_train_the_rest(tmp_p
         mlperf.list_shards(tmp_path)
 
 
+def test_a_gap_in_a_shard_set_is_refused_naming_the_missing_shard(tmp_path):
+    for index in (0, 2):
+        mlperf.write_shard(tmp_path / mlperf.shard_name(index, 4), _samples(2, seed=index))
+    with pytest.raises(
+        mlperf.TFRecordError, match=r"shard part-00001-of-00004\.tfrecord is missing"
+    ):
+        mlperf.list_shards(tmp_path)
+    with pytest.raises(mlperf.TFRecordError, match="part-00001-of-00004"):
+        mlperf.eval_split(tmp_path, samples=2)
+    mlperf.write_shard(tmp_path / mlperf.shard_name(1, 4), _samples(2, seed=1))
+    assert [p.name[5:10] for p in mlperf.list_shards(tmp_path)] == ["00000", "00001", "00002"]
+    (tmp_path / mlperf.shard_name(0, 4)).unlink()
+    with pytest.raises(mlperf.TFRecordError, match="part-00000-of-00004.tfrecord is missing"):
+        mlperf.list_shards(tmp_path)
+
+
+def test_a_missing_shard_folder_says_where_the_seeds_data_comes_from(tmp_path):
+    with pytest.raises(FileNotFoundError, match="mlperf/training/tree/master/language_model"):
+        mlperf.list_shards(tmp_path / "nothing")
+    with pytest.raises(FileNotFoundError, match="create_pretraining_data.py"):
+        mlperf.list_shards(tmp_path)
+
+
 def test_sample_language_follows_the_reference_cuts_and_masks():
     a = mlperf.generate_samples(SPEC, 400, seed=1)
     b = mlperf.generate_samples(SPEC, 400, seed=1)
@@ -268,6 +291,7 @@ def test_paired_step_times_alternate_thor_and_adamw_and_feed_the_ratio():
     paired = pretraining.paired_step_times(cfg, rt, _samples(10), best, steps=6)
     assert paired["steps"] == 6 and paired["thor_ms"] > 0 and paired["adamw_ms"] > 0
     assert paired["ratio"] == pytest.approx(paired["thor_ms"] / paired["adamw_ms"])
+    assert paired["thor_ms_iqr"] >= 0 and paired["adamw_ms_iqr"] >= 0  # the medians' spread
 
     def timed(kind, ms):
         r = run(kind)

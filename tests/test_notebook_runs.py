@@ -4,6 +4,7 @@ import json
 import math
 
 import pytest
+from papermill.exceptions import PapermillExecutionError
 
 from nbzoo import cli
 
@@ -21,9 +22,14 @@ def test_albert_notebook_takes_its_parameters_from_papermill(tmp_path, monkeypat
         "checkpoint_dir": str(tmp_path / "checkpoints"),
         "output_dir": str(out),
     }
-    cli.execute(
-        cli.find_notebook("01_albert_glue"), out / "01_albert_glue.ipynb", params, "python3"
-    )
+    try:
+        cli.execute(
+            cli.find_notebook("01_albert_glue"), out / "01_albert_glue.ipynb", params, "python3"
+        )
+    except PapermillExecutionError as exc:
+        # 50 steps on 400 sentences may stay under the demo's learning check (its last cell,
+        # after the results are written); any other failure is one
+        assert exc.ename == "AssertionError" and "did not learn" in exc.evalue, exc
     record = json.loads((out / "01_albert_glue.json").read_text())
     assert record["preset"] == "demo" and record["device"] == "cpu" and record["devices"] == 1
     assert set(record["metrics"]) == {"sst2_accuracy"}

@@ -95,13 +95,22 @@ def test_longformer_patches_match_upstream(with_global):
     assert_close(ref.logits, new.logits, "logits")
     assert_close(ref.loss, new.loss, "loss")
     assert_same_grads(ref_grads, new_grads)
-    # local attention weights agree; the patch has a fixed number of global columns in front
+    assert_same_attentions(ref, new)
+
+
+def assert_same_attentions(ref, new):
+    """Upstream's layout: the global columns of each example in front of the window, as many as
+    the most global tokens in the batch; ``global_attentions`` None when no token is global."""
+    assert len(ref.attentions) == len(new.attentions)
     for a, b in zip(ref.attentions, new.attentions, strict=True):
-        extra = a.shape[-1] - (b.shape[-1] - 4)
-        assert_close(a[..., extra:], b[..., 4:], "local attention probabilities")
-    if with_global:
-        for a, b in zip(ref.global_attentions, new.global_attentions, strict=True):
-            assert_close(a, b[..., : a.shape[-1]], "global attention probabilities")
+        assert a.shape == b.shape
+        assert_close(a, b, "attention probabilities")
+    if ref.global_attentions is None:
+        assert new.global_attentions is None
+        return
+    for a, b in zip(ref.global_attentions, new.global_attentions, strict=True):
+        assert a.shape == b.shape
+        assert_close(a, b, "global attention probabilities")
 
 
 def test_longformer_attention_patch_alone_matches_upstream_in_training_mode():
@@ -136,10 +145,35 @@ def test_band_helpers_against_dense_attention():
     assert torch.allclose(context, full @ v, atol=1e-6)
 
 
-def test_longformer_refuses_more_global_tokens_than_slots():
-    model = longformer(slots=2)
-    with patching.applied(*LONGFORMER), pytest.raises(ValueError, match="max_global_tokens = 2"):
-        model(**longformer_batch())
+def test_longformer_takes_more_global_tokens_than_slots_as_upstream_does():
+    """Question answering makes every question token global: 20 of them, with 2 export slots."""
+    model = longformer(slots=2).eval()
+    batch = longformer_batch()
+    batch["global_attention_mask"][0, :20] = 1
+    batch["global_attention_mask"][2, 40:47] = 1
+    with torch.no_grad():
+        ref = model(**batch, output_attentions=True)
+        with patching.applied(*LONGFORMER):
+            new = model(**batch, output_attentions=True)
+    assert ref.attentions[0].shape[-1] == 21 + 9  # row 0: 20 + the one at 33; window 8: 9
+    assert_close(ref.logits, new.logits, "logits")
+    assert_same_attentions(ref, new)
+
+
+def test_while_tracing_the_global_slots_are_fixed_for_export(monkeypatch):
+    sw = pytest.importorskip("nbzoo_patches.longformer_sliding_window")
+    model = longformer(slots=4).eval()
+    batch = longformer_batch()
+    with torch.no_grad():
+        ref = model(**batch, output_attentions=True)
+        monkeypatch.setattr(sw, "_tracing", lambda: True)
+        with patching.applied(*LONGFORMER):
+            traced = model(**batch, output_attentions=True)
+    assert_close(ref.logits, traced.logits, "logits")
+    # 4 slots whatever the batch (here at most 3 global tokens), the unused one weightless
+    assert traced.attentions[0].shape[-1] == 4 + 9
+    assert_close(ref.attentions[0][..., :3], traced.attentions[0][..., :3], "global columns")
+    assert traced.attentions[0][..., 3].abs().max() == 0
 
 
 @pytest.mark.slow

@@ -122,6 +122,33 @@ def test_bert_sparse_mlm_leaves_evaluation_to_upstream(bert):
     assert out.prediction_logits.shape == (3, 32, 300)  # full logits for accuracy
 
 
+def upstream_and_patched(model, batch, patch):
+    with torch.no_grad():
+        ref = model(**batch)
+    with patching.applied(patch):
+        with torch.no_grad():
+            new = model(**batch)
+        new_grad = model(**batch)  # gradients on, as transformers' own tests call it
+    return ref, new, new_grad
+
+
+@pytest.mark.parametrize(
+    ("training", "on_perf_path"), [(False, True), (True, False)], ids=["eval", "not_on_perf_path"]
+)
+def test_bert_sparse_mlm_returns_upstreams_logits_outside_perf_training(
+    bert, training, on_perf_path
+):
+    model, batch = bert
+    model = copy.deepcopy(model).train(training)
+    model.__dict__.pop("_nbzoo_mlm_budget", None)  # left by the tests above
+    if on_perf_path:
+        model._nbzoo_mlm_budget = None
+    ref, new, new_grad = upstream_and_patched(model, batch, "bert_pretraining_sparse_mlm_perf")
+    for out in (new, new_grad):
+        torch.testing.assert_close(out.prediction_logits, ref.prediction_logits)
+        torch.testing.assert_close(out.loss, ref.loss)
+
+
 # ----------------------------------------------------------------------------- Longformer
 
 
@@ -157,6 +184,24 @@ def test_longformer_sparse_mlm_matches_upstream():
         assert out.logits is None
         torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6)
         assert_grads_close(ref_grads, grads, 1e-5)
+
+
+@pytest.mark.parametrize(
+    ("training", "on_perf_path"), [(False, True), (True, False)], ids=["eval", "not_on_perf_path"]
+)
+def test_longformer_sparse_mlm_returns_upstreams_logits_outside_perf_training(
+    training, on_perf_path
+):
+    torch.manual_seed(0)
+    model = LongformerForMaskedLM(longformer_config()).train(training)
+    if on_perf_path:
+        model._nbzoo_mlm_budget = 16
+    ids, labels = mlm_batch(200, 2, 32, 5, mask_id=3)
+    batch = {"input_ids": ids, "labels": labels}
+    ref, new, new_grad = upstream_and_patched(model, batch, "longformer_sparse_mlm_perf")
+    for out in (new, new_grad):
+        torch.testing.assert_close(out.logits, ref.logits)
+        torch.testing.assert_close(out.loss, ref.loss)
 
 
 @pytest.mark.parametrize(

@@ -113,3 +113,29 @@ def test_a_kernel_gets_the_widget_unless_headless():
     proc = run_python(code, env=env, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "auto widget" in proc.stdout and "lines True" in proc.stdout
+
+
+def test_a_quick_evaluation_shows_no_bar_and_a_long_one_does(clean_env, capsys):
+    clean_env.setenv("NBZOO_PROGRESS", "lines")
+    assert list(progress.eval_bar(range(5), "evaluate")) == list(range(5))
+    assert "evaluate" not in capsys.readouterr().err  # under NBZOO_PROGRESS_EVAL_DELAY (5 s)
+    clean_env.setenv("NBZOO_PROGRESS_EVAL_DELAY", "0")
+    for _ in progress.eval_bar(range(5), "evaluate"):
+        time.sleep(0.01)
+    assert "evaluate:" in capsys.readouterr().err
+
+
+def test_predict_shows_its_progress(clean_env, capsys):
+    import torch
+
+    from nbzoo import device, train
+
+    clean_env.setenv("NBZOO_PROGRESS", "lines")
+    clean_env.setenv("NBZOO_PROGRESS_EVAL_DELAY", "0")
+    model = torch.nn.Sequential(torch.nn.Linear(3, 2))
+    forward = model.forward
+    model.forward = lambda x: {"logits": forward(x)}
+    data = [{"x": torch.ones(3), "labels": torch.tensor(1)} for _ in range(10)]
+    outputs, labels = train.predict(model, data, device.setup("cpu", "fp32", 0), batch_size=4)
+    assert outputs.shape == (10, 2) and labels.tolist() == [1] * 10
+    assert "predict:" in capsys.readouterr().err

@@ -75,11 +75,46 @@ def test_demo_pipeline_binarizes_trains_and_predicts(tmp_path):
     assert row[0] == "the movie is funny ." and row[1] in ("1", "0") and 0.5 <= row[2] <= 1.0
 
 
+def test_max_tokens_batches_as_fairseq_and_the_schedule_counts_those_batches(tmp_path):
+    cfg = demo_cfg(tmp_path, max_tokens=160)
+    folder = sp.prepare_data(cfg)
+    train = sp.load_splits(folder, cfg.max_positions)["train"]
+    plan = sp.batch_plan(cfg, train)
+    batches = plan(0, 0, 1)
+    assert sorted(i for b in batches for i in b) == list(range(len(train)))
+    assert all(len(b) * train.item_tokens[b].max() <= 160 and len(b) <= 32 for b in batches)
+    assert len(batches) > 5  # more batches than 160 / 32 sentences: the token limit binds
+    rt = setup("cpu", "fp32", 0)
+    run = sp.finetune(cfg, rt, folder)
+    assert run.result.steps == len(batches)
+    assert run.result.samples == len(train)
+    assert sp.batch_plan(demo_cfg(tmp_path, max_tokens=0), train) is None
+
+
+def test_the_seeds_lable_folder_is_read_like_label(tmp_path):
+    cfg = demo_cfg(tmp_path)
+    folder = sp.prepare_data(cfg)
+    before = sp.load_splits(folder, cfg.max_positions)["valid"]
+    (folder / "label").rename(folder / "lable")
+    assert sp.prepare_data(demo_cfg(tmp_path, data_source="binarized")) == folder
+    after = sp.load_splits(folder, cfg.max_positions)["valid"]
+    assert after.label_dir.name == "lable" and after.class_names == before.class_names
+    assert (after.targets == before.targets).all()
+    (folder / "label").mkdir()
+    with pytest.raises(ValueError, match="both label/ and lable/ exist"):
+        sp.load_splits(folder, cfg.max_positions)
+
+
 def test_binarized_source_must_be_fairseqs_layout(tmp_path):
     cfg = demo_cfg(tmp_path, data_source="binarized")
     with pytest.raises(
         FileNotFoundError, match=r"SST-2-bin/input0/dict\.txt: missing; data_dir must be"
     ):
+        sp.prepare_data(cfg)
+    (tmp_path / "SST-2-bin" / "input0").mkdir(parents=True)
+    with pytest.raises(FileNotFoundError, match=r"no label/ \(or the seed's lable/\) folder.*"):
+        sp.prepare_data(cfg)
+    with pytest.raises(FileNotFoundError, match=r"fairseq-preprocess --only-source"):
         sp.prepare_data(cfg)
     with pytest.raises(
         ValueError, match="data_source must be one of generate, download, binarized"
@@ -175,3 +210,20 @@ def test_full_path_downloads_roberta_base_and_converts_it(tmp_path, http_files):
     _tiny_fairseq_checkpoint(target, vocab=50)
     with pytest.raises(ValueError, match=r"embeddings for 50 symbols, but the data's dictionary"):
         sp.build_model(cfg, dictionary, num_classes=2)
+
+
+def test_a_damaged_roberta_archive_is_named_and_nothing_half_written_is_left(tmp_path, http_files):
+    from nbzoo.data import DownloadError
+
+    base, files = http_files
+    payload = io.BytesIO()
+    with tarfile.open(fileobj=payload, mode="w:gz") as tar:
+        data = bytes(range(256)) * 4000
+        info = tarfile.TarInfo("roberta.base/model.pt")
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+    files["/roberta.base.tar.gz"] = payload.getvalue()[:-200]  # cut inside the gzip stream
+    target = tmp_path / "RoBERTa.base" / "model.pt"
+    with pytest.raises(DownloadError, match=r"roberta.base.tar.gz: damaged archive"):
+        sp.download_roberta_base(target, f"{base}/roberta.base.tar.gz")
+    assert sorted(p.name for p in target.parent.iterdir()) == ["roberta.base.tar.gz"]

@@ -179,3 +179,77 @@ def test_two_process_gloo_training_keeps_ranks_identical(tmp_path):
     assert r0["digest"] == r1["digest"]
     assert r0["samples"] == 3 * 256  # each epoch covers the data once across both ranks
     assert sum(r0["losses"][-6:]) < 0.8 * sum(r0["losses"][:6])
+
+
+def two_checkpoints(tmp_path):
+    """A finished 2-epoch run: ``last`` at step 4, ``previous`` at step 2."""
+    rt = device.Runtime("cpu", "fp32")
+    model = toy_model()
+    cfg = TrainConfig(epochs=2, batch_size=16, checkpoint_dir=tmp_path, run_id="a")
+    fit(model, toy_data(32), torch.optim.SGD(model.parameters(), lr=0.1), rt, cfg, loss_fn=loss_fn)
+    return rt, cfg
+
+
+def rerun(rt, cfg):
+    model = toy_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    return fit(model, toy_data(32), opt, rt, cfg, loss_fn=loss_fn)
+
+
+@pytest.mark.parametrize("victim", ["model.safetensors", "trainer_state.pt"])
+def test_a_truncated_checkpoint_is_set_aside_and_the_run_resumes_from_the_one_before(
+    tmp_path, capsys, victim
+):
+    rt, cfg = two_checkpoints(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last", "previous"]
+    broken = tmp_path / "last" / victim
+    data = broken.read_bytes()
+    broken.write_bytes(data[: len(data) // 2])
+    result = rerun(rt, cfg)
+    out = capsys.readouterr().out
+    assert f"checkpoint {tmp_path / 'last'} is broken: {victim}" in out
+    assert result.resumed_from_step == 2 and result.steps == 4  # from previous, to the end
+    aside = [p for p in tmp_path.iterdir() if p.name.startswith("broken-last-")]
+    assert len(aside) == 1 and (aside[0] / victim).read_bytes() == data[: len(data) // 2]
+    # and the next rerun finds an intact checkpoint at the end of the run: nothing left to do
+    assert rerun(rt, cfg).resumed_from_step == 4
+
+
+def test_a_full_disk_leaves_no_temporary_folder_and_the_last_checkpoint_intact(
+    tmp_path, monkeypatch
+):
+    from nbzoo import train
+    from nbzoo.train import TrainState
+
+    rt = device.Runtime("cpu", "fp32")
+    model = toy_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    save_checkpoint(tmp_path, model, opt, None, rt.grad_scaler(), TrainState(step=3))
+    before = (tmp_path / "last" / "trainer_state.pt").read_bytes()
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(train.torch, "save", disk_full)
+    for _ in range(3):
+        with pytest.raises(OSError, match="No space left"):
+            save_checkpoint(tmp_path, model, opt, None, rt.grad_scaler(), TrainState(step=5))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last"]
+    assert (tmp_path / "last" / "trainer_state.pt").read_bytes() == before
+
+
+def test_temporary_folders_of_dead_saves_are_cleaned(tmp_path):
+    from nbzoo.train import TrainState
+
+    gone = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"],
+        text=True,
+        capture_output=True,
+        check=True,
+    )
+    (tmp_path / f".tmp-{gone.stdout.strip()}").mkdir()  # a save killed mid-way
+    rt = device.Runtime("cpu", "fp32")
+    model = toy_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    save_checkpoint(tmp_path, model, opt, None, rt.grad_scaler(), TrainState(step=1))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last"]

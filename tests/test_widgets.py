@@ -149,6 +149,61 @@ def test_sentiment_box_answers_and_leaves_a_static_view(classifier, onnx_session
     assert "nbzoo-error" in box.result.value
 
 
+def test_the_onnx_side_chooses_between_fp32_and_int8(classifier, onnx_session, tmp_path):
+    import onnxruntime as ort
+
+    from nbzoo.export import quantize
+
+    model, tokenizer = classifier
+    int8 = quantize.quantize_dynamic(onnx_session._model_path, tmp_path / "classifier_int8.onnx")
+    sessions = {
+        "fp32": onnx_session,
+        "int8": ort.InferenceSession(str(int8), providers=["CPUExecutionProvider"]),
+    }
+    box = widgets.sentiment_box(model, tokenizer, onnx_session=sessions, text=SENTENCES[0])
+    static = _probabilities(box.static_bundle()["text/html"])
+    assert list(static) == ["PyTorch", "ONNX Runtime (fp32)", "ONNX Runtime (int8)"]
+    assert "nbzoo-onnx-choice" in box.chooser._dom_classes
+    assert box.chooser.options == ("fp32", "int8") and box.chooser.value == "fp32"
+
+    box.text.value = SENTENCES[1]
+    live = _probabilities(box.result.value)
+    assert list(live) == ["PyTorch", "ONNX Runtime (fp32)"]
+    np.testing.assert_allclose(live["ONNX Runtime (fp32)"], live["PyTorch"], atol=1e-5)
+    box.chooser.value = "int8"  # what a click on the int8 button does
+    live8 = _probabilities(box.result.value)
+    assert list(live8) == ["PyTorch", "ONNX Runtime (int8)"]
+    direct = widgets.predict_sentiment(
+        SENTENCES[1], model, tokenizer, onnx_session={"int8": sessions["int8"]}
+    )
+    expected = direct.loc["ONNX Runtime (int8)", ["p(negative)", "p(positive)"]].to_numpy(float)
+    np.testing.assert_allclose(live8["ONNX Runtime (int8)"], expected, atol=1e-4)
+    with pytest.raises(ValueError, match="no ONNX model 'fp16'"):
+        box.select("fp16")
+
+
+def test_an_onnx_model_with_token_types_gets_zeros_from_a_tokenizer_without_them():
+    class Input:
+        def __init__(self, name):
+            self.name, self.type, self.shape = name, "tensor(int64)", ["batch", "seq"]
+
+    class Session:  # records what it is fed
+        def get_inputs(self):
+            return [Input("input_ids"), Input("attention_mask"), Input("token_type_ids")]
+
+        def run(self, _, feed):
+            self.feed = feed
+            return [np.zeros((1, 2), np.float32)]
+
+    session = Session()
+    enc = {"input_ids": np.array([[2, 7, 3]]), "attention_mask": np.ones((1, 3), np.int64)}
+    widgets._onnx_logits(session, enc)
+    np.testing.assert_array_equal(session.feed["token_type_ids"], np.zeros((1, 3), np.int64))
+    del enc["attention_mask"]
+    with pytest.raises(ValueError, match="wants input 'attention_mask'"):
+        widgets._onnx_logits(session, enc)
+
+
 # ------------------------------------------------------------------------------ attention
 
 

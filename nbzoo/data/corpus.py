@@ -17,6 +17,7 @@ grammar), and two masking collators: token-level MLM (15%, 80/10/10, transformer
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import random
@@ -28,6 +29,8 @@ from typing import Any
 
 import torch
 from transformers import DataCollatorForLanguageModeling
+
+from nbzoo.data import sources, utf8
 
 SPLITS = ("train", "test")
 SPECIAL_TOKENS = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]  # RoBERTa's ids 0..4
@@ -73,7 +76,8 @@ def read_corpus(root: str | os.PathLike, split: str) -> list[str]:
     path = layout(root).split_path(split)
     if not path.exists():
         raise FileNotFoundError(
-            f"{path}: no such file (expected the layout corpus/{split}_corpus.txt under {root})"
+            f"{path}: no such file (expected the layout corpus/{split}_corpus.txt under {root}; "
+            f"{sources.CORPUS_HOWTO})"
         )
     docs = []
     with open(path, "rb") as f:
@@ -220,35 +224,30 @@ def check_tokenizer_dir(path: str | os.PathLike) -> dict[str, int]:
             raise FileNotFoundError(
                 f"{path / name}: no such file (a tokenizer folder holds {', '.join(TOKENIZER_FILES)})"
             )
-    try:
-        vocab = json.loads((path / "vocab.json").read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CorpusFormatError(f"{path / 'vocab.json'}: not valid JSON ({exc})") from None
+    vocab = utf8.read_json(path / "vocab.json", CorpusFormatError)
     if not isinstance(vocab, dict) or not all(isinstance(v, int) for v in vocab.values()):
         raise CorpusFormatError(f"{path / 'vocab.json'}: expected an object of token -> integer id")
-    with open(path / "merges.txt", encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            line = line.rstrip("\n")
-            if lineno == 1 and line.startswith("#version"):
-                continue
-            if not line:
-                continue
-            parts = line.split(" ")
-            if len(parts) != 2:
-                raise CorpusFormatError(
-                    f"{path / 'merges.txt'}, line {lineno}: expected two tokens separated by one "
-                    f"space, got {line!r}"
-                )
-            if parts[0] + parts[1] not in vocab:
-                raise CorpusFormatError(
-                    f"{path / 'merges.txt'}, line {lineno}: the merge {line!r} makes "
-                    f"{parts[0] + parts[1]!r}, which vocab.json does not contain"
-                )
-    try:
-        config = json.loads((path / "config.json").read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise CorpusFormatError(f"{path / 'config.json'}: not valid JSON ({exc})") from None
-    if "model_type" not in config:
+    merges = utf8.read_text(path / "merges.txt", CorpusFormatError)
+    # read as text mode reads it (universal newlines), line by line
+    for lineno, line in enumerate(io.StringIO(merges, newline=None), start=1):
+        line = line.rstrip("\n")
+        if lineno == 1 and line.startswith("#version"):
+            continue
+        if not line:
+            continue
+        parts = line.split(" ")
+        if len(parts) != 2:
+            raise CorpusFormatError(
+                f"{path / 'merges.txt'}, line {lineno}: expected two tokens separated by one "
+                f"space, got {line!r}"
+            )
+        if parts[0] + parts[1] not in vocab:
+            raise CorpusFormatError(
+                f"{path / 'merges.txt'}, line {lineno}: the merge {line!r} makes "
+                f"{parts[0] + parts[1]!r}, which vocab.json does not contain"
+            )
+    config = utf8.read_json(path / "config.json", CorpusFormatError)
+    if not isinstance(config, dict) or "model_type" not in config:
         raise CorpusFormatError(
             f"{path / 'config.json'}: no 'model_type' field (AutoTokenizer needs it, e.g. \"roberta\")"
         )
@@ -310,13 +309,50 @@ def prepare_tokenizer(
     root: str | os.PathLike, vocab_size: int = 1000, min_frequency: int = 2, retrain: bool = False
 ):
     """Load ``lf_token/`` under ``root``, training it on the train split first when it is missing
-    (or when ``retrain``)."""
+    (or when ``retrain``). For generated text only: the seeds supply their ``lf_token/``, and
+    :func:`prepare_data` never trains one in its place."""
     lay = layout(root)
     if retrain or not lay.has_tokenizer():
         return train_tokenizer(
             read_corpus(root, "train"), lay.tokenizer_dir, vocab_size, min_frequency
         )
     return load_tokenizer(lay.tokenizer_dir)
+
+
+DATA_SOURCES = ("generate", "local")
+
+
+def prepare_data(
+    root: str | os.PathLike,
+    data_source: str,
+    sample_sizes: dict[str, int] | None = None,
+    seed: int = 0,
+    vocab_size: int = 1000,
+):
+    """The tokenizer and the documents of each split, from the seed's layout under ``root``.
+
+    ``generate``: write sample documents and learn a byte-level BPE on them (every run: it is
+    deterministic and takes under a second). ``local``: the seed's own ``corpus/`` and
+    ``lf_token/`` as they are; a missing ``lf_token/`` stops here, since the seed supplies its
+    vocabulary and a vocabulary trained in its place would be nbzoo's invention.
+    """
+    if data_source not in DATA_SOURCES:
+        raise ValueError(
+            f"data_source must be one of {', '.join(DATA_SOURCES)}; got {data_source!r}"
+        )
+    lay = layout(root)
+    if data_source == "generate":
+        write_sample_corpus(root, dict(sample_sizes or {}), seed=seed)
+        tokenizer = prepare_tokenizer(root, vocab_size=vocab_size, retrain=True)
+    else:
+        if not lay.has_tokenizer():
+            missing = [n for n in TOKENIZER_FILES if not (lay.tokenizer_dir / n).exists()]
+            raise FileNotFoundError(
+                f"{lay.tokenizer_dir}: {', '.join(missing)} missing. The full presets use the "
+                f"seed's own vocabulary and do not train one in its place; {sources.CORPUS_HOWTO}"
+            )
+        tokenizer = load_tokenizer(lay.tokenizer_dir)
+    return tokenizer, {split: read_corpus(root, split) for split in SPLITS}
 
 
 # ----------------------------------------------------------------------------- blocks

@@ -1,15 +1,26 @@
-"""Downloads that are atomic, resumable, hash-checked and honest about being offline.
+"""Downloads that are atomic, resumable, verified and honest about being offline.
 
-The file is fetched into ``<dest>.part``; an interrupted download resumes from there with an HTTP
-``Range`` request; the hash is checked before the final rename, so ``dest`` is either complete or
-absent. Uses urllib from the standard library (no extra dependency for a 60-line job).
+The file is fetched into ``<dest>.part`` and renamed to ``dest`` only once it is verified: its
+length against the server's statement and the published size, its sha256 against the published
+one, its format against its name (a ``.zip`` must be a zip archive, a ``.tar.gz`` a gzipped tar,
+nothing may be an HTML page). An interrupted download resumes from the ``.part`` with an HTTP
+``Range`` request, and the server's answer is checked before a byte is appended: a ``206`` must
+start where the partial file ends (``Content-Range``), a ``416`` must say the file is exactly as
+long as the partial one; otherwise the partial file is dropped and the download starts again.
+
+Uses urllib from the standard library: the verification is the point, and no client library
+checks ``Content-Range`` against the requested offset for us.
 """
 
 from __future__ import annotations
 
+import gzip
 import hashlib
+import http.client
 import os
+import re
 import shutil
+import tarfile
 import urllib.error
 import urllib.request
 import zipfile
@@ -18,10 +29,15 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 CHUNK = 1 << 20
+_CONTENT_RANGE = re.compile(r"^bytes\s+(?:(\d+)-(\d+)|\*)/(\d+|\*)$")
 
 
 class DownloadError(RuntimeError):
     pass
+
+
+class _Restart(Exception):
+    """The partial file cannot be resumed: the download starts again from its first byte."""
 
 
 def sha256_of(path: str | os.PathLike) -> str:
@@ -39,88 +55,237 @@ def _offline_message(url: str, dest: Path, reason: object) -> str:
     )
 
 
-def download(
-    url: str, dest: str | os.PathLike, sha256: str | None = None, timeout: float = 30.0
-) -> Path:
-    """Fetch ``url`` to ``dest`` unless a complete, hash-valid file is already there."""
-    dest = Path(dest)
-    if dest.exists():
-        if sha256 is None or sha256_of(dest) == sha256:
-            return dest
-        raise DownloadError(
-            f"{dest} exists but its sha256 is {sha256_of(dest)}, expected {sha256}; delete it to re-download"
-        )
-    if os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("NBZOO_OFFLINE") == "1":
-        raise DownloadError(_offline_message(url, dest, "offline mode is set"))
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    part = dest.with_name(dest.name + ".part")
-    have = part.stat().st_size if part.exists() else 0
+def format_problem(path: Path, name: str | None = None) -> str | None:
+    """Why the file at ``path`` is not what a file called ``name`` should be, or None.
+
+    Catches what servers send instead of a file (a login or error page) and archives cut short.
+    """
+    name = (name or path.name).lower()
+    with open(path, "rb") as f:
+        head = f.read(512)
+    if not name.endswith((".html", ".htm")) and head.lstrip()[:15].lower().startswith(
+        (b"<!doctype html", b"<html")
+    ):
+        return f"is an HTML page, not the file (it starts with {head.lstrip()[:40]!r})"
+    if name.endswith(".zip") and not zipfile.is_zipfile(path):
+        return f"is not a zip archive (it starts with {head[:16]!r})"
+    if name.endswith((".tar.gz", ".tgz")):
+        if head[:2] != b"\x1f\x8b":
+            return f"is not a gzip file (it starts with {head[:16]!r})"
+        try:
+            with gzip.open(path) as gz:
+                gz.read(tarfile.BLOCKSIZE)
+            if not tarfile.is_tarfile(path):
+                return "is a gzip file but not a tar archive"
+        except (OSError, EOFError) as exc:
+            return f"is a damaged gzip file ({exc})"
+    return None
+
+
+def _content_range(value: str | None) -> tuple[int | None, int | None, int | None]:
+    """``bytes START-END/TOTAL`` (or ``bytes */TOTAL``) → (start, end, total); Nones where
+    absent or ``*``."""
+    m = _CONTENT_RANGE.match((value or "").strip())
+    if not m:
+        return None, None, None
+    start, end, total = m.groups()
+    return (
+        int(start) if start is not None else None,
+        int(end) if end is not None else None,
+        int(total) if total not in (None, "*") else None,
+    )
+
+
+def _fetch(url: str, dest: Path, part: Path, timeout: float, resume: bool) -> int | None:
+    """Write ``url``'s body into ``part`` (appending when a resumed transfer is valid); return the
+    whole file's length as the server stated it, or None when it stated none."""
+    have = part.stat().st_size if resume and part.exists() else 0
     request = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
     try:
         response = urllib.request.urlopen(request, timeout=timeout)
     except urllib.error.HTTPError as exc:
-        if exc.code == 416 and have:  # the partial file is already complete
-            response = None
-        else:
+        with exc:
+            if exc.code == 416 and have:
+                total = _content_range(exc.headers.get("Content-Range"))[2]
+                if total == have:
+                    return total  # the partial file holds every byte; verified by the caller
+                raise _Restart(
+                    f"the server refused to resume at byte {have} (HTTP 416; the file has "
+                    f"{'an unstated number of' if total is None else total} bytes)"
+                ) from None
             raise DownloadError(f"cannot download {url}: HTTP {exc.code} {exc.reason}") from None
-    except (urllib.error.URLError, TimeoutError, OSError) as exc:
+    except (urllib.error.URLError, TimeoutError, OSError, http.client.HTTPException) as exc:
         raise DownloadError(_offline_message(url, dest, getattr(exc, "reason", exc))) from None
-    if response is not None:
-        with response:
-            resumed = response.status == 206
-            if not resumed:
-                have = 0  # the server ignored Range: start over
-            length = response.headers.get("Content-Length")
-            total = have + int(length) if length is not None else None
-            with (
-                open(part, "ab" if resumed else "wb") as out,
-                tqdm(
-                    total=total,
-                    initial=have,
-                    unit="B",
-                    unit_scale=True,
-                    desc=dest.name,
-                    mininterval=1.0,
-                ) as bar,
-            ):
-                try:
-                    while block := response.read(CHUNK):
-                        out.write(block)
-                        bar.update(len(block))
-                except (OSError, TimeoutError) as exc:
-                    raise DownloadError(
-                        f"download of {url} broke off after {out.tell()} bytes ({exc}); "
-                        f"run again to resume from {part}"
-                    ) from None
-            if total is not None and part.stat().st_size != total:
-                raise DownloadError(
-                    f"download of {url} is incomplete ({part.stat().st_size} of {total} bytes); run again to resume"
+    with response:
+        length = response.headers.get("Content-Length")
+        length = int(length) if length is not None and length.strip().isdigit() else None
+        if response.status == 206:
+            start, end, total = _content_range(response.headers.get("Content-Range"))
+            if start != have:
+                raise _Restart(
+                    f"asked for the bytes from {have} on, the server sent "
+                    + ("no Content-Range" if start is None else f"bytes from {start} on")
                 )
-    if sha256 is not None and (got := sha256_of(part)) != sha256:
-        part.unlink()
+            if length is not None and end is not None and length != end - start + 1:
+                raise _Restart(
+                    f"Content-Range {start}-{end} disagrees with Content-Length {length}"
+                )
+            if total is None and length is not None:
+                total = have + length
+            mode = "ab"
+        else:  # the whole file, also from a server that ignores Range
+            have, total, mode = 0, length, "wb"
+        with (
+            open(part, mode) as out,
+            tqdm(
+                total=total,
+                initial=have,
+                unit="B",
+                unit_scale=True,
+                desc=dest.name,
+                mininterval=1.0,
+            ) as bar,
+        ):
+            try:
+                while block := response.read(CHUNK):
+                    out.write(block)
+                    bar.update(len(block))
+            except (OSError, http.client.HTTPException) as exc:
+                reason = type(exc).__name__ if not str(exc) else f"{type(exc).__name__}: {exc}"
+                raise DownloadError(
+                    f"download of {url} broke off after {out.tell()} bytes ({reason}); "
+                    f"run again to resume from {part}"
+                ) from None
+    return total
+
+
+def _check_existing(dest: Path, url: str, sha256: str | None) -> bool:
+    """True when ``dest`` may be used as it is. A file that is not what its name says (an HTML
+    page saved as a .zip) is removed, so that it is fetched again; a well-formed file with
+    another sha256 is left alone and refused."""
+    if problem := format_problem(dest):
+        print(f"{dest} {problem}: removed, downloading {url} again")
+        dest.unlink()
+        return False
+    if sha256 is not None and (got := sha256_of(dest)) != sha256:
         raise DownloadError(
-            f"{url}: sha256 {got} does not match the expected {sha256}; the partial file was removed"
+            f"{dest} exists but its sha256 is {got}, where {url} is published as {sha256}: "
+            "move it away or delete it to download the published file"
         )
+    return True
+
+
+def download(
+    url: str,
+    dest: str | os.PathLike,
+    *,
+    sha256: str | None,
+    size: int | None = None,
+    timeout: float = 30.0,
+) -> Path:
+    """Fetch ``url`` to ``dest`` unless a verified file is already there.
+
+    ``sha256`` is required: the published checksum, or None where the publisher gives none (say
+    so next to the URL; see nbzoo.data.sources). ``size`` is the published length, if any.
+    Nothing unverified is ever installed at ``dest``; a verification failure removes the
+    partial file, an interrupted transfer keeps it for the next run to resume.
+    """
+    dest = Path(dest)
+    if dest.exists() and _check_existing(dest, url, sha256):
+        return dest
+    if os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("NBZOO_OFFLINE") == "1":
+        raise DownloadError(_offline_message(url, dest, "offline mode is set"))
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    part = dest.with_name(dest.name + ".part")
+    if part.exists() and size is not None and part.stat().st_size > size:
+        part.unlink()  # longer than the published file: it belongs to something else
+    try:
+        total = _fetch(url, dest, part, timeout, resume=True)
+    except _Restart as why:
+        print(f"{dest.name}: {why}; downloading it again from the start")
+        part.unlink(missing_ok=True)
+        try:
+            total = _fetch(url, dest, part, timeout, resume=False)
+        except _Restart as again:
+            part.unlink(missing_ok=True)
+            raise DownloadError(f"cannot download {url}: {again}") from None
+
+    def reject(why: str) -> DownloadError:
+        part.unlink(missing_ok=True)
+        return DownloadError(f"{url}: {why}; the partial file was removed")
+
+    got = part.stat().st_size
+    if size is not None and total is not None and total != size:
+        raise reject(f"the server's file has {total} bytes, the published one {size}")
+    expected = total if total is not None else size
+    if expected is not None and got < expected:
+        raise DownloadError(
+            f"download of {url} is incomplete ({got} of {expected} bytes); run again to resume "
+            f"from {part}"
+        )
+    if expected is not None and got > expected:
+        raise reject(f"{got} bytes received, {expected} expected")
+    if sha256 is not None:
+        if (digest := sha256_of(part)) != sha256:
+            raise reject(f"sha256 {digest} does not match the published {sha256}")
+    elif expected is None:
+        raise reject(
+            "the server stated no length and no checksum is published, so a complete file "
+            "cannot be told from one cut short"
+        )
+    if problem := format_problem(part, dest.name):
+        raise reject(f"the download {problem}")
     os.replace(part, dest)
     return dest
 
 
 def extract_zip(archive: str | os.PathLike, into: str | os.PathLike) -> Path:
-    """Unpack a zip into ``into`` through a temporary folder, refusing paths that escape it."""
-    into = Path(into)
-    tmp = into.with_name(into.name + ".extracting")
+    """Unpack a zip into ``into`` through a temporary folder, refusing paths that escape it.
+
+    Files already in ``into`` are kept: an archive member lands only where no file is, or where
+    the file there has the same bytes; a member that would replace a different file stops the
+    extraction before anything is moved.
+    """
+    archive, into = Path(archive), Path(into)
+    if problem := format_problem(archive):
+        raise DownloadError(f"{archive} {problem}: delete it and download it again")
+    tmp = into.with_name(f"{into.name}.extracting-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    with zipfile.ZipFile(archive) as zf:
-        for member in zf.namelist():
-            target = (tmp / member).resolve()
-            if not str(target).startswith(str(tmp.resolve())):
-                raise DownloadError(f"{archive}: member {member!r} would be written outside {into}")
-        zf.extractall(tmp)
-    into.mkdir(parents=True, exist_ok=True)
-    for item in tmp.iterdir():
-        target = into / item.name
-        if target.exists():
-            shutil.rmtree(target) if target.is_dir() else target.unlink()
-        item.rename(target)
-    tmp.rmdir()
+    try:
+        with zipfile.ZipFile(archive) as zf:
+            for member in zf.namelist():
+                if not (tmp / member).resolve().is_relative_to(tmp.resolve()):
+                    raise DownloadError(
+                        f"{archive}: member {member!r} would be written outside {into}"
+                    )
+            try:
+                zf.extractall(tmp)
+            except (zipfile.BadZipFile, EOFError) as exc:
+                raise DownloadError(
+                    f"{archive}: damaged zip archive ({exc}); delete it and download it again"
+                ) from None
+        files = sorted(p for p in tmp.rglob("*") if p.is_file())
+        conflicts = [
+            into / p.relative_to(tmp)
+            for p in files
+            if (into / p.relative_to(tmp)).exists()
+            and (
+                not (into / p.relative_to(tmp)).is_file()
+                or sha256_of(into / p.relative_to(tmp)) != sha256_of(p)
+            )
+        ]
+        if conflicts:
+            shown = ", ".join(str(c) for c in conflicts[:5])
+            raise DownloadError(
+                f"{archive}: not unpacked, {len(conflicts)} of its files would replace different "
+                f"files already there ({shown}{', ...' if len(conflicts) > 5 else ''}); move "
+                "them away first"
+            )
+        for p in files:
+            target = into / p.relative_to(tmp)
+            if not target.exists():
+                target.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(p, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return into

@@ -20,6 +20,7 @@ and an item is a view into the mapped ``.bin`` (no copy).
 
 from __future__ import annotations
 
+import io
 import os
 import re
 import struct
@@ -28,6 +29,8 @@ from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
+
+from nbzoo.data import utf8
 
 MAGIC = b"MMIDIDX\x00\x00"
 VERSION = 1
@@ -161,11 +164,8 @@ class Dictionary:
         if not path.exists():
             raise FileNotFoundError(f"{path}: no such dictionary file (fairseq's dict.txt)")
         d = cls()
-        try:
-            with open(path, encoding="utf-8") as f:
-                lines = f.readlines()  # as fairseq reads it (not str.splitlines)
-        except UnicodeDecodeError as exc:
-            raise FairseqFormatError(f"{path}: not UTF-8 text ({exc})") from None
+        # as fairseq reads it: text mode's readlines (universal newlines), not str.splitlines
+        lines = io.StringIO(utf8.read_text(path, FairseqFormatError), newline=None).readlines()
         for lineno, raw in enumerate(lines, start=1):
             line = raw.rstrip()
             overwrite = False

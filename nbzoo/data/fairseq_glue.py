@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from nbzoo.data import glue
+from nbzoo.data import glue, sources
 from nbzoo.data.fairseq import (
     Dictionary,
     FairseqFormatError,
@@ -33,6 +33,8 @@ from nbzoo.data.gpt2_bpe import RobertaEncoder
 
 # GLUE split name → fairseq-preprocess output prefix (--trainpref / --validpref / --testpref).
 FAIRSEQ_SPLITS = {"train": "train", "dev": "valid", "test": "test"}
+# fairseq writes label/; the seed's tree (seeds/004_roberta.md) spells the folder lable/.
+LABEL_FOLDERS = ("label", "lable")
 
 
 def binarize_sst2(
@@ -40,8 +42,14 @@ def binarize_sst2(
     dest: str | os.PathLike,
     encoder: RobertaEncoder,
     splits: tuple[str, ...] = ("train", "dev", "test"),
+    label_name: str = "label",
 ) -> Path:
-    """``glue_dir/SST-2/*.tsv`` → ``dest/input0`` + ``dest/label``; returns ``dest``."""
+    """``glue_dir/SST-2/*.tsv`` → ``dest/input0`` + ``dest/label``; returns ``dest``.
+    ``label_name="lable"`` writes the labels under the seed's spelling instead."""
+    if label_name not in LABEL_FOLDERS:
+        raise ValueError(
+            f"label_name must be one of {', '.join(LABEL_FOLDERS)}; got {label_name!r}"
+        )
     dest = Path(dest)
     data = {split: glue.read_split(glue_dir, "sst2", split) for split in splits}
     if "train" not in data:
@@ -70,15 +78,31 @@ def binarize_sst2(
         if rows.labels is None:  # GLUE's test split has no labels; fairseq writes none either
             continue
         items = [label_dict.encode_line(str(label)) for label in rows.labels]
-        write_dataset(dest / "label" / FAIRSEQ_SPLITS[split], items, vocab_size=len(label_dict))
+        write_dataset(dest / label_name / FAIRSEQ_SPLITS[split], items, vocab_size=len(label_dict))
         log.append(f"[label] {split}: {len(items)} sents, {2 * len(items)} tokens")
-    label_dict.save(dest / "label" / "dict.txt")
-    write_bytes_atomic(dest / "label" / "preprocess.log", ("\n".join(log) + "\n").encode())
+    label_dict.save(dest / label_name / "dict.txt")
+    write_bytes_atomic(dest / label_name / "preprocess.log", ("\n".join(log) + "\n").encode())
     return dest
 
 
 def _now() -> str:
-    return _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+    return _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def label_folder(folder: str | os.PathLike) -> Path:
+    """The binarized labels' folder: ``label/`` (fairseq's name) or ``lable/`` (the seed's)."""
+    folder = Path(folder)
+    found = [folder / name for name in LABEL_FOLDERS if (folder / name).is_dir()]
+    if len(found) > 1:
+        raise FairseqFormatError(
+            f"{folder}: both label/ and lable/ exist; keep the one that matches input0/ "
+            "(fairseq writes label/, the seed's tree spells it lable/)"
+        )
+    if not found:
+        raise FileNotFoundError(
+            f"{folder}: no label/ (or the seed's lable/) folder; {sources.FAIRSEQ_SST2_HOWTO}"
+        )
+    return found[0]
 
 
 def load_task_dictionary(path: str | os.PathLike) -> Dictionary:
@@ -105,13 +129,14 @@ class SentencePredictionDataset(torch.utils.data.Dataset):
         folder = Path(folder)
         self.folder, self.split = folder, split
         self.dictionary = load_task_dictionary(folder / "input0" / "dict.txt")
-        label_file = Dictionary.load(folder / "label" / "dict.txt")
+        self.label_dir = label_folder(folder)
+        label_file = Dictionary.load(self.label_dir / "dict.txt")
         # Real labels have counts; fairseq pads the dictionary with zero-count madeupwords.
         n = label_file.nspecial
         self.class_names = [
             s for s, c in zip(label_file.symbols[n:], label_file.counts[n:], strict=True) if c > 0
         ]
-        self.label_dictionary = load_task_dictionary(folder / "label" / "dict.txt")
+        self.label_dictionary = load_task_dictionary(self.label_dir / "dict.txt")
         self.inputs = MMapIndexedDataset(folder / "input0" / split)
         self.init_token = init_token
         self.max_positions = max_positions
@@ -124,10 +149,13 @@ class SentencePredictionDataset(torch.utils.data.Dataset):
                 f"but {folder / 'input0' / 'dict.txt'} defines only {len(self.dictionary)} symbols"
             )
         self.targets = None
-        label_prefix = folder / "label" / split
+        label_prefix = self.label_dir / split
         if Path(f"{label_prefix}.idx").exists():
             self.targets = self._read_targets(label_prefix)
-        self.truncated = int((self.inputs.sizes + (init_token is not None) > max_positions).sum())
+        lengths = self.inputs.sizes.astype(np.int64) + (init_token is not None)
+        self.truncated = int((lengths > max_positions).sum())
+        # tokens per item as the model sees it: what fairseq's --max-tokens batching counts
+        self.item_tokens = np.minimum(lengths, max_positions)
 
     def _read_targets(self, prefix: Path) -> np.ndarray:
         labels = MMapIndexedDataset(prefix)

@@ -13,6 +13,7 @@ download for the ``full`` preset.
 from __future__ import annotations
 
 import csv
+import io
 import os
 import random
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from nbzoo.data import sources, utf8
 from nbzoo.data.download import download, extract_zip
 
 TASK_DIRS = {"sst2": "SST-2", "stsb": "STS-B"}
@@ -44,11 +46,8 @@ COLUMNS = {
 COLUMNS[("stsb", "dev")] = COLUMNS[("stsb", "train")]
 COLUMNS[("stsb", "test")] = COLUMNS[("stsb", "train")][:-1]
 
-# The archives GLUE's own download script fetches.
-URLS = {
-    "sst2": "https://dl.fbaipublicfiles.com/glue/data/SST-2.zip",
-    "stsb": "https://dl.fbaipublicfiles.com/glue/data/STS-B.zip",
-}
+# The archives GLUE's own download script fetches, with their published checksums.
+ARCHIVES = {"sst2": sources.GLUE_SST2, "stsb": sources.GLUE_STSB}
 
 
 class GlueFormatError(ValueError):
@@ -81,11 +80,12 @@ def read_split(data_dir: str | os.PathLike, task: str, split: str) -> GlueSplit:
     path = task_path(data_dir, task, split)
     if not path.exists():
         raise FileNotFoundError(
-            f"{path}: no such file (expected the GLUE layout {TASK_DIRS[task]}/{split}.tsv)"
+            f"{path}: no such file (expected the GLUE layout {TASK_DIRS[task]}/{split}.tsv; "
+            f"{sources.glue_howto(TASK_DIRS[task])})"
         )
     expected = COLUMNS[(task, split)]
-    with open(path, encoding="utf-8", newline="") as f:
-        rows = list(csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
+    text = utf8.read_text(path, GlueFormatError)
+    rows = list(csv.reader(io.StringIO(text, newline=""), delimiter="\t", quoting=csv.QUOTE_NONE))
     if not rows or rows[0] != expected:
         got = "\t".join(rows[0]) if rows else "an empty file"
         raise GlueFormatError(
@@ -120,6 +120,11 @@ def read_split(data_dir: str | os.PathLike, task: str, split: str) -> GlueSplit:
                         f"{path}, line {lineno}: score must be a number in [0, 5], got {row[col['score']]!r}"
                     )
                 labels.append(score)
+    if not text_a:
+        raise GlueFormatError(
+            f"{path}: the header and no rows; {split}.tsv needs at least one "
+            f"{chr(9).join(expected)!r} row"
+        )
     return GlueSplit(
         task, text_a, text_b if task == "stsb" else None, labels if "test" != split else None
     )
@@ -350,12 +355,19 @@ def write_sample_dataset(
     return Path(data_dir) / TASK_DIRS[task]
 
 
-def download_task(data_dir: str | os.PathLike, task: str, sha256: str | None = None) -> Path:
-    """Fetch and unpack a GLUE task archive into ``data_dir`` unless its files are there."""
+def download_task(data_dir: str | os.PathLike, task: str) -> Path:
+    """Fetch (checking the published sha256) and unpack a GLUE task archive into ``data_dir``
+    unless its files are there; files of the user's already in the task folder are kept."""
     folder = Path(data_dir) / TASK_DIRS[task]
     if all((folder / f"{s}.tsv").exists() for s in SPLITS):
         return folder
-    archive = download(URLS[task], Path(data_dir) / f"{TASK_DIRS[task]}.zip", sha256=sha256)
+    remote = ARCHIVES[task]
+    archive = download(
+        remote.url,
+        Path(data_dir) / f"{TASK_DIRS[task]}.zip",
+        sha256=remote.sha256,
+        size=remote.size,
+    )
     extract_zip(archive, data_dir)
     return folder
 

@@ -25,25 +25,23 @@ from pathlib import Path
 import numpy as np
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from nbzoo.data import sources, utf8
 from nbzoo.data.download import download
 from nbzoo.data.fairseq import Dictionary, FairseqFormatError, write_bytes_atomic
 
-# What examples/roberta/preprocess_GLUE_tasks.sh fetches.
-GPT2_BPE_URLS = {
-    "encoder.json": "https://dl.fbaipublicfiles.com/fairseq/gpt2_bpe/encoder.json",
-    "vocab.bpe": "https://dl.fbaipublicfiles.com/fairseq/gpt2_bpe/vocab.bpe",
-    "dict.txt": "https://dl.fbaipublicfiles.com/fairseq/gpt2_bpe/dict.txt",
+# What examples/roberta/preprocess_GLUE_tasks.sh fetches (no checksum published: sources.py).
+GPT2_BPE_FILES = {
+    "encoder.json": sources.GPT2_ENCODER_JSON,
+    "vocab.bpe": sources.GPT2_VOCAB_BPE,
+    "dict.txt": sources.GPT2_DICT_TXT,
 }
-FILES = tuple(GPT2_BPE_URLS)
+FILES = tuple(GPT2_BPE_FILES)
 MERGES_HEADER = "#version: 0.2"
 END_OF_TEXT = "<|endoftext|>"
 
 
 def _read_encoder(path: Path) -> dict[str, int]:
-    try:
-        vocab = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise FairseqFormatError(f"{path}: not a JSON object of token → id ({exc})") from None
+    vocab = utf8.read_json(path, FairseqFormatError)
     if not isinstance(vocab, dict) or not all(
         isinstance(k, str) and isinstance(v, int) for k, v in vocab.items()
     ):
@@ -54,7 +52,7 @@ def _read_encoder(path: Path) -> dict[str, int]:
 def _read_merges(path: Path) -> list[tuple[str, str]]:
     """fairseq's reading of vocab.bpe: drop the first line (the version header) and the text after
     the last newline, and split every other line into a pair."""
-    lines = path.read_text(encoding="utf-8").split("\n")[1:-1]
+    lines = utf8.read_text(path, FairseqFormatError).split("\n")[1:-1]
     merges = []
     for lineno, line in enumerate(lines, start=2):
         pair = line.split()
@@ -193,6 +191,6 @@ def train_bpe(
 def download_gpt2_bpe(folder: str | os.PathLike) -> Path:
     """fairseq's public encoder.json, vocab.bpe and dict.txt (as preprocess_GLUE_tasks.sh gets them)."""
     folder = Path(folder)
-    for name, url in GPT2_BPE_URLS.items():
-        download(url, folder / name)
+    for name, remote in GPT2_BPE_FILES.items():
+        download(remote.url, folder / name, sha256=remote.sha256, size=remote.size)
     return folder

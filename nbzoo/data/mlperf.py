@@ -28,6 +28,8 @@ import numpy as np
 import torch
 from tfrecord import example_pb2
 
+from nbzoo.data import sources
+
 # name -> (protobuf list kind, which length applies)
 FEATURES: dict[str, tuple[str, str]] = {
     "input_ids": ("int64_list", "seq"),
@@ -222,8 +224,11 @@ def list_shards(folder: str | os.PathLike) -> list[Path]:
     """The shards of a folder in name order (the order that defines "the first 10,000 samples")."""
     folder = Path(folder)
     if not folder.is_dir():
-        raise FileNotFoundError(f"{folder}: no such folder (expected part-XXXXX-of-NNNNN.tfrecord)")
-    shards, totals = [], set()
+        raise FileNotFoundError(
+            f"{folder}: no such folder (expected part-XXXXX-of-NNNNN.tfrecord shards; "
+            f"{sources.MLPERF_BERT_HOWTO})"
+        )
+    shards, indices, totals = [], [], set()
     for p in sorted(folder.iterdir()):
         m = SHARD_PATTERN.match(p.name)
         if m:
@@ -233,11 +238,25 @@ def list_shards(folder: str | os.PathLike) -> list[Path]:
                     f"{p}: shard index {index} is not below the shard count {total}"
                 )
             shards.append(p)
+            indices.append(index)
             totals.add(total)
     if not shards:
-        raise FileNotFoundError(f"{folder}: no part-XXXXX-of-NNNNN.tfrecord shards")
+        raise FileNotFoundError(
+            f"{folder}: no part-XXXXX-of-NNNNN.tfrecord shards; {sources.MLPERF_BERT_HOWTO}"
+        )
     if len(totals) > 1:
         raise TFRecordError(f"{folder}: shards disagree on the shard count: {sorted(totals)}")
+    # The evaluation split is the first samples in shard order: a set that does not run from
+    # 00000 without a gap would silently shift it (a prefix of the set, 00000..0000k, is fine).
+    if missing := sorted(set(range(max(indices) + 1)) - set(indices)):
+        total = totals.pop()
+        names = ", ".join(shard_name(i, total) for i in missing[:3])
+        raise TFRecordError(
+            f"{folder}: shard {names}{' ...' if len(missing) > 3 else ''} is missing "
+            f"({len(missing)} before the last shard present, {shard_name(max(indices), total)}): "
+            f"shards must run from {shard_name(0, total)} without a gap, because the evaluation "
+            f"split is the first {EVAL_SAMPLES:,} samples in shard order"
+        )
     return shards
 
 
@@ -256,9 +275,9 @@ class PretrainingShards(torch.utils.data.Dataset):
         stop: int | None = None,
         in_memory: bool = False,
     ):
+        self._files: dict[int, object] = {}  # first: __del__ closes them even if the listing fails
         paths = list_shards(shards) if isinstance(shards, str | os.PathLike) else shards
         self.paths = [Path(p) for p in paths]
-        self._files: dict[int, object] = {}
         self._offsets: list[np.ndarray] = []
         counted = 0
         for p in self.paths:  # index only as many shards as the range needs

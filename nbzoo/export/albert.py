@@ -1,7 +1,11 @@
 """ALBERT's offline-inference flow (the second half of seeds/002_albert.md) on top of the generic
 export and runner modules: the seed's file names, its export shapes, the stage pipeline
-export → simplify → optimize, PyTorch-eager timing on the runner's batches, and the sweep
-seq × batch × stage that notebook 02 tabulates.
+export → simplify → optimize (plus the int8 quantization of the plain export), the static models
+and the OM step (ATC, ais_bench, postprocess), PyTorch-eager timing on the runner's batches, and
+the sweep seq × batch × stage that notebook 02 tabulates.
+
+Timings are medians of repeated measurements with their interquartile range, so that one slow
+batch on a busy machine does not move a conclusion.
 """
 
 from __future__ import annotations
@@ -16,8 +20,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from nbzoo import infer
+from nbzoo import infer, progress
 from nbzoo.data import albert_preprocess
+from nbzoo.export import atc, om, quantize
 from nbzoo.export import onnx as onnx_export
 
 INPUT_NAMES = albert_preprocess.INPUT_NAMES
@@ -83,25 +88,105 @@ class Stages:
     parity: dict[str, float]  # stage → max |logit difference| against PyTorch
 
 
+FP32_STAGES = ("onnx", "onnx_sim", "onnx_opt")
+
+
 def build_stages(
     model,
     features: Mapping[str, np.ndarray],
     folder: str | os.PathLike,
     opset: int = onnx_export.DEFAULT_OPSET,
     parity_samples: int = 64,
+    int8: bool = True,
+    show_progress: bool = True,
 ) -> Stages:
     """The seed's pipeline on the dynamic-shape model: export → ``_sim`` → ``_opt`` (ORT's
-    fused transformer kernels), each checked against PyTorch on real samples."""
+    fused transformer kernels), each checked against PyTorch on real samples; with ``int8`` also
+    ``_int8``, ORT's dynamic quantization of the plain export (the fused graph does not quantize)."""
     cfg = model.config
-    raw = export(model, features, folder, None, opset)
-    sim = onnx_export.simplify(raw)
-    opt = onnx_export.optimize(
-        sim, model_type="bert", num_heads=cfg.num_attention_heads, hidden_size=cfg.hidden_size
-    )
-    paths = {"onnx": raw, "onnx_sim": sim, "onnx_opt": opt.path}
-    sample = {k: v[:parity_samples] for k, v in features.items()}
-    parity = {name: onnx_export.parity_check(model, p, sample) for name, p in paths.items()}
+    steps = ["export", "simplify", "optimize"] + (["quantize int8"] if int8 else []) + ["parity"]
+    bar = progress.bar(total=len(steps), desc="ONNX export", disable=not show_progress)
+    try:
+        bar.set_postfix_str("export", refresh=False)
+        raw = export(model, features, folder, None, opset)
+        bar.update()
+        bar.set_postfix_str("simplify", refresh=False)
+        sim = onnx_export.simplify(raw)
+        bar.update()
+        bar.set_postfix_str("optimize", refresh=False)
+        opt = onnx_export.optimize(
+            sim, model_type="bert", num_heads=cfg.num_attention_heads, hidden_size=cfg.hidden_size
+        )
+        bar.update()
+        paths = {"onnx": raw, "onnx_sim": sim, "onnx_opt": opt.path}
+        if int8:
+            bar.set_postfix_str("quantize int8", refresh=False)
+            paths["onnx_int8"] = quantize.quantize_dynamic(raw)
+            bar.update()
+        bar.set_postfix_str("parity", refresh=False)
+        sample = {k: v[:parity_samples] for k, v in features.items()}
+        parity = {name: onnx_export.parity_check(model, p, sample) for name, p in paths.items()}
+        bar.update()
+    finally:
+        bar.close()
     return Stages(paths, opt.fused, parity)
+
+
+def export_static(
+    model,
+    features: Mapping[str, np.ndarray],
+    folder: str | os.PathLike,
+    batch_size: int,
+    opset: int = onnx_export.DEFAULT_OPSET,
+) -> dict[str, Path]:
+    """The seed's static model for ATC: ``albert_seq{S}_bs{B}.onnx`` → ``_sim`` → ``_opt``
+    (standard ONNX operators only, which is what ATC converts)."""
+    raw = export(model, features, folder, batch_size, opset)
+    sim = onnx_export.simplify(raw)
+    return {"onnx": raw, "onnx_sim": sim, "onnx_opt": onnx_export.optimize_standard(sim)}
+
+
+# --- OM: ATC and ais_bench, as the seed runs them from its model folder --------------------------
+
+
+@dataclass
+class OmModel:
+    seq: int
+    batch: int
+    atc: atc.AtcRun
+    om: str | None  # relative to the work folder, as the seed's ais_bench line names it
+
+
+def convert_om(
+    work: str | os.PathLike, seq: int, batch: int, soc_version: str | None = None
+) -> OmModel:
+    """The seed's ATC line in ``work`` for ``outputs/albert_seq{S}_bs{B}_opt.onnx`` (made by
+    :func:`export_static` in ``work/outputs``); skipped, and said so, without ATC."""
+    stem = model_stem(seq, batch)
+    run = atc.convert_albert(
+        f"./outputs/{stem}_opt.onnx", f"./outputs/{stem}", batch, seq, soc_version, cwd=work
+    )
+    return OmModel(seq, batch, run, f"outputs/{stem}.om" if run.om_path else None)
+
+
+def om_predict(
+    work: str | os.PathLike, model: OmModel, samples: int
+) -> tuple[np.ndarray, dict[str, float], om.AisBenchRun]:
+    """The seed's ais_bench line in ``work`` (outputs in ``results/seq{S}_bs{B}``), then the
+    postprocess: the logits of samples ``0..samples-1`` and the run's latency statistics."""
+    if model.om is None:
+        raise om.OmError(f"albert_seq{model.seq}_bs{model.batch}: no .om ({model.atc.message})")
+    data = f"./preprocessed_data_seq{model.seq}"
+    argv = om.ais_bench_command(
+        model.om,
+        [f"{data}/{name}" for name in INPUT_NAMES],
+        "results",
+        f"seq{model.seq}_bs{model.batch}",
+        model.batch,
+    )
+    run = om.run_ais_bench(argv, work)
+    stats = {**run.latency_ms, "throughput": run.throughput}
+    return om.read_outputs(run, samples), stats, run
 
 
 # --- PyTorch eager, timed on the runner's batches -----------------------------------------------
@@ -155,20 +240,47 @@ def sweep(
     loop: int = 1,
     warmup: int = 1,
     spinning: bool = True,
+    om_models: Sequence[OmModel] = (),
+    work: str | os.PathLike | None = None,
+    show_progress: bool = True,
+    seq_lengths: Sequence[int] | None = None,
+    om_companions: Sequence[str] = ("onnx_opt",),
 ):
-    """For every sequence length × batch size: PyTorch eager and each ONNX stage (through the
-    ais_bench-style runner, outputs written and read back by the postprocess) → accuracy,
-    throughput, latency and the largest logit difference from PyTorch. Returns a DataFrame."""
+    """For every sequence length × batch size, and at the shape of every converted ``.om``:
+    PyTorch eager and each ONNX stage (through the ais_bench-style runner, outputs written and
+    read back by the postprocess), and the ``.om`` through ais_bench → accuracy, agreement with
+    PyTorch's predictions, median throughput with its interquartile range, latency and the
+    largest logit difference from PyTorch. The grid is ``seq_lengths`` (default: every length in
+    ``data_dirs``) × ``batch_sizes``; an ``.om`` shape outside it gets PyTorch, the stages named
+    in ``om_companions`` and the ``.om`` only. Returns a DataFrame."""
     import pandas as pd
 
-    rows = []
     threads = threads or torch.get_num_threads()
-    for seq_len, data_dir in data_dirs.items():
-        features, labels = albert_preprocess.load_features(data_dir)
-        for bs in batch_sizes:
+    oms = {(m.seq, m.batch): m for m in om_models if m.om is not None}
+    grid = {(s, b) for s in (seq_lengths or data_dirs) for b in batch_sizes}
+    points = sorted(grid | set(oms))
+
+    def stages_at(point):
+        return {n: p for n, p in stages.items() if point in grid or n in om_companions}
+
+    total = sum(1 + len(stages_at(p)) + (p in oms) for p in points)
+    bar = progress.bar(total=total, desc="sweep", disable=not show_progress)
+    rows = []
+    try:
+        loaded: dict[int, tuple] = {}
+        for seq_len, bs in points:
+            data_dir = data_dirs[seq_len]
+            if seq_len not in loaded:
+                loaded[seq_len] = albert_preprocess.load_features(data_dir)
+            features, labels = loaded[seq_len]
+            bar.set_postfix_str(f"seq {seq_len} batch {bs}: pytorch_eager", refresh=False)
             ref, stats = torch_predict(model, features, bs, loop, warmup)
-            rows.append(_row("pytorch_eager", seq_len, bs, ref, labels, stats, ref))
-            for name, path in stages.items():
+            rows.append(
+                _row("pytorch_eager", "PyTorch eager", seq_len, bs, ref, labels, stats, ref)
+            )
+            bar.update()
+            for name, path in stages_at((seq_len, bs)).items():
+                bar.set_postfix_str(f"seq {seq_len} batch {bs}: {name}", refresh=False)
                 summary = infer.run(
                     path,
                     albert_preprocess.input_dirs(data_dir),
@@ -184,69 +296,117 @@ def sweep(
                 )
                 logits = albert_preprocess.read_outputs(summary.output_dir, len(labels))
                 stats = {**summary.latency_ms, "throughput": summary.throughput}
-                rows.append(_row(name, seq_len, bs, logits, labels, stats, ref))
+                rows.append(_row(name, summary.backend, seq_len, bs, logits, labels, stats, ref))
+                bar.update()
+            if (seq_len, bs) in oms:
+                bar.set_postfix_str(f"seq {seq_len} batch {bs}: om (ais_bench)", refresh=False)
+                logits, stats, run = om_predict(work, oms[seq_len, bs], len(labels))
+                backend = "ais_bench " + (
+                    "(stand-in: ONNX Runtime on the CPU)" if "standin" in run.summary else "(NPU)"
+                )
+                rows.append(_row("om", backend, seq_len, bs, logits, labels, stats, ref))
+                bar.update()
+    finally:
+        bar.close()
     return pd.DataFrame(rows)
 
 
-def _row(stage, seq_len, bs, logits, labels, stats, ref) -> dict:
+def _row(stage, backend, seq_len, bs, logits, labels, stats, ref) -> dict:
+    # median batch latency → samples/s; the quartiles of the latency give its spread
+    per_second = 1000.0 * bs / stats["p50"]
+    q1, q3 = stats.get("q1", stats["p50"]), stats.get("q3", stats["p50"])
     return {
         "stage": stage,
+        "backend": backend,
         "seq": seq_len,
         "batch": bs,
         "accuracy": float((logits.argmax(-1) == labels).mean()),
-        "samples/s": stats["throughput"],
+        "agreement with PyTorch": float((logits.argmax(-1) == ref.argmax(-1)).mean()),
+        "samples/s": per_second,
+        "samples/s IQR": (1000.0 * bs / q3, 1000.0 * bs / q1),
         "latency p50 (ms)": stats["p50"],
         "latency p99 (ms)": stats["p99"],
         "max |Δlogit| vs PyTorch": float(np.abs(logits.astype(np.float64) - ref).max()),
     }
 
 
+def with_spread(table, value: str = "samples/s", spread: str = "samples/s IQR", digits: int = 0):
+    """``value`` as text ``median [q1–q3]`` per row (for display)."""
+    return table.apply(
+        lambda r: f"{r[value]:.{digits}f} [{r[spread][0]:.{digits}f}–{r[spread][1]:.{digits}f}]",
+        axis=1,
+    )
+
+
 # --- the headline speed-up --------------------------------------------------------------------
+
+
+def _quartiles(values: Sequence[float]) -> list[float]:
+    return [float(np.percentile(values, 25)), float(np.percentile(values, 75))]
 
 
 def speedup(
     model,
-    onnx_path: str | os.PathLike,
+    onnx_path: str | os.PathLike | Mapping[str, str | os.PathLike],
     features: Mapping[str, np.ndarray],
     batch_size: int,
     n_batches: int = 4,
     rounds: int = 3,
     threads: int | None = None,
     spinning: bool = True,
-) -> dict[str, float]:
+) -> dict[str, object]:
     """ONNX Runtime samples/s over PyTorch eager samples/s on the same batches and thread count,
-    measured in alternating rounds (so that a noisy neighbour slows both alike); each side's
-    throughput is its median over the rounds. ``spinning=False`` makes ORT's idle threads sleep,
-    as ``OMP_WAIT_POLICY=PASSIVE`` does for PyTorch's."""
+    measured in alternating rounds (PyTorch, then each ONNX model) so that a noisy neighbour slows
+    all alike. Each round gives a paired ratio; ``onnx_speedup`` is their median over the rounds,
+    ``onnx_speedup_iqr`` their interquartile range, and each side's samples/s is its median over
+    the rounds (with its IQR). ``onnx_path`` may map names to several models
+    (``{"onnx_opt": ..., "onnx_int8": ...}``): each gets ``<name>_speedup`` etc.; the first is
+    also reported under the plain ``onnx_`` keys. ``spinning=False`` makes ORT's idle threads
+    sleep, as ``OMP_WAIT_POLICY=PASSIVE`` does for PyTorch's."""
+    paths = dict(onnx_path) if isinstance(onnx_path, Mapping) else {"onnx": onnx_path}
     threads = threads or torch.get_num_threads()
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     data = batches(features, batch_size)[:n_batches]
-    backend = infer.OrtBackend(onnx_path, ep="cpu", threads=threads, spinning=spinning)
+    backends = {
+        name: infer.OrtBackend(p, ep="cpu", threads=threads, spinning=spinning)
+        for name, p in paths.items()
+    }
     device = next(model.parameters()).device
     tfeeds = [{k: torch.from_numpy(v).to(device) for k, v in b.items()} for b in data]
     model.eval()
-    ort_sps, torch_sps = [], []
+    samples = len(data) * batch_size
+    torch_sps: list[float] = []
+    ort_sps: dict[str, list[float]] = {name: [] for name in backends}
     try:
         with torch.inference_mode():
             model(**tfeeds[0])
-            backend(data[0])
+            for backend in backends.values():
+                backend(data[0])
             for _ in range(rounds):
                 tick = time.perf_counter()
                 for feed in tfeeds:
                     model(**feed)
-                torch_sps.append(len(data) * batch_size / (time.perf_counter() - tick))
-                tick = time.perf_counter()
-                for feed in data:
-                    backend(feed)
-                ort_sps.append(len(data) * batch_size / (time.perf_counter() - tick))
+                torch_sps.append(samples / (time.perf_counter() - tick))
+                for name, backend in backends.items():
+                    tick = time.perf_counter()
+                    for feed in data:
+                        backend(feed)
+                    ort_sps[name].append(samples / (time.perf_counter() - tick))
     finally:
         torch.set_num_threads(previous)
-    onnx_sps, eager_sps = float(np.median(ort_sps)), float(np.median(torch_sps))
-    return {
-        "onnx_speedup": onnx_sps / eager_sps,
-        "onnx_samples_per_second": onnx_sps,
-        "torch_samples_per_second": eager_sps,
+    result: dict[str, object] = {}
+    for i, (name, sps) in enumerate(ort_sps.items()):
+        ratios = [o / t for o, t in zip(sps, torch_sps, strict=True)]
+        keys = [name] + (["onnx"] if i == 0 and name != "onnx" else [])
+        for key in keys:
+            result[f"{key}_speedup"] = float(np.median(ratios))
+            result[f"{key}_speedup_iqr"] = _quartiles(ratios)
+            result[f"{key}_samples_per_second"] = float(np.median(sps))
+            result[f"{key}_samples_per_second_iqr"] = _quartiles(sps)
+    return result | {
+        "torch_samples_per_second": float(np.median(torch_sps)),
+        "torch_samples_per_second_iqr": _quartiles(torch_sps),
         "threads": threads,
         "batch_size": batch_size,
         "seq_len": int(features[INPUT_NAMES[0]].shape[1]),

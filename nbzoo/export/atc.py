@@ -25,9 +25,12 @@ from pathlib import Path
 _QUOTED = ("input_shape", "optypelist_for_implmode")
 
 # precision.ini for the seq-16 models. The seed passes --op_precision_mode=precision.ini but does
-# not print the file; the format is CANN's ([ByOpType] optype=mode). With the option replacing
-# --optypelist_for_implmode=Gelu --op_select_implmode=high_performance for seq 16, the evident
-# intent is to run Gelu in high-precision mode there; that is what we write.
+# not print the file. The one in its reference code (ModelZoo-PyTorch, ACL_PyTorch/contrib/nlp/
+# albert/precision.ini) is [ByNodeName]: Gelu in high_performance for 10 named nodes of its own
+# graph (Mul_105/Gelu ... Mul_1139/Gelu), leaving two of the 12 layers at ATC's default,
+# high_precision. Those node names belong to a graph rewritten by its magiconnx optimizer, not to
+# ours, so we write CANN's per-type form ([ByOpType] optype=mode) with the mode the seed leaves to
+# the rest: high precision for Gelu at the short length.
 SEQ16_PRECISION_MODES = {"Gelu": "high_precision"}
 
 ALBERT_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
@@ -173,22 +176,20 @@ def run_atc(argv: Sequence[str], cwd: str | os.PathLike | None = None) -> AtcRun
 
 
 def convert_albert(
-    model: str | os.PathLike,
-    output: str | os.PathLike,
+    model: str,
+    output: str,
     batch_size: int,
     seq_len: int,
     soc_version: str | None = None,
     cwd: str | os.PathLike | None = None,
 ) -> AtcRun:
-    """The seed's ATC step for one model: writes precision.ini beside the model for seq 16, reads
-    the soc version from npu-smi when not given, runs ATC or reports the skip. Relative paths are
-    taken from ``cwd`` (the printed command then reads like the seed's)."""
-    model = Path(model)
-    ini = model.parent / "precision.ini"
+    """The seed's ATC step for one model, run in ``cwd`` with the paths as given (strings, so that
+    ``./outputs/...`` stays byte for byte the seed's): writes ``precision.ini`` into ``cwd`` for
+    seq 16, reads the soc version from npu-smi when not given, runs ATC or reports the skip."""
     if seq_len == 16:
-        write_precision_ini(Path(cwd or ".") / ini)
+        write_precision_ini(Path(cwd or ".") / "precision.ini")
     soc = soc_version or detect_soc_version() or "${chip_name}"
-    argv = albert_atc_command(model, output, batch_size, seq_len, soc, precision_ini=ini)
+    argv = albert_atc_command(str(model), str(output), batch_size, seq_len, soc)
     if shutil.which("atc") is not None and soc == "${chip_name}":
         return AtcRun(
             format_command(argv),

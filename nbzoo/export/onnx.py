@@ -249,6 +249,32 @@ def optimize(
     return Optimized(out, fused)
 
 
+def optimize_standard(path: str | os.PathLike, out: str | os.PathLike | None = None) -> Path:
+    """``<stem>_opt.onnx`` in standard ONNX operators only, for converters (ATC) that know no ORT
+    contrib operator: ONNX Runtime's *basic* graph optimizations (constant folding, redundant
+    node elimination, MatMul + Add → Gemm), saved offline. The seed's own ``opt_onnx.py`` runs
+    magiconnx's BertBigKernelOptimizer (Ascend's fused-attention pattern), which has no open
+    counterpart."""
+    import onnxruntime as ort
+
+    path = Path(path)
+    out = Path(out) if out is not None else stage_path(path, "opt")
+    tmp = _tmp_path(out)
+    try:
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+        options.optimized_model_filepath = str(tmp)
+        ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        foreign = non_standard_ops(tmp)
+        if foreign:
+            raise ExportError(f"{out.name}: basic optimization left non-standard ops {foreign}")
+        onnx.checker.check_model(onnx.load(str(tmp)))
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return out
+
+
 def _proto(model: str | os.PathLike | onnx.ModelProto) -> onnx.ModelProto:
     return model if isinstance(model, onnx.ModelProto) else onnx.load(str(model))
 

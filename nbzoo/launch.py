@@ -1,0 +1,242 @@
+"""One launcher for every training notebook: its training on several devices (and machines)
+under torchrun (``torch.distributed.run``), the notebook continuing from what rank 0 wrote.
+
+A notebook's knobs ``devices`` (processes on this machine, one per device), ``nnodes``,
+``node_rank``, ``master_addr`` and ``master_port`` (several machines) become torchrun's
+arguments. Every rank runs the backend's training entry point (``module:function``, called as
+``function(cfg, rt, **kwargs)``) on its shard of the data: :func:`nbzoo.train.fit` shards each
+epoch's permutation across ranks and wraps the model in DistributedDataParallel, and
+:func:`nbzoo.device.setup` joins the process group (gloo on a CPU, nccl on CUDA, hccl on an
+NPU). ``batch_size`` stays per device, so the global batch is ``batch_size × devices × nnodes``,
+as in the seeds' 8-device scripts. Rank 0 writes the checkpoint and a JSON record of the run,
+which :func:`run` returns to the notebook.
+
+Run in the notebook's process, not torchrun's: the notebook keeps its plots and widgets, and
+the ranks are separate processes as on a real 8-device machine. On a machine with
+``node_rank > 0`` the notebook launches its ranks and stops with :class:`OtherNode` once they
+are done: node 0 writes the results.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import json
+import os
+import shlex
+import subprocess
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+KNOBS = ("devices", "nnodes", "node_rank", "master_addr", "master_port")
+MODES = ("train", "eval")
+
+
+class OtherNode(RuntimeError):
+    """This machine's ranks finished; node 0 writes the checkpoint and the results."""
+
+
+@dataclass(frozen=True)
+class Launch:
+    devices: int = 1  # processes on this machine, one per device
+    nnodes: int = 1  # machines
+    node_rank: int = 0  # this machine's index, 0 .. nnodes - 1 (node 0 writes the results)
+    master_addr: str = "127.0.0.1"  # node 0's address, reachable from every machine
+    master_port: int = 29500  # a free TCP port on node 0
+
+    def __post_init__(self):
+        for name in ("devices", "nnodes"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1; got {value!r}")
+        if not isinstance(self.node_rank, int) or not 0 <= self.node_rank < self.nnodes:
+            raise ValueError(
+                f"node_rank must be an integer from 0 to nnodes - 1 = {self.nnodes - 1}; "
+                f"got {self.node_rank!r}"
+            )
+        if not isinstance(self.master_port, int) or not 1 <= self.master_port <= 65535:
+            raise ValueError(f"master_port must be a TCP port (1..65535); got {self.master_port!r}")
+        if not self.master_addr:
+            raise ValueError("master_addr must name node 0 (a host name or an IP address)")
+
+    @classmethod
+    def from_config(cls, cfg: Mapping[str, Any]) -> Launch:
+        return cls(**{k: cfg[k] for k in KNOBS if cfg.get(k) is not None})
+
+    @property
+    def world_size(self) -> int:
+        return self.devices * self.nnodes
+
+    def torchrun_args(self) -> list[str]:
+        """torchrun's options. One machine: ``--standalone`` (a free local port, so that two jobs
+        on one machine never collide); several: the static rendezvous at master_addr:port."""
+        args = [f"--nproc_per_node={self.devices}"]
+        if self.nnodes == 1:
+            return [*args, "--standalone"]
+        return [
+            *args,
+            f"--nnodes={self.nnodes}",
+            f"--node_rank={self.node_rank}",
+            f"--master_addr={self.master_addr}",
+            f"--master_port={self.master_port}",
+        ]
+
+
+def identity(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """The part of a config that identifies a training run (for ``TrainConfig.run_id``): without
+    where node 0 listens, which machine this is, or ``mode``, so that a run resumes whatever port
+    it is relaunched on. The number of processes stays: it changes each rank's shard."""
+    return {
+        k: v for k, v in cfg.items() if k not in ("node_rank", "master_addr", "master_port", "mode")
+    }
+
+
+def check_mode(cfg: Mapping[str, Any]) -> str:
+    mode = cfg.get("mode", "train")
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {', '.join(MODES)}; got {mode!r}")
+    if mode == "eval" and cfg.get("devices", 1) * cfg.get("nnodes", 1) > 1:
+        print("mode = eval evaluates in this process: devices and nnodes are not used", flush=True)
+    return mode
+
+
+def needed(cfg: Mapping[str, Any], rt) -> bool:
+    """True in the notebook's process when the run asks for more than one process; False inside
+    a rank (already under torchrun) and for a one-device run."""
+    return Launch.from_config(cfg).world_size > 1 and rt.world_size == 1
+
+
+def recorded_runtime(rt, cfg: Mapping[str, Any]):
+    """The runtime a results file records: the notebook's, with the number of processes the
+    training ran on (the notebook's own process is one of one)."""
+    world = Launch.from_config(cfg).world_size if cfg.get("mode", "train") == "train" else 1
+    return dataclasses.replace(rt, world_size=max(rt.world_size, world))
+
+
+def command(entry: str, config_path: Path, out_path: Path, launch: Launch) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        *launch.torchrun_args(),
+        "-m",
+        "nbzoo.launch",
+        entry,
+        str(config_path),
+        str(out_path),
+    ]
+
+
+def run(
+    entry: str, cfg: Mapping[str, Any], workdir: str | os.PathLike, **kwargs: Any
+) -> dict[str, Any]:
+    """Run ``entry`` (``"module:function"``) on every rank under torchrun; return the record
+    rank 0 wrote. The ranks' output is streamed as it comes; a failure raises with its tail."""
+    launch = Launch.from_config(cfg)
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    config_path, out_path = workdir / "launch.json", workdir / "record.json"
+    config_path.write_text(json.dumps({"cfg": dict(cfg), "kwargs": kwargs}, default=str))
+    out_path.unlink(missing_ok=True)
+    cmd = command(entry, config_path, out_path, launch)
+    print(
+        f"launching {launch.world_size} processes ({launch.devices} on this machine, node "
+        f"{launch.node_rank} of {launch.nnodes}), global batch = per-device batch x "
+        f"{launch.world_size}:\n  {shlex.join(cmd)}",
+        flush=True,
+    )
+    tail: list[str] = []
+    with subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1
+    ) as proc:
+        for line in proc.stdout:
+            print(line, end="", flush=True)
+            tail = [*tail[-120:], line]
+    if proc.returncode != 0:
+        raise RuntimeError(
+            f"torchrun exited with {proc.returncode} ({shlex.join(cmd)}); last lines:\n"
+            + "".join(tail)
+        )
+    if launch.node_rank != 0:
+        raise OtherNode(
+            f"node {launch.node_rank} of {launch.nnodes}: its ranks finished; node 0 "
+            f"({launch.master_addr}) writes the checkpoint and the results"
+        )
+    return json.loads(out_path.read_text())
+
+
+def write_record(path: str | os.PathLike, record: Mapping[str, Any]) -> None:
+    """Write a JSON record atomically (a temporary file, then a rename)."""
+    path = Path(path)
+    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(record, default=_jsonable))
+    tmp.replace(path)
+
+
+def read_record(path: str | os.PathLike) -> dict[str, Any]:
+    return json.loads(Path(path).read_text())
+
+
+def _jsonable(value: Any) -> Any:
+    if dataclasses.is_dataclass(value):
+        return dataclasses.asdict(value)
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    if hasattr(value, "item"):
+        return value.item()
+    raise TypeError(f"not JSON-serialisable: {type(value).__name__}")
+
+
+def _rank_threads(kind: str) -> None:
+    """On a CPU the ranks share the machine: each gets its share of the cores."""
+    if kind != "cpu":
+        return
+    import torch
+
+    from nbzoo.device import cpu_share
+
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    torch.set_num_threads(max(1, cpu_share() // local))
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m nbzoo.launch MODULE:FUNCTION CONFIG.json RECORD.json`` on every rank."""
+    import torch.distributed as dist
+
+    from nbzoo import device as nbdevice
+    from nbzoo.presets import Config
+
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 3:
+        raise SystemExit("usage: python -m nbzoo.launch MODULE:FUNCTION CONFIG.json RECORD.json")
+    entry, config_path, out_path = argv
+    module_name, _, function_name = entry.partition(":")
+    function = getattr(importlib.import_module(module_name), function_name)
+    blob = json.loads(Path(config_path).read_text())
+    cfg = Config(blob["cfg"])
+    if cfg.get("threads"):
+        import torch
+
+        torch.set_num_threads(cfg["threads"])
+    else:
+        _rank_threads(nbdevice.resolve_device(cfg.get("device", "auto")))
+    rt = nbdevice.setup(
+        cfg.get("device", "auto"),
+        cfg.get("precision", "auto"),
+        cfg.get("seed", 0),
+        loss_scale=cfg.get("enable_lossscale", True),
+    )
+    try:
+        record = function(cfg, rt, **blob["kwargs"])
+        if rt.is_main:
+            write_record(out_path, record)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

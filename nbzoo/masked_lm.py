@@ -1,0 +1,236 @@
+"""Masked-LM training of notebooks 04 (Reformer) and 05 (Longformer): one backend, ``kind`` says
+which model. The verbs: :func:`prepare_data` (the seed's ``corpus/`` + ``lf_token/``),
+:func:`build_model`, :func:`train` (in this process, or under torchrun when ``devices > 1``) and
+:func:`load_weights` for ``mode = "eval"`` (the notebooks then score the loaded weights with
+:func:`nbzoo.longseq.evaluate_mlm`, as after training).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_model, save_model
+from transformers import get_linear_schedule_with_warmup
+
+from nbzoo import launch, longseq, metrics, patching, paths
+from nbzoo.data import corpus
+from nbzoo.device import Runtime
+from nbzoo.train import TrainConfig, TrainResult, config_hash, fit, global_mean
+
+KINDS = ("reformer", "longformer")
+# The runtime patches each model trains under (the notebook applies them; so does every rank).
+PATCHES = {
+    "reformer": ("reformer_lsh_seeded", "reformer_inference_path"),
+    "longformer": ("longformer_sliding_window", "longformer_static_global"),
+}
+# The metrics each notebook's training evaluates at every epoch end.
+EVAL_KEYS = {
+    "reformer": ("masked_token_accuracy", "baseline_accuracy"),
+    "longformer": ("perplexity", "unigram_perplexity"),
+}
+RECORD = "training_record.json"  # beside the final weights: the run's history
+
+
+def _check_kind(kind: str) -> None:
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {', '.join(KINDS)}; got {kind!r}")
+
+
+def apply_patches(kind: str) -> None:
+    _check_kind(kind)
+    for name in PATCHES[kind]:
+        patching.apply(name)
+
+
+@dataclass
+class Data:
+    tokenizer: Any
+    docs: dict[str, list[str]]
+    train_set: corpus.BlockDataset
+    test_set: corpus.BlockDataset
+
+
+def prepare_data(cfg: Any, write: bool = True) -> Data:
+    """The corpus and tokenizer under ``cfg.data_dir`` cut into blocks. ``write``: generate the
+    demo corpus and (re)train its tokenizer first (generated text is retrained on every run,
+    deterministic and < 1 s); the ranks of a torchrun job read what the notebook wrote."""
+    # the ranks of a torchrun job load, as "local" data, what the notebook generated
+    source = cfg.data_source if write else "local"
+    tokenizer, docs = corpus.prepare_data(
+        paths.resolve(cfg.data_dir),
+        source,
+        cfg.sample_sizes,
+        seed=cfg.seed,
+        vocab_size=cfg.tokenizer_vocab_size,
+    )
+    return Data(
+        tokenizer,
+        docs,
+        corpus.block_dataset(docs["train"], tokenizer, cfg.block_size),
+        corpus.block_dataset(docs["test"], tokenizer, cfg.block_size),
+    )
+
+
+def build_model(kind: str, cfg: Any, tokenizer) -> torch.nn.Module:
+    """The model of ``cfg`` from the seed ``cfg.seed``; with ``init_checkpoint`` its weights are
+    then those of that checkpoint (a run's ``final/`` folder or its model.safetensors)."""
+    _check_kind(kind)
+    torch.manual_seed(cfg.seed)
+    model = longseq.build_mlm_model(
+        kind, cfg.model_name, cfg.model_config, tokenizer, cfg.block_size
+    )
+    if cfg.get("init_checkpoint"):
+        load_weights(model, cfg.init_checkpoint)
+    return model
+
+
+def global_ids(cfg: Any, tokenizer) -> tuple[int, ...]:
+    return (tokenizer.bos_token_id,) if cfg.get("global_attention") == "bos" else ()
+
+
+def train_collator(kind: str, cfg: Any, tokenizer):
+    """04: BERT's token-level masking; 05: whole n-gram masking, ``<s>`` tokens global."""
+    if kind == "reformer":
+        return corpus.mlm_collator(tokenizer, cfg.mlm_probability, seed=cfg.seed)
+    return longseq.GlobalOnTokens(
+        corpus.ngram_collator(
+            tokenizer, cfg.mlm_probability, max_ngram=cfg.max_ngram, seed=cfg.seed
+        ),
+        global_ids(cfg, tokenizer),
+    )
+
+
+def test_batches(kind: str, cfg: Any, tokenizer, test_set) -> list[dict[str, torch.Tensor]]:
+    """The test set masked once (seed + 1), so every evaluation scores the same positions."""
+    if kind == "reformer":
+        collator = corpus.mlm_collator(tokenizer, cfg.mlm_probability, seed=cfg.seed + 1)
+    else:
+        collator = longseq.GlobalOnTokens(
+            corpus.ngram_collator(tokenizer, cfg.mlm_probability, cfg.max_ngram, seed=cfg.seed + 1),
+            global_ids(cfg, tokenizer),
+        )
+    return corpus.masked_batches(test_set, collator, cfg.eval_batch_size)
+
+
+def masked_lm_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Cross-entropy over the masked tokens, averaged over the global batch's masked tokens
+    (:func:`nbzoo.train.global_mean`): under torchrun the ranks hold different numbers of them."""
+    labels = batch["labels"]
+    logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
+    keep = labels != metrics.IGNORE_INDEX
+    total = torch.nn.functional.cross_entropy(logits[keep].float(), labels[keep], reduction="sum")
+    return global_mean(total, keep.sum().to(total.dtype))
+
+
+def final_dir(cfg: Any) -> Path:
+    """Where rank 0 saves the trained weights (model.safetensors) and the run's record."""
+    return paths.resolve(cfg.checkpoint_dir) / "final"
+
+
+def save_weights(model: torch.nn.Module, folder: str | os.PathLike, result: TrainResult) -> Path:
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / f".model.safetensors.tmp-{os.getpid()}"
+    save_model(model, str(tmp))
+    tmp.replace(folder / "model.safetensors")
+    launch.write_record(folder / RECORD, {"result": asdict(result)})
+    return folder
+
+
+def load_weights(model: torch.nn.Module, path: str | os.PathLike) -> TrainResult:
+    """Load a checkpoint's weights into ``model`` (same architecture); return the history of the
+    run that wrote it (empty when it has no record)."""
+    path = paths.resolve(path)
+    file = path / "model.safetensors" if path.is_dir() else path
+    if not file.exists():
+        raise FileNotFoundError(
+            f"{file}: no weights here; init_checkpoint must name a trained run's final/ folder "
+            "(checkpoint_dir/final, written by mode=train) or its model.safetensors"
+        )
+    try:
+        load_model(model, str(file), device=str(next(model.parameters()).device))
+    except RuntimeError as exc:
+        raise ValueError(f"{file}: does not fit this model's architecture: {exc}") from None
+    record = file.parent / RECORD
+    if record.exists():
+        return TrainResult(**launch.read_record(record)["result"])
+    return TrainResult([], [], 0, 0, 0.0, None)
+
+
+def train(
+    kind: str,
+    cfg: Any,
+    rt: Runtime,
+    model: torch.nn.Module,
+    data: Data,
+    eval_batches: list[dict[str, torch.Tensor]],
+    unigram: longseq.Unigram,
+) -> TrainResult:
+    """Train ``model`` (on ``rt.device``) with AdamW and linear warm-up / decay; evaluate at every
+    epoch end. With ``devices`` (× ``nnodes``) > 1 the ranks train under torchrun and ``model``
+    gets the weights rank 0 saved."""
+    if launch.needed(cfg, rt):
+        record = launch.run(
+            "nbzoo.masked_lm:train_on_rank", cfg, final_dir(cfg).with_name("launch"), kind=kind
+        )
+        load_weights(model, final_dir(cfg))
+        return TrainResult(**record["result"])
+    steps = cfg.epochs * -(-len(data.train_set) // (cfg.batch_size * rt.world_size))
+    if cfg.max_steps:
+        steps = min(steps, cfg.max_steps)
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay
+    )
+    scheduler = get_linear_schedule_with_warmup(optimizer, int(cfg.warmup_ratio * steps), steps)
+    train_cfg = TrainConfig(
+        epochs=cfg.epochs,
+        batch_size=cfg.batch_size,
+        max_steps=cfg.max_steps or None,
+        max_grad_norm=1.0,
+        checkpoint_dir=paths.resolve(cfg.checkpoint_dir) / "training",
+        checkpoint_every=cfg.checkpoint_every or None,
+        seed=cfg.seed,
+        run_id=config_hash(launch.identity(cfg), len(data.train_set), patching.active()),
+        desc=f"{kind} mlm",
+        collate_global_batch=True,  # the masks are drawn as one process with the global batch would
+        # Reformer's reversible layers run their own backward passes, and transformers' Reformer
+        # never uses lm_head.bias in its forward (the decoder holds its own)
+        ddp_static_graph=kind == "reformer",
+    )
+
+    def evaluate(m):
+        scores = longseq.evaluate_mlm(m, eval_batches, rt, unigram)
+        return {k: scores[k] for k in EVAL_KEYS[kind]}
+
+    result = fit(
+        model,
+        data.train_set,
+        optimizer,
+        rt,
+        train_cfg,
+        collate_fn=train_collator(kind, cfg, data.tokenizer),
+        scheduler=scheduler,
+        eval_fn=evaluate,
+        # one process: the model's own loss (the demo's arithmetic); torchrun: the global mean
+        loss_fn=masked_lm_loss if rt.distributed else None,
+    )
+    if rt.is_main:
+        save_weights(model, final_dir(cfg), result)
+    return result
+
+
+def train_on_rank(cfg: Any, rt: Runtime, kind: str) -> dict[str, Any]:
+    """The torchrun entry point (``nbzoo.launch``): every rank trains on its shard."""
+    apply_patches(kind)
+    data = prepare_data(cfg, write=False)
+    model = build_model(kind, cfg, data.tokenizer).to(rt.device)
+    unigram = longseq.Unigram.fit(
+        data.train_set.blocks, len(data.tokenizer), data.tokenizer.all_special_ids
+    )
+    eval_batches = test_batches(kind, cfg, data.tokenizer, data.test_set)
+    result = train(kind, cfg, rt, model, data, eval_batches, unigram)
+    return {"result": asdict(result)}

@@ -1,0 +1,387 @@
+"""nbzoo.launch: one torchrun launcher for the training notebooks (01, 03, 04, 05, 06).
+
+For each notebook's training entry point: a 2-process gloo run under torchrun and a 1-process run
+with the same global batch give the same losses (fp32 tolerance), and ``mode = "eval"`` on the
+trained checkpoint reproduces the run's final metrics exactly. Tiny configs: the launches are the
+slow part (two Python processes each)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from nbzoo import device as nbdevice
+from nbzoo import finetune, launch, longseq, masked_lm, patching, presets, pretraining
+from nbzoo import sentence_prediction as sp
+from nbzoo.data import glue
+
+# fp32 tolerance: the same arithmetic in another order (two half-batches, a gradient all-reduce)
+LOSS_RTOL, LOSS_ATOL = 1e-4, 1e-6
+
+
+def config(stem: str, preset: str = "demo", **overrides):
+    """A notebook's resolved preset, as its parameters cell would give it."""
+    tables = presets.load(stem)
+    namespace = {k: None for table in tables.values() for k in table}
+    namespace.update({k: None for k in presets.TRAINING_DEFAULTS})
+    namespace.update(device="cpu", precision="fp32", seed=0, output_dir=None)
+    namespace.update(overrides)
+    return presets.resolve(stem, preset, namespace)
+
+
+def changed(cfg, **values):
+    return presets.Config({**cfg, **values})
+
+
+def cpu_runtime(seed: int = 0):
+    torch.set_num_threads(1)
+    return nbdevice.setup("cpu", "fp32", seed)
+
+
+def losses(result) -> np.ndarray:
+    history = result["history"] if isinstance(result, dict) else result.history
+    return np.array([h["loss"] for h in history])
+
+
+def assert_same_losses(two_process, one_process, steps: int):
+    a, b = losses(two_process), losses(one_process)
+    assert len(a) == len(b) == steps
+    np.testing.assert_allclose(a, b, rtol=LOSS_RTOL, atol=LOSS_ATOL)
+
+
+# --- the launcher itself (fast) ---------------------------------------------------------------
+
+
+def test_one_machine_launches_standalone_so_two_jobs_never_share_a_port():
+    args = launch.Launch(devices=8).torchrun_args()
+    assert args == ["--nproc_per_node=8", "--standalone"]
+
+
+def test_several_machines_pass_the_rendezvous_of_node_zero():
+    spec = launch.Launch(
+        devices=8, nnodes=2, node_rank=1, master_addr="10.0.0.5", master_port=29400
+    )
+    assert spec.world_size == 16
+    assert spec.torchrun_args() == [
+        "--nproc_per_node=8",
+        "--nnodes=2",
+        "--node_rank=1",
+        "--master_addr=10.0.0.5",
+        "--master_port=29400",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("knobs", "message"),
+    [
+        ({"devices": 0}, "devices must be an integer >= 1"),
+        ({"nnodes": 2, "node_rank": 2}, "node_rank must be an integer from 0 to nnodes - 1 = 1"),
+        ({"master_port": 70000}, "master_port must be a TCP port"),
+        ({"master_addr": ""}, "master_addr must name node 0"),
+    ],
+)
+def test_a_bad_launch_knob_is_refused_with_its_name(knobs, message):
+    with pytest.raises(ValueError, match=message):
+        launch.Launch(**knobs)
+
+
+def test_a_mode_other_than_train_or_eval_is_refused():
+    with pytest.raises(ValueError, match="mode must be one of train, eval; got 'test'"):
+        launch.check_mode({"mode": "test"})
+
+
+def test_only_the_notebook_process_of_a_multi_device_run_launches():
+    one = nbdevice.Runtime(kind="cpu", precision="fp32")
+    rank = nbdevice.Runtime(kind="cpu", precision="fp32", rank=1, world_size=2)
+    assert launch.needed({"devices": 2}, one)
+    assert not launch.needed({"devices": 1}, one)
+    assert not launch.needed({"devices": 2}, rank)
+
+
+def test_a_results_file_records_the_processes_the_training_ran_on():
+    rt = nbdevice.Runtime(kind="cpu", precision="fp32")
+    assert launch.recorded_runtime(rt, {"devices": 2, "nnodes": 2}).world_size == 4
+    assert launch.recorded_runtime(rt, {"devices": 2, "mode": "eval"}).world_size == 1
+
+
+@pytest.mark.parametrize(
+    "stem", ["01_albert_glue", "03_roberta_sst2", "04_reformer_mlm", "05_longformer_mlm"]
+)
+def test_full_8p_is_the_seeds_eight_device_row_and_full_its_one_device_row(stem):
+    full, eight = config(stem, "full"), config(stem, "full_8p")
+    assert (full.devices, eight.devices) == (1, 8)
+    assert eight.batch_size == full.batch_size  # per device: the global batch is 8 times larger
+    assert eight.checkpoint_dir != full.checkpoint_dir
+    epochs = {"01_albert_glue": (2, 7), "03_roberta_sst2": (1, 10), "04_reformer_mlm": (1, 10)}
+    assert (full.epochs, eight.epochs) == epochs.get(stem, (3, 3))
+
+
+def test_bert_thor_full_8p_is_the_seeds_run_of_eight_devices_with_batch_12_each():
+    full, eight = config("06_bert_thor", "full"), config("06_bert_thor", "full_8p")
+    assert (full.devices, eight.devices) == (1, 8)
+    assert eight.batch_size * eight.devices == 96
+
+
+def test_an_explicit_devices_knob_wins_over_the_preset():
+    assert config("01_albert_glue", "full_8p", devices=2).devices == 2
+    assert config("01_albert_glue", "demo").devices == 1
+
+
+# --- 01: GLUE fine-tuning ----------------------------------------------------------------------
+
+
+def glue_config(tmp, run: str, batch_size: int, **extra):
+    return config(
+        "01_albert_glue",
+        task="sst2",
+        data_dir=str(tmp / "glue"),
+        data_source="local",
+        model_config={
+            "embedding_size": 16,
+            "hidden_size": 32,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 2,
+            "intermediate_size": 64,
+            "hidden_dropout_prob": 0.0,
+            "attention_probs_dropout_prob": 0.0,
+            "classifier_dropout_prob": 0.0,
+            "initializer_range": 0.15,
+            "max_position_embeddings": 16,
+        },
+        max_seq_length=16,
+        epochs=1,
+        batch_size=batch_size,
+        max_steps=4,
+        checkpoint_every=0,
+        checkpoint_dir=str(tmp / run),
+        **extra,
+    )
+
+
+@pytest.fixture(scope="module")
+def glue_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("glue")
+    glue.write_sample_dataset(tmp / "glue", "sst2", {"train": 128, "dev": 40}, seed=0)
+    cfg = glue_config(tmp, "one", batch_size=16)
+    rt = cpu_runtime()
+    return tmp, cfg, rt, finetune.train("sst2", cfg, rt)
+
+
+@pytest.mark.slow
+def test_glue_fine_tuning_on_two_processes_matches_one_process_with_the_same_global_batch(
+    glue_run,
+):
+    tmp, _, rt, one = glue_run
+    cfg = glue_config(tmp, "two", batch_size=8, devices=2)
+    two = finetune.train("sst2", cfg, rt)
+    assert_same_losses(two.result, one.result, steps=4)
+    assert two.result.samples == one.result.samples == 64
+    assert two.metrics["sst2_accuracy"] == pytest.approx(one.metrics["sst2_accuracy"], abs=1 / 40)
+
+
+@pytest.mark.slow
+def test_glue_eval_mode_reproduces_the_trained_runs_metrics_exactly(glue_run):
+    _, cfg, rt, one = glue_run
+    evaluated = finetune.evaluate("sst2", changed(cfg, mode="eval"), rt)
+    assert evaluated.metrics == one.metrics
+    assert evaluated.result.history == one.result.history  # the run's record beside the checkpoint
+
+
+# --- 03: fairseq sentence prediction -------------------------------------------------------------
+
+
+def sst2_config(tmp, run: str, batch_size: int, **extra):
+    return config(
+        "03_roberta_sst2",
+        data_dir=str(tmp / "bin"),
+        glue_dir=str(tmp / "glue"),
+        bpe_dir=str(tmp / "bpe"),
+        sample_sizes={"train": 128, "dev": 40, "test": 8},
+        bpe_vocab_size=300,
+        model_config={
+            "hidden_size": 32,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 2,
+            "intermediate_size": 64,
+        },
+        dropout=0.0,
+        epochs=1,
+        batch_size=batch_size,
+        max_steps=4,
+        checkpoint_dir=str(tmp / run),
+        **extra,
+    )
+
+
+@pytest.fixture(scope="module")
+def sst2_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("sst2")
+    cfg = sst2_config(tmp, "one", batch_size=16)
+    folder = sp.prepare_data(cfg)
+    rt = cpu_runtime()
+    return tmp, cfg, rt, folder, sp.train(cfg, rt, folder)
+
+
+@pytest.mark.slow
+def test_roberta_fine_tuning_on_two_processes_matches_one_process_with_the_same_global_batch(
+    sst2_run,
+):
+    tmp, _, rt, folder, one = sst2_run
+    cfg = sst2_config(tmp, "two", batch_size=8, devices=2, data_source="binarized")
+    two = sp.train(cfg, rt, folder)
+    assert_same_losses(two.result, one.result, steps=4)
+    assert two.checkpoint == tmp / "two" / "hf"
+
+
+@pytest.mark.slow
+def test_roberta_eval_mode_reproduces_the_trained_runs_accuracy_exactly(sst2_run):
+    _, cfg, rt, folder, one = sst2_run
+    evaluated = sp.evaluate(changed(cfg, mode="eval"), rt, folder)
+    assert evaluated.accuracy == one.accuracy
+    assert evaluated.result.history == one.result.history
+
+
+# --- 04 / 05: masked LM ------------------------------------------------------------------------
+
+
+def mlm_config(stem: str, tmp, run: str, batch_size: int, **extra):
+    return config(
+        stem,
+        data_dir=str(tmp / "corpus"),
+        sample_sizes={"train": 120, "test": 20},
+        epochs=1,
+        batch_size=batch_size,
+        max_steps=3,
+        eval_batch_size=8,
+        checkpoint_dir=str(tmp / run),
+        **extra,
+    )
+
+
+def mlm_train_in_process(kind: str, cfg, rt):
+    """What the notebook's cells do: data, model, the masked test set, training."""
+    masked_lm.apply_patches(kind)
+    data = masked_lm.prepare_data(cfg)
+    model = masked_lm.build_model(kind, cfg, data.tokenizer).to(rt.device)
+    unigram = longseq.Unigram.fit(
+        data.train_set.blocks, len(data.tokenizer), data.tokenizer.all_special_ids
+    )
+    batches = masked_lm.test_batches(kind, cfg, data.tokenizer, data.test_set)
+    result = masked_lm.train(kind, cfg, rt, model, data, batches, unigram)
+    return data, model, unigram, batches, result
+
+
+MLM = {"reformer": "04_reformer_mlm", "longformer": "05_longformer_mlm"}
+
+
+@pytest.fixture(scope="module", params=sorted(MLM))
+def mlm_run(request, tmp_path_factory):
+    kind = request.param
+    tmp = tmp_path_factory.mktemp(kind)
+    cfg = mlm_config(MLM[kind], tmp, "one", batch_size=4)
+    rt = cpu_runtime()
+    # the notebook's kernel keeps its patches; this module's tests keep them for the fixture's
+    # life only, so that later modules (test_patches_longseq's upstream checks) see upstream
+    with patching.applied(*masked_lm.PATCHES[kind]):
+        yield kind, tmp, cfg, rt, mlm_train_in_process(kind, cfg, rt)
+
+
+@pytest.mark.slow
+def test_masked_lm_on_two_processes_matches_one_process_with_the_same_global_batch(mlm_run):
+    """The masks are drawn for the global batch and the loss is averaged over its masked tokens,
+    so the two half-batches train as the whole one would."""
+    kind, tmp, _, rt, (data, *_, one) = mlm_run
+    cfg = mlm_config(MLM[kind], tmp, "two", batch_size=2, devices=2, data_source="local")
+    model = masked_lm.build_model(kind, cfg, data.tokenizer)
+    unigram = longseq.Unigram.fit(data.train_set.blocks, len(data.tokenizer), [])
+    two = masked_lm.train(kind, cfg, rt, model, data, [], unigram)
+    assert_same_losses(two, one, steps=3)
+    assert (tmp / "two" / "final" / "model.safetensors").exists()
+
+
+@pytest.mark.slow
+def test_masked_lm_eval_mode_reproduces_the_trained_runs_metrics_exactly(mlm_run):
+    kind, _, cfg, rt, (data, model, unigram, batches, result) = mlm_run
+    final = longseq.evaluate_mlm(model, batches, rt, unigram)
+    fresh = masked_lm.build_model(kind, changed(cfg, mode="eval"), data.tokenizer)
+    record = masked_lm.load_weights(fresh, masked_lm.final_dir(cfg))
+    assert longseq.evaluate_mlm(fresh, batches, rt, unigram) == final
+    assert record.history == result.history
+    assert {k: final[k] for k in masked_lm.EVAL_KEYS[kind]} == {
+        k: result.evals[-1][k] for k in masked_lm.EVAL_KEYS[kind]
+    }
+
+
+# --- 06: BERT pretraining with THOR -------------------------------------------------------------
+
+
+def thor_config(tmp, batch_size: int, **extra):
+    extra = {"checkpoint_dir": str(tmp / "checkpoints"), **extra}
+    return config(
+        "06_bert_thor",
+        threads=1,
+        grid_workers=1,
+        data_dir=str(tmp / "shards"),
+        num_samples=400,
+        samples_per_shard=200,
+        eval_samples=100,
+        batch_size=batch_size,
+        max_steps=4,
+        eval_every=2,
+        eval_batch_size=50,
+        frequency=2,
+        stats_every=1,
+        grid={"thor": [{"lr": 0.02, "damping": 0.007035}], "adamw": [{"lr": 0.003}]},
+        **extra,
+    )
+
+
+@pytest.fixture(scope="module")
+def thor_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("thor")
+    cfg = thor_config(tmp, batch_size=16)
+    pretraining.prepare_data(cfg)
+    rt = cpu_runtime()
+    train_data, eval_data = pretraining.load_data(cfg)
+    return tmp, cfg, rt, eval_data, pretraining.train(cfg, rt, train_data, eval_data)
+
+
+@pytest.mark.slow
+def test_thor_pretraining_on_two_processes_matches_one_process_with_the_same_global_batch(
+    thor_run,
+):
+    """THOR all-reduces its factors; the masked-LM loss is averaged over the global batch."""
+    tmp, _, rt, _, one = thor_run
+    cfg = thor_config(tmp, batch_size=8, devices=2, checkpoint_dir="")
+    two = pretraining.train(cfg, rt, [], [], workdir=tmp / "torchrun")
+    assert [r.optimizer for r in two] == ["thor", "adamw"]
+    for a, b in zip(two, one, strict=True):
+        assert_same_losses(a, b, steps=4)
+        np.testing.assert_allclose(
+            [e["mlm_accuracy"] for e in a.evals], [e["mlm_accuracy"] for e in b.evals], atol=0.02
+        )
+
+
+@pytest.mark.slow
+def test_thor_eval_mode_reproduces_the_trained_runs_final_accuracy_exactly(thor_run):
+    tmp, cfg, rt, eval_data, runs = thor_run
+    thor = runs[0]
+    last = tmp / "checkpoints" / "thor-lr0.02-d0.007035" / "last"
+    scores = pretraining.evaluate_checkpoint(
+        changed(cfg, mode="eval", init_checkpoint=str(last)), rt, eval_data
+    )
+    assert scores["mlm_accuracy"] == thor.final_accuracy
+    assert scores["mlm_loss"] == thor.evals[-1]["mlm_loss"]
+
+
+def test_a_pretraining_checkpoint_of_another_shape_is_refused_with_its_path(tmp_path):
+    from safetensors.torch import save_file
+
+    path = tmp_path / "other.safetensors"
+    save_file({"bert.embeddings.word_embeddings.weight": torch.zeros(3, 4)}, str(path))
+    cfg = config("06_bert_thor")
+    with pytest.raises(ValueError, match="other.safetensors: not this model_config's"):
+        pretraining.initial_state(changed(cfg, init_checkpoint=str(path)))
+    with pytest.raises(FileNotFoundError, match="MindSpore .ckpt files are not read"):
+        pretraining.initial_state(changed(cfg, init_checkpoint=str(tmp_path / "bert.ckpt")))
