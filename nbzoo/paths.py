@@ -32,3 +32,12 @@ def results_dir(override: str | os.PathLike | None = None) -> Path:
 
 def data_dir() -> Path:
     return resolve(os.environ.get("NBZOO_DATA", "data"))
+
+
+def shown(path: str | os.PathLike) -> str:
+    """``path`` as a reader of this project sees it: relative to the project root where it lies
+    inside, else as given."""
+    try:
+        return str(Path(path).resolve().relative_to(project_root()))
+    except ValueError:
+        return str(path)
