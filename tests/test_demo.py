@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
+import time
 
 from nbzoo import demo
 
@@ -149,3 +151,34 @@ def test_each_outcome_reports_the_cpu_time_its_processes_used(tmp_path):
     assert cpu["01_albert_glue"] >= 0.3 > cpu["03_roberta_sst2"] - 0.25
     assert all(o.seconds >= 0.3 for o in outcomes)
     assert any("01_albert_glue done in" in line and "s CPU)" in line for line in lines)
+
+
+def test_the_cli_runs_in_a_forked_child_with_its_own_environment_and_log(tmp_path):
+    """``python -m nbzoo.cli ...`` starts as a fork of the scheduler (papermill imported once);
+    its exit status, log and environment are those a subprocess would have had."""
+    commands = {
+        "01_albert_glue": [*demo.CLI, "--help"],
+        "03_roberta_sst2": [*demo.CLI, "run", "no_such_notebook"],
+    }
+    lines = []
+    outcomes = demo.run_all(
+        list(commands), commands.get, tmp_path, jobs=2, threads=1, report=lines.append,
+        env={"NBZOO_DEMO_TEST": "seen"},
+    )  # fmt: skip
+    status = {o.stem: o.status for o in outcomes}
+    assert status == {"01_albert_glue": "ok", "03_roberta_sst2": "failed"}
+    assert "usage: nbzoo" in (tmp_path / "01_albert_glue.log").read_text()
+    failed = next(o for o in outcomes if o.stem == "03_roberta_sst2")
+    assert "no_such_notebook" in failed.reason
+    assert "NBZOO_DEMO_TEST" not in os.environ  # set in the child only
+
+
+def test_a_forked_child_sees_the_environment_it_was_given(tmp_path):
+    with (tmp_path / "log").open("w") as out:
+        child = demo.start(
+            [*demo.CLI, "nonexistent-command"], out, {"PATH": os.environ.get("PATH", "")}
+        )
+    while (cpu := demo._finished(child)) is None:
+        time.sleep(0.05)
+    assert isinstance(child, demo._Forked) and child.returncode == 2 and cpu >= 0
+    assert "invalid choice" in (tmp_path / "log").read_text()
