@@ -10,9 +10,12 @@ TORCH_VERSION ?= 2.13.0
 TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 # A torch wheel that pip finds locally (its find-links, constraints) is used as it is; LOCAL_TORCH
 # prints its path, or fails. uv installs it and the other ~160 packages (pip remains the fallback).
+# The venv starts without pip (ensurepip: 4 s of CPU); the system's pip installs uv into it, and uv
+# installs pip from its cache (0.2 s); ensurepip where either fails (a Python without pip, no uv).
 # Bytecode: without .pyc files (and with PYTHONDONTWRITEBYTECODE set, as on CI machines) every kernel
-# start would recompile torch from source. nbzoo.bytecode compiles the ~3,800 modules the notebooks
-# import (21 s of CPU) instead of uv's --compile-bytecode of all ~17,700 (47 s).
+# start would recompile torch from source. nbzoo.bytecode compiles the ~4,800 modules the notebooks
+# import, in two processes side by side (about 12 s of CPU each), instead of uv's --compile-bytecode
+# of all ~17,700 (47 s).
 TORCH_INDEX_ARGS := $(if $(shell command -v nvidia-smi 2>/dev/null),,--index-url $(TORCH_CPU_INDEX) --extra-index-url https://pypi.org/simple)
 LOCAL_TORCH = $(BIN)/python -m pip install --quiet --dry-run --ignore-installed --no-deps --no-index \
 	--report - "torch==$(TORCH_VERSION)" 2>/dev/null | $(BIN)/python -c 'import json, sys, urllib.parse as u; \
@@ -25,8 +28,11 @@ PYTEST_ARGS ?=
 install: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
-	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet uv
+	test -x $(BIN)/python || $(PYTHON) -m venv --without-pip $(VENV)
+	test -x $(BIN)/uv || $(PYTHON) -m pip --python $(BIN)/python install --quiet uv \
+		|| { $(BIN)/python -m ensurepip --default-pip >/dev/null && $(BIN)/python -m pip install --quiet uv; }
+	$(BIN)/python -m pip --version >/dev/null 2>&1 || $(UV_INSTALL) pip \
+		|| $(BIN)/python -m ensurepip --default-pip >/dev/null
 	if wheel=$$($(LOCAL_TORCH)); then $(UV_INSTALL) "$$wheel" || $(BIN)/python -m pip install --quiet "$$wheel"; \
 	else $(BIN)/python -m pip install --quiet "torch==$(TORCH_VERSION)" $(TORCH_INDEX_ARGS); fi
 	$(UV_INSTALL) -e '.[dev]' || $(BIN)/python -m pip install --quiet -e '.[dev]'

@@ -3,8 +3,9 @@
 The demo models are tiny: a second CPU thread buys a notebook little (01_albert_glue: 44 s on one
 thread, 37 s on two, on a 2-core machine), while a second notebook running beside it doubles the
 work done. So the demo runs ``jobs`` notebooks at once (default: one per CPU, at most four) with
-``cpus // jobs`` threads each; a notebook that benchmarks (:data:`ALONE`) runs last, by itself,
-on every thread. Each notebook runs in its own ``nbzoo run`` process, its log in
+``cpus // jobs`` threads each. 02's benchmark runs beside the others too: its demo preset times
+PyTorch and ONNX Runtime on one thread each, in alternating rounds, which a neighbour on another
+core slows alike. Each notebook runs in its own ``nbzoo run`` process, its log in
 ``results/<notebook>.log``. A notebook that fails does not stop the others; the notebooks that
 need it are skipped, and the run ends non-zero naming both.
 
@@ -21,16 +22,13 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Collection, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 # What a notebook reads from another's demo run. 02 exports 01's demo checkpoint (it would train
 # the same model itself otherwise: same result, twice the work); 00 tabulates everyone's results.
 NEEDS: Mapping[str, tuple[str, ...]] = {"02_albert_inference": ("01_albert_glue",)}
-# Notebooks that run alone, on every CPU, after the others: 02 benchmarks ONNX Runtime against
-# PyTorch at the seed's shape, and a neighbour on the other core would distort the ratio.
-ALONE: frozenset[str] = frozenset({"02_albert_inference"})
 SUMMARY_PREFIX = "00_"
 
 
@@ -87,9 +85,62 @@ class Outcome:
 
 
 @dataclass
+class _Forked:
+    """A child forked from this process (what :func:`_finished` needs of a Popen)."""
+
+    pid: int
+    returncode: int | None = None
+
+
+# ``python -m nbzoo.cli ...``, the command of every notebook of ``nbzoo demo``
+CLI = [sys.executable, "-m", "nbzoo.cli"]
+
+
+def start(argv: list[str], out, env: Mapping[str, str]) -> subprocess.Popen | _Forked:
+    """Start ``argv`` with ``out`` as its stdout and stderr and ``env`` as its environment.
+
+    ``python -m nbzoo.cli ...`` runs in a child forked from this process, with papermill, nbclient
+    and nbzoo's CLI imported once, here: a fresh interpreter spends about 1.5 s of CPU importing
+    them (1.2 s of it jsonschema building its IRI grammar), per notebook. Anything else, or where
+    there is no fork, is a subprocess."""
+    if argv[: len(CLI)] != CLI or not hasattr(os, "fork"):
+        return subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=dict(env))
+    import jupyter_client.kernelspec  # noqa: F401  (imported for the children)
+    import papermill  # noqa: F401
+
+    from nbzoo import cli, presets  # noqa: F401
+
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid:
+        return _Forked(pid)
+    code = 1
+    try:  # the child: never returns into the scheduler
+        for fd in (1, 2):
+            os.dup2(out.fileno(), fd)
+        # Python's streams on those descriptors (the scheduler's may write elsewhere: pytest's)
+        sys.stdout = open(1, "w", buffering=1, closefd=False)  # noqa: SIM115
+        sys.stderr = open(2, "w", buffering=1, closefd=False)  # noqa: SIM115
+        os.environ.clear()
+        os.environ.update(env)
+        code = cli.main(argv[len(CLI) :])
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else int(exc.code is not None)
+    except BaseException:
+        import traceback
+
+        traceback.print_exc()
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+
+
+@dataclass
 class _Running:
     stem: str
-    process: subprocess.Popen
+    process: subprocess.Popen | _Forked
     log: Path
     started: float = field(default_factory=time.perf_counter)
 
@@ -101,7 +152,6 @@ def run_all(
     jobs: int,
     threads: int,
     seconds: Mapping[str, float] | None = None,
-    alone: Collection[str] = ALONE,
     report: Callable[[str], None] | None = None,
     env: Mapping[str, str] | None = None,
 ) -> list[Outcome]:
@@ -109,12 +159,12 @@ def run_all(
     respecting :data:`NEEDS`.
 
     Ready notebooks start longest chain first (:func:`critical_path` of ``seconds``, the expected
-    time of each), ties in the order given; those in ``alone`` last, with nothing beside them and
-    ``jobs × threads`` threads. ``env``: variables added to every notebook's environment."""
+    time of each), ties in the order given. ``env``: variables added to every notebook's
+    environment."""
     report = report or (lambda line: print(line, flush=True))
     needs = requirements(stems)
     chain = critical_path(needs, seconds or {})
-    pending = sorted(stems, key=lambda s: (s in alone, -chain[s], stems.index(s)))
+    pending = sorted(stems, key=lambda s: (-chain[s], stems.index(s)))
     log_dir.mkdir(parents=True, exist_ok=True)
     outcomes: dict[str, Outcome] = {}
     running: list[_Running] = []
@@ -125,28 +175,24 @@ def run_all(
                 pending.remove(stem)
                 outcomes[stem] = Outcome(stem, "skipped", reason=f"needs {', '.join(broken)}")
                 report(f"[demo] {stem} skipped: it needs {', '.join(broken)}, which did not finish")
-            elif len(running) < (1 if stem in alone else jobs) and needs[stem] <= {
+            elif len(running) < jobs and needs[stem] <= {
                 s for s, o in outcomes.items() if o.status == "ok"
             }:
                 pending.remove(stem)
-                n = threads * jobs if stem in alone else threads
                 # NBZOO_CPUS: the notebook's share, for work it spreads over processes itself
                 # (nbzoo.device.cpu_share)
                 threads_env = {
-                    "OMP_NUM_THREADS": str(n),
-                    "MKL_NUM_THREADS": str(n),
-                    "NBZOO_CPUS": str(n),
+                    "OMP_NUM_THREADS": str(threads),
+                    "MKL_NUM_THREADS": str(threads),
+                    "NBZOO_CPUS": str(threads),
                 }
                 log = log_dir / f"{stem}.log"
                 with log.open("w") as out:
-                    process = subprocess.Popen(
-                        command(stem),
-                        stdout=out,
-                        stderr=subprocess.STDOUT,
-                        env={**os.environ, **(env or {}), **threads_env},
+                    process = start(
+                        command(stem), out, {**os.environ, **(env or {}), **threads_env}
                     )
                 running.append(_Running(stem, process, log))
-                how = f"{n} thread{'s' * (n > 1)}{', alone' if stem in alone else ''}"
+                how = f"{threads} thread{'s' * (threads > 1)}"
                 report(f"[demo] {stem} started ({how}, log {log})")
         time.sleep(0.2)
         for job in list(running):
@@ -165,7 +211,7 @@ def run_all(
     return [outcomes[s] for s in stems]
 
 
-def _finished(process: subprocess.Popen) -> float | None:
+def _finished(process: subprocess.Popen | _Forked) -> float | None:
     """None while ``process`` runs; once it has ended, the CPU seconds (user + system) it and the
     children it waited for used -- on a shared machine the wall-clock says little, the CPU time
     says what a notebook costs. 0.0 where the OS cannot tell (no ``os.wait4``)."""

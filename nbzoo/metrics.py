@@ -2,6 +2,8 @@
 
 Metric functions wrap scikit-learn / scipy; the results record is ``results/<notebook-stem>.json``.
 The seeds' figures travel in the record under ``reference`` and are always labelled as the seed's.
+scikit-learn and scipy are imported where a metric needs them: every notebook imports this module,
+most need neither, and the two cost a kernel about 1 s of CPU to import.
 """
 
 from __future__ import annotations
@@ -17,8 +19,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from scipy import stats
-from sklearn import metrics as skm
 
 from nbzoo import paths
 
@@ -26,20 +26,28 @@ IGNORE_INDEX = -100
 
 
 def accuracy(predictions, labels) -> float:
+    from sklearn import metrics as skm
+
     return float(skm.accuracy_score(np.asarray(labels), np.asarray(predictions)))
 
 
 def f1(predictions, labels) -> float:
+    from sklearn import metrics as skm
+
     return float(skm.f1_score(np.asarray(labels), np.asarray(predictions)))
 
 
 def pearson(predictions, labels) -> float:
+    from scipy import stats
+
     return float(
         stats.pearsonr(np.asarray(predictions, float), np.asarray(labels, float)).statistic
     )
 
 
 def spearman(predictions, labels) -> float:
+    from scipy import stats
+
     return float(
         stats.spearmanr(np.asarray(predictions, float), np.asarray(labels, float)).statistic
     )

@@ -3,19 +3,22 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
+import time
 
 from nbzoo import demo
 
 STEMS = ["00_results", "01_albert_glue", "02_albert_inference", "03_roberta_sst2"]
 
 
-def recorder(tmp_path, fail=()):
-    """A command that records when it ran and with how many threads, then exits 0 or 1."""
+def recorder(tmp_path, fail=(), seconds=None):
+    """A command that records when it ran and with how many threads, then exits 0 or 1; it takes
+    ``seconds[stem]`` (0.3 s unless given)."""
 
     def command(stem):
         code = (
-            "import json, os, sys, time; t = time.time(); time.sleep(0.3); "
+            f"import json, os, sys, time; t = time.time(); time.sleep({(seconds or {}).get(stem, 0.3)}); "
             "json.dump({'start': t, 'end': time.time(), 'threads': os.environ['OMP_NUM_THREADS'], "
             "'cpus': os.environ['NBZOO_CPUS']}, "
             f"open({str(tmp_path / stem)!r} + '.json', 'w')); "
@@ -59,23 +62,23 @@ def test_recorded_seconds_reads_papermill_metadata(tmp_path):
 def test_run_all_runs_in_parallel_in_dependency_order(tmp_path):
     lines = []
     outcomes = demo.run_all(
-        STEMS, recorder(tmp_path), tmp_path / "logs", jobs=2, threads=3, report=lines.append
+        STEMS,
+        recorder(tmp_path, seconds={"03_roberta_sst2": 1.5}),
+        tmp_path / "logs",
+        jobs=2,
+        threads=3,
+        report=lines.append,
     )
     assert [o.status for o in outcomes] == ["ok"] * 4
     t = {s: times(tmp_path, s) for s in STEMS}
-    assert {s: v["threads"] for s, v in t.items()} == {
-        "00_results": "3",
-        "01_albert_glue": "3",
-        "02_albert_inference": "6",  # alone, on both workers' threads
-        "03_roberta_sst2": "3",
-    }
+    assert {v["threads"] for v in t.values()} == {"3"}
     assert all(v["cpus"] == v["threads"] for v in t.values())  # NBZOO_CPUS: the same share
     assert t["02_albert_inference"]["start"] >= t["01_albert_glue"]["end"]
-    assert t["02_albert_inference"]["start"] >= t["03_roberta_sst2"]["end"]
     assert t["00_results"]["start"] >= t["02_albert_inference"]["end"]
     assert t["00_results"]["start"] >= max(v["end"] for s, v in t.items() if s != "00_results")
-    # 01 and 03 overlap: two at a time.
+    # 01 and 03 overlap, and so do 02 and 03: two at a time, the benchmark too.
     assert t["03_roberta_sst2"]["start"] < t["01_albert_glue"]["end"]
+    assert t["02_albert_inference"]["start"] < t["03_roberta_sst2"]["end"]
     assert (tmp_path / "logs" / "03_roberta_sst2.log").read_text().strip() == "fine"
     assert any("02_albert_inference done" in line for line in lines)
 
@@ -148,3 +151,34 @@ def test_each_outcome_reports_the_cpu_time_its_processes_used(tmp_path):
     assert cpu["01_albert_glue"] >= 0.3 > cpu["03_roberta_sst2"] - 0.25
     assert all(o.seconds >= 0.3 for o in outcomes)
     assert any("01_albert_glue done in" in line and "s CPU)" in line for line in lines)
+
+
+def test_the_cli_runs_in_a_forked_child_with_its_own_environment_and_log(tmp_path):
+    """``python -m nbzoo.cli ...`` starts as a fork of the scheduler (papermill imported once);
+    its exit status, log and environment are those a subprocess would have had."""
+    commands = {
+        "01_albert_glue": [*demo.CLI, "--help"],
+        "03_roberta_sst2": [*demo.CLI, "run", "no_such_notebook"],
+    }
+    lines = []
+    outcomes = demo.run_all(
+        list(commands), commands.get, tmp_path, jobs=2, threads=1, report=lines.append,
+        env={"NBZOO_DEMO_TEST": "seen"},
+    )  # fmt: skip
+    status = {o.stem: o.status for o in outcomes}
+    assert status == {"01_albert_glue": "ok", "03_roberta_sst2": "failed"}
+    assert "usage: nbzoo" in (tmp_path / "01_albert_glue.log").read_text()
+    failed = next(o for o in outcomes if o.stem == "03_roberta_sst2")
+    assert "no_such_notebook" in failed.reason
+    assert "NBZOO_DEMO_TEST" not in os.environ  # set in the child only
+
+
+def test_a_forked_child_sees_the_environment_it_was_given(tmp_path):
+    with (tmp_path / "log").open("w") as out:
+        child = demo.start(
+            [*demo.CLI, "nonexistent-command"], out, {"PATH": os.environ.get("PATH", "")}
+        )
+    while (cpu := demo._finished(child)) is None:
+        time.sleep(0.05)
+    assert isinstance(child, demo._Forked) and child.returncode == 2 and cpu >= 0
+    assert "invalid choice" in (tmp_path / "log").read_text()
