@@ -382,6 +382,70 @@ def test_a_pretraining_checkpoint_of_another_shape_is_refused_with_its_path(tmp_
     save_file({"bert.embeddings.word_embeddings.weight": torch.zeros(3, 4)}, str(path))
     cfg = config("06_bert_thor")
     with pytest.raises(ValueError, match="other.safetensors: not this model_config's"):
-        pretraining.initial_state(changed(cfg, init_checkpoint=str(path)))
+        pretraining.initial_model(changed(cfg, init_checkpoint=str(path)))
     with pytest.raises(FileNotFoundError, match="MindSpore .ckpt files are not read"):
-        pretraining.initial_state(changed(cfg, init_checkpoint=str(tmp_path / "bert.ckpt")))
+        pretraining.initial_model(changed(cfg, init_checkpoint=str(tmp_path / "bert.ckpt")))
+
+
+def test_a_pretraining_checkpoint_is_read_into_the_model_in_place_one_tensor_at_a_time(
+    tmp_path, monkeypatch
+):
+    """No second copy of the whole model while loading (BERT-Large: 1.3 GB on every rank): each
+    tensor of the file is copied into the model's own and let go before the next is read."""
+    import weakref
+
+    import safetensors
+    from safetensors.torch import save_model
+
+    cfg = config("06_bert_thor")
+    source = pretraining.build_model(cfg.model_config, seed=5)
+    save_model(source, str(tmp_path / "model.safetensors"))  # the tied decoder stored once
+    model = pretraining.build_model(cfg.model_config, cfg.seed, initialize=False)
+    storage = {k: t.data_ptr() for k, t in model.state_dict().items()}
+    read, opened = [], safetensors.safe_open
+
+    class OneTensorAtATime:
+        def __init__(self, *args, **kwargs):
+            self.file = opened(*args, **kwargs)
+
+        def __enter__(self):
+            self.file.__enter__()
+            return self
+
+        def __exit__(self, *exc):
+            return self.file.__exit__(*exc)
+
+        def __getattr__(self, name):
+            return getattr(self.file, name)
+
+        def get_tensor(self, name):
+            assert all(r() is None for r in read), "two tensors of the file alive at once"
+            tensor = self.file.get_tensor(name)
+            read.append(weakref.ref(tensor))
+            return tensor
+
+    monkeypatch.setattr(safetensors, "safe_open", OneTensorAtATime)
+    pretraining.load_checkpoint(tmp_path, model)
+    assert {k: t.data_ptr() for k, t in model.state_dict().items()} == storage  # in place
+    assert len(read) == len(storage)
+    for (name, a), b in zip(model.state_dict().items(), source.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+    assert model.cls.predictions.decoder.weight is model.bert.embeddings.word_embeddings.weight
+
+
+def test_every_grid_point_starts_from_the_same_weights_without_a_kept_copy(tmp_path):
+    """initial_model rebuilds the start for each run: the seeded initialisation, or the
+    checkpoint's weights, the same every time."""
+    cfg = config("06_bert_thor")
+    a, b = pretraining.initial_model(cfg), pretraining.initial_model(cfg)
+    for name, tensor in a.state_dict().items():
+        assert torch.equal(b.state_dict()[name], tensor), name
+    from safetensors.torch import save_model
+
+    other = pretraining.build_model(cfg.model_config, seed=7)
+    save_model(other, str(tmp_path / "other.safetensors"))
+    loaded = pretraining.initial_model(
+        changed(cfg, init_checkpoint=str(tmp_path / "other.safetensors"))
+    )
+    for name, tensor in other.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], tensor), name
