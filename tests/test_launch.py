@@ -449,3 +449,40 @@ def test_every_grid_point_starts_from_the_same_weights_without_a_kept_copy(tmp_p
     )
     for name, tensor in other.state_dict().items():
         assert torch.equal(loaded.state_dict()[name], tensor), name
+
+
+MMAP_PROBE = """
+import ctypes, torch
+from nbzoo import pretraining
+class MallInfo2(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd",
+                                              "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+libc = ctypes.CDLL("libc.so.6")
+libc.mallinfo2.restype = MallInfo2
+def mapped_on_its_own():  # a new 2 MiB tensor (the size of BERT-Large's activations)
+    before = libc.mallinfo2().hblks
+    y = torch.ones(1 << 19)
+    return libc.mallinfo2().hblks - before
+print(pretraining.return_freed_memory())
+x = torch.ones(4 << 20)
+del x  # a freed 16 MiB tensor: glibc's default would move its threshold up to 16 MiB
+print(mapped_on_its_own())  # without return_freed_memory: 0, from the heap
+"""
+
+
+def test_on_a_cpu_a_freed_activation_goes_back_to_the_system_not_to_mallocs_heap(tmp_path):
+    """After a large tensor is freed, glibc serves the next ones up to its size from its heap,
+    which keeps them once freed; return_freed_memory maps each tensor of 1 MiB or more on its
+    own (counted in mallinfo2's hblks), so that freeing it returns it."""
+    import ctypes
+    import subprocess
+    import sys
+
+    try:
+        ctypes.CDLL("libc.so.6").mallinfo2  # noqa: B018
+    except (OSError, AttributeError):
+        pytest.skip("not glibc >= 2.33 (no mallinfo2)")
+    script = tmp_path / "probe.py"
+    script.write_text(MMAP_PROBE)
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, check=True)
+    assert done.stdout.split() == ["True", "1"]
