@@ -42,6 +42,11 @@ gradient ``(G + √λ I)⁻¹ ∇W (A + √λ I)⁻¹``. What we take from MindS
   average of the rank-averaged statistics, since the running average is linear).
 * ``precondition=False``: no hooks, no factors -- the same momentum SGD with the same schedules,
   weight decay and clipping. That is THOR's first-order counterpart.
+* Memory. Between steps THOR holds the momentum, the running factors and their damped inverses,
+  each once, as fp32 blocks (MindSpore's GPU THOR keeps the same two per layer in fp32: the factors
+  in the layer, ``matrix_a`` / ``matrix_g``, the inverses in the optimizer). A step's sums exist
+  only while it gathers statistics, and the update is applied a batch of layers at a time, so the
+  preconditioned directions never make a second copy of the gradients.
 
 The cost of each part (statistics in the hooks, all-reduce, inversions, preconditioning) is timed
 in :attr:`THOR.timings` (host wall-clock; exact on CPU).
