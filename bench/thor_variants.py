@@ -86,12 +86,11 @@ def run_variants(
     pretraining.prepare_data(cfg)
     train_data, eval_data = pretraining.load_data(cfg)
     baseline, _ = pretraining.baseline_accuracy(eval_data.arrays())
-    init = pretraining.initial_state(cfg)
 
     def train(kind: str, point: dict[str, Any], overrides: dict[str, Any]) -> pretraining.Run:
         run_cfg = variant_config(cfg, overrides)
         return pretraining.train_one(
-            kind, point["lr"], point.get("damping"), run_cfg, rt, train_data, eval_data, init
+            kind, point["lr"], point.get("damping"), run_cfg, rt, train_data, eval_data
         )
 
     # the target, as in the notebook: the final accuracy of the best point of the preset's SGD grid

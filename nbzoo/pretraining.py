@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from torch import nn
 from transformers import BertConfig, BertForPreTraining
+from transformers.initialization import no_init_weights
 
 from nbzoo import device as nbdevice
 from nbzoo import fidelity, launch, packing, paths, progress
@@ -64,10 +65,21 @@ BERT_LARGE = {
 }
 
 
-def build_model(model_config: dict[str, Any], seed: int) -> BertForPreTraining:
-    """A BertForPreTraining from a config dict (``"large"`` keys default to BERT-Large)."""
+def build_model(
+    model_config: dict[str, Any], seed: int, initialize: bool = True
+) -> BertForPreTraining:
+    """A BertForPreTraining from a config dict (``"large"`` keys default to BERT-Large).
+
+    ``initialize=False`` skips the random initialisation (6 s for BERT-Large on one core) and leaves
+    the weights' memory as it comes: only for a model whose every weight is loaded next
+    (:func:`load_checkpoint` checks that the file covers them all)."""
     torch.manual_seed(seed)
-    return BertForPreTraining(BertConfig(**{**BERT_LARGE, **model_config}))
+    if initialize:
+        return BertForPreTraining(BertConfig(**{**BERT_LARGE, **model_config}))
+    with no_init_weights():
+        model = BertForPreTraining(BertConfig(**{**BERT_LARGE, **model_config}))
+    model.tie_weights()  # no_init_weights skips init_weights, which also ties the decoder
+    return model
 
 
 def _gather(hidden: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -265,22 +277,23 @@ class Run:
         return float(np.median([h["seconds"] for h in self.history[skip:]]))
 
 
-def initial_state(cfg: Any) -> dict[str, torch.Tensor]:
-    """The weights every run of the comparison starts from: ``init_checkpoint`` (the seed's
-    ``load_checkpoint_path``) where given, else the seeded random initialisation."""
-    model = build_model(cfg.model_config, cfg.seed)
+def initial_model(cfg: Any) -> BertForPreTraining:
+    """The model every run of the comparison starts from: ``init_checkpoint`` (the seed's
+    ``load_checkpoint_path``) where given, else the seeded random initialisation.
+
+    Each run builds it anew, the same weights every time, instead of copying one kept state: a kept
+    state would hold the weights a second time through the whole grid (1.3 GB for BERT-Large, on
+    every rank)."""
     if cfg.get("init_checkpoint"):
-        model.load_state_dict(read_checkpoint(cfg.init_checkpoint, model))
-    return {k: v.clone() for k, v in model.state_dict().items()}
+        model = build_model(cfg.model_config, cfg.seed, initialize=False)
+        load_checkpoint(cfg.init_checkpoint, model)
+        return model
+    return build_model(cfg.model_config, cfg.seed)
 
 
-def read_checkpoint(path: str | Path, model: BertForPreTraining) -> dict[str, torch.Tensor]:
-    """BertForPreTraining weights from a safetensors file, or a folder holding model.safetensors:
-    transformers' ``save_pretrained`` layout or a training checkpoint of this notebook
-    (``checkpoint_dir/<run>/last``). The decoder shares the word embeddings, so a file without it
-    is complete. MindSpore's ``.ckpt`` (the seed's format) is not read: convert it first."""
-    from safetensors.torch import load_file
-
+def checkpoint_file(path: str | Path) -> Path:
+    """The safetensors file of ``init_checkpoint``: the file itself, or a folder's
+    model.safetensors."""
     path = paths.resolve(path)
     file = path / "model.safetensors" if path.is_dir() else path
     if not file.exists() or file.suffix != ".safetensors":
@@ -289,22 +302,43 @@ def read_checkpoint(path: str | Path, model: BertForPreTraining) -> dict[str, to
             "a folder holding model.safetensors (a run's checkpoint_dir/<run>/last); "
             "MindSpore .ckpt files are not read"
         )
-    prefix = "bert_pretraining."
-    state = {k.removeprefix(prefix): v for k, v in load_file(str(file)).items()}
-    expected = model.state_dict()
-    tied = "cls.predictions.decoder.weight"
-    if tied not in state and "bert.embeddings.word_embeddings.weight" in state:
-        state[tied] = state["bert.embeddings.word_embeddings.weight"]
-    if tied.replace("weight", "bias") not in state and "cls.predictions.bias" in state:
-        state[tied.replace("weight", "bias")] = state["cls.predictions.bias"]
-    missing = sorted(set(expected) - set(state))
-    wrong = sorted(k for k in expected if k in state and state[k].shape != expected[k].shape)
-    if missing or wrong:
-        raise ValueError(
-            f"{file}: not this model_config's BertForPreTraining: "
-            f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, other shapes {wrong[:5]}"
+    return file
+
+
+@torch.no_grad()
+def load_checkpoint(path: str | Path, model: BertForPreTraining) -> None:
+    """Read BertForPreTraining weights into ``model`` in place, one tensor at a time (never a second
+    copy of the whole model), from a safetensors file or a folder holding model.safetensors:
+    transformers' ``save_pretrained`` layout or a training checkpoint of this notebook
+    (``checkpoint_dir/<run>/last``). The decoder shares the word embeddings, so a file without it
+    is complete. Every weight of ``model`` must be in the file (checked from the header before
+    anything is read). MindSpore's ``.ckpt`` (the seed's format) is not read: convert it first."""
+    from safetensors import safe_open
+
+    file = checkpoint_file(path)
+    expected = model.state_dict(keep_vars=True)  # the model's own tensors, to copy into
+    with safe_open(str(file), framework="pt") as f:
+        names = {k.removeprefix("bert_pretraining."): k for k in f.keys()}
+        tied = {
+            "cls.predictions.decoder.weight": "bert.embeddings.word_embeddings.weight",
+            "cls.predictions.decoder.bias": "cls.predictions.bias",
+        }
+        for key, alias in tied.items():
+            if key not in names and alias in names:
+                names[key] = names[alias]
+        missing = sorted(set(expected) - set(names))
+        wrong = sorted(
+            k
+            for k in expected
+            if k in names and tuple(f.get_slice(names[k]).get_shape()) != tuple(expected[k].shape)
         )
-    return {k: state[k] for k in expected}
+        if missing or wrong:
+            raise ValueError(
+                f"{file}: not this model_config's BertForPreTraining: "
+                f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, other shapes {wrong[:5]}"
+            )
+        for key, tensor in expected.items():
+            tensor.copy_(f.get_tensor(names[key]))
 
 
 def evaluate_checkpoint(cfg: Any, rt: Runtime, eval_data: Sequence) -> dict[str, float]:
@@ -316,25 +350,17 @@ def evaluate_checkpoint(cfg: Any, rt: Runtime, eval_data: Sequence) -> dict[str,
             "mode = eval needs init_checkpoint: a run's checkpoint_dir/<run>/last folder or a "
             ".safetensors file of BertForPreTraining weights"
         )
-    model = build_model(cfg.model_config, cfg.seed)
-    model.load_state_dict(read_checkpoint(cfg.init_checkpoint, model))
+    model = initial_model(cfg)
     scores = evaluate(model.to(rt.device), eval_data, rt, cfg.eval_batch_size)
     print(f"evaluated {cfg.init_checkpoint} on {len(eval_data)} samples: {scores}")
     return scores
 
 
 def start_from(
-    init_state: dict[str, torch.Tensor],
-    kind: str,
-    lr: float,
-    damping: float | None,
-    cfg: Any,
-    rt: Runtime,
+    kind: str, lr: float, damping: float | None, cfg: Any, rt: Runtime
 ) -> tuple[PretrainingModel, torch.optim.Optimizer, Any]:
-    """(model, optimizer, scheduler) of one grid point, the model at ``init_state``."""
-    bert = build_model(cfg.model_config, cfg.seed)
-    bert.load_state_dict(init_state)
-    model = PretrainingModel(bert).to(rt.device)
+    """(model, optimizer, scheduler) of one grid point, the model at :func:`initial_model`."""
+    model = PretrainingModel(initial_model(cfg)).to(rt.device)
     opt, sched = make_optimizer(kind, model, lr, damping, cfg)
     return model, opt, sched
 
@@ -356,10 +382,13 @@ def train_one(
     rt: Runtime,
     train_data: Sequence,
     eval_data: Sequence,
-    init_state: dict[str, torch.Tensor],
 ) -> Run:
-    """Train from ``init_state`` with one optimizer setting; evaluate every ``cfg.eval_every``."""
-    model, opt, sched = start_from(init_state, kind, lr, damping, cfg, rt)
+    """Train from :func:`initial_model` with one optimizer setting; evaluate every
+    ``cfg.eval_every``."""
+    model, opt, sched = start_from(kind, lr, damping, cfg, rt)
+    # the shared starting point, for the curves: evaluated now, on the model about to train (no
+    # second model beside it); computed once per initialisation
+    init_scores = evaluate_init(cfg, rt, eval_data, model)
     checkpoint_dir = None
     if cfg.checkpoint_dir:
         checkpoint_dir = paths.resolve(cfg.checkpoint_dir) / f"{kind}-lr{lr:g}-d{damping or 0:g}"
@@ -404,7 +433,7 @@ def train_one(
             opt.remove_hooks()
     evals = result.evals
     if not evals or evals[0]["step"] != 0:  # the shared starting point, for the curves
-        evals = [{"step": 0, "epoch": 0, **evaluate_init(cfg, rt, eval_data, init_state)}] + evals
+        evals = [{"step": 0, "epoch": 0, **init_scores}] + evals
     return Run(
         optimizer=kind,
         lr=lr,
@@ -421,12 +450,11 @@ def train_one(
 _INIT_EVAL: dict[str, dict[str, float]] = {}
 
 
-def evaluate_init(cfg: Any, rt: Runtime, eval_data: Sequence, init_state) -> dict[str, float]:
-    """Evaluation of the shared initial weights (computed once per initialisation)."""
-    key = config_hash(cfg.model_config, cfg.seed, len(eval_data))
+def evaluate_init(cfg: Any, rt: Runtime, eval_data: Sequence, model: nn.Module) -> dict[str, float]:
+    """Evaluation of the shared initial weights, held by ``model`` before its first step (computed
+    once per initialisation)."""
+    key = config_hash(cfg.model_config, cfg.seed, cfg.get("init_checkpoint", ""), len(eval_data))
     if key not in _INIT_EVAL:
-        model = build_model(cfg.model_config, cfg.seed).to(rt.device)
-        model.load_state_dict(init_state)
         _INIT_EVAL[key] = evaluate(model, eval_data, rt, cfg.eval_batch_size)
     return _INIT_EVAL[key]
 
@@ -457,9 +485,32 @@ def grid_workers(cfg: Any, rt: Runtime) -> int:
     return max(1, nbdevice.cpu_share() // max(1, int(cfg.get("threads") or 1)))
 
 
-def _worker_threads(threads: int) -> None:
+def _worker_threads(threads: int) -> None:  # a grid worker, on a CPU
+    return_freed_memory()
     if threads:
         torch.set_num_threads(threads)
+
+
+# glibc's M_MMAP_THRESHOLD (malloc.h): allocations from this size up get their own mapping
+_M_MMAP_THRESHOLD, MMAP_FROM_BYTES = -3, 1 << 20
+
+
+def return_freed_memory() -> bool:
+    """For a CPU run: let every tensor of 1 MiB or more come from its own memory mapping, returned to the
+    system when the tensor is freed. glibc's default moves that threshold up to 32 MiB after the
+    first such free, so a step's activations (BERT-Large at 512 tokens: 2.3 GB, in pieces of 1 to
+    16 MB) then come from malloc's heap, which keeps them once freed: the gradients and the
+    momentum that follow take new memory beside them. Measured on notebook 06's full_8p rehearsal
+    (two BERT-Large ranks): without it the ranks passed 8.2 GiB each and were stopped, with it they
+    peak at 5.9 GiB. Process-wide; True where it applied (glibc on Linux)."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return bool(libc.mallopt(_M_MMAP_THRESHOLD, MMAP_FROM_BYTES))
+    except (OSError, AttributeError):  # not glibc: its own allocator, left as it is
+        return False
 
 
 def run_grid(cfg: Any, rt: Runtime, train_data: Sequence, eval_data: Sequence) -> list[Run]:
@@ -468,12 +519,13 @@ def run_grid(cfg: Any, rt: Runtime, train_data: Sequence, eval_data: Sequence) -
     On a CPU the points train in :func:`grid_workers` processes at once. Each run is seeded and
     single-process either way, so its result is the same as in a sequential grid (a test checks
     it); only its wall-clock is taken beside the others'."""
-    init_state = initial_state(cfg)
+    if rt.kind == "cpu":
+        return_freed_memory()
     points = grid_points(cfg.grid)
     workers = min(grid_workers(cfg, rt), len(points))
     if workers <= 1:
         return [
-            train_one(kind, lr, damping, cfg, rt, train_data, eval_data, init_state)
+            train_one(kind, lr, damping, cfg, rt, train_data, eval_data)
             for kind, lr, damping in points
         ]
     # spawn, not fork: a forked child inherits the parent's OpenMP and autograd thread state
@@ -483,7 +535,7 @@ def run_grid(cfg: Any, rt: Runtime, train_data: Sequence, eval_data: Sequence) -
         workers, mp_context=context, initializer=_worker_threads, initargs=(cfg.get("threads"),)
     ) as pool:
         futures = {
-            pool.submit(train_one, kind, lr, damping, cfg, rt, train_data, eval_data, init_state): i
+            pool.submit(train_one, kind, lr, damping, cfg, rt, train_data, eval_data): i
             for i, (kind, lr, damping) in enumerate(points)
         }
         runs: list[Run | None] = [None] * len(points)
@@ -549,10 +601,9 @@ def paired_step_times(
     step) puts both optimizers under the same conditions. ``steps`` defaults to
     ``max(100, 4 × frequency)``, so that THOR's statistics and refresh steps occur as in training."""
     steps = steps or max(100, 4 * cfg.frequency)
-    init_state = initial_state(cfg)
     contenders = []
     for kind in ("thor", "adamw"):
-        model, opt, sched = start_from(init_state, kind, best[kind].lr, best[kind].damping, cfg, rt)
+        model, opt, sched = start_from(kind, best[kind].lr, best[kind].damping, cfg, rt)
         contenders.append((kind, model.train(), opt, sched))
     # the batches training sees, from its first epoch on
     epochs = (epoch_batches(len(train_data), cfg.batch_size, cfg.seed, e) for e in count())

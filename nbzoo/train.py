@@ -380,6 +380,9 @@ def _train(
             model,
             device_ids=None if rt.kind == "cpu" else [rt.local_rank],
             static_graph=cfg.ddp_static_graph,
+            # the gradients are views into DDP's all-reduce buckets instead of a second copy of
+            # them (BERT-Large: 1.3 GB per rank); the optimizer reads .grad the same either way
+            gradient_as_bucket_view=True,
         )
     batches_per_epoch = len(batch_plan(0, rt.rank, rt.world_size))
     steps_per_epoch = math.ceil(batches_per_epoch / cfg.grad_accum)

@@ -382,6 +382,107 @@ def test_a_pretraining_checkpoint_of_another_shape_is_refused_with_its_path(tmp_
     save_file({"bert.embeddings.word_embeddings.weight": torch.zeros(3, 4)}, str(path))
     cfg = config("06_bert_thor")
     with pytest.raises(ValueError, match="other.safetensors: not this model_config's"):
-        pretraining.initial_state(changed(cfg, init_checkpoint=str(path)))
+        pretraining.initial_model(changed(cfg, init_checkpoint=str(path)))
     with pytest.raises(FileNotFoundError, match="MindSpore .ckpt files are not read"):
-        pretraining.initial_state(changed(cfg, init_checkpoint=str(tmp_path / "bert.ckpt")))
+        pretraining.initial_model(changed(cfg, init_checkpoint=str(tmp_path / "bert.ckpt")))
+
+
+def test_a_pretraining_checkpoint_is_read_into_the_model_in_place_one_tensor_at_a_time(
+    tmp_path, monkeypatch
+):
+    """No second copy of the whole model while loading (BERT-Large: 1.3 GB on every rank): each
+    tensor of the file is copied into the model's own and let go before the next is read."""
+    import weakref
+
+    import safetensors
+    from safetensors.torch import save_model
+
+    cfg = config("06_bert_thor")
+    source = pretraining.build_model(cfg.model_config, seed=5)
+    save_model(source, str(tmp_path / "model.safetensors"))  # the tied decoder stored once
+    model = pretraining.build_model(cfg.model_config, cfg.seed, initialize=False)
+    storage = {k: t.data_ptr() for k, t in model.state_dict().items()}
+    read, opened = [], safetensors.safe_open
+
+    class OneTensorAtATime:
+        def __init__(self, *args, **kwargs):
+            self.file = opened(*args, **kwargs)
+
+        def __enter__(self):
+            self.file.__enter__()
+            return self
+
+        def __exit__(self, *exc):
+            return self.file.__exit__(*exc)
+
+        def __getattr__(self, name):
+            return getattr(self.file, name)
+
+        def get_tensor(self, name):
+            assert all(r() is None for r in read), "two tensors of the file alive at once"
+            tensor = self.file.get_tensor(name)
+            read.append(weakref.ref(tensor))
+            return tensor
+
+    monkeypatch.setattr(safetensors, "safe_open", OneTensorAtATime)
+    pretraining.load_checkpoint(tmp_path, model)
+    assert {k: t.data_ptr() for k, t in model.state_dict().items()} == storage  # in place
+    assert len(read) == len(storage)
+    for (name, a), b in zip(model.state_dict().items(), source.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+    assert model.cls.predictions.decoder.weight is model.bert.embeddings.word_embeddings.weight
+
+
+def test_every_grid_point_starts_from_the_same_weights_without_a_kept_copy(tmp_path):
+    """initial_model rebuilds the start for each run: the seeded initialisation, or the
+    checkpoint's weights, the same every time."""
+    cfg = config("06_bert_thor")
+    a, b = pretraining.initial_model(cfg), pretraining.initial_model(cfg)
+    for name, tensor in a.state_dict().items():
+        assert torch.equal(b.state_dict()[name], tensor), name
+    from safetensors.torch import save_model
+
+    other = pretraining.build_model(cfg.model_config, seed=7)
+    save_model(other, str(tmp_path / "other.safetensors"))
+    loaded = pretraining.initial_model(
+        changed(cfg, init_checkpoint=str(tmp_path / "other.safetensors"))
+    )
+    for name, tensor in other.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], tensor), name
+
+
+MMAP_PROBE = """
+import ctypes, torch
+from nbzoo import pretraining
+class MallInfo2(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd",
+                                              "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+libc = ctypes.CDLL("libc.so.6")
+libc.mallinfo2.restype = MallInfo2
+def mapped_on_its_own():  # a new 2 MiB tensor (the size of BERT-Large's activations)
+    before = libc.mallinfo2().hblks
+    y = torch.ones(1 << 19)
+    return libc.mallinfo2().hblks - before
+print(pretraining.return_freed_memory())
+x = torch.ones(4 << 20)
+del x  # a freed 16 MiB tensor: glibc's default would move its threshold up to 16 MiB
+print(mapped_on_its_own())  # without return_freed_memory: 0, from the heap
+"""
+
+
+def test_on_a_cpu_a_freed_activation_goes_back_to_the_system_not_to_mallocs_heap(tmp_path):
+    """After a large tensor is freed, glibc serves the next ones up to its size from its heap,
+    which keeps them once freed; return_freed_memory maps each tensor of 1 MiB or more on its
+    own (counted in mallinfo2's hblks), so that freeing it returns it."""
+    import ctypes
+    import subprocess
+    import sys
+
+    try:
+        ctypes.CDLL("libc.so.6").mallinfo2  # noqa: B018
+    except (OSError, AttributeError):
+        pytest.skip("not glibc >= 2.33 (no mallinfo2)")
+    script = tmp_path / "probe.py"
+    script.write_text(MMAP_PROBE)
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, check=True)
+    assert done.stdout.split() == ["True", "1"]

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import textwrap
 import warnings
+from itertools import chain
 
 import pytest
 import torch
@@ -187,7 +188,7 @@ def test_layers_of_one_shape_are_preconditioned_in_one_batch_with_the_same_arith
     assert groups[1].inverse["row"].data_ptr() == rows[1].data_ptr()  # a view, not a copy
     opt.zero_grad()
     nn.functional.cross_entropy(model(x), y).backward()
-    batched = opt._precondition_all()
+    batched = dict(chain.from_iterable(opt._preconditioned(DAMPING)))
     one_by_one = {}
     for g in opt.groups:
         one_by_one.update(g.split(opt._precondition(g)))
@@ -198,8 +199,82 @@ def test_layers_of_one_shape_are_preconditioned_in_one_batch_with_the_same_arith
     monkeypatch.setattr(thor_module, "STACK_GROUPS", 2)
     opt._stacked = None
     assert [len(groups) for groups, _, _ in opt._stacks()] == [2]
-    chunked = opt._precondition_all()
+    chunked = dict(chain.from_iterable(opt._preconditioned(DAMPING)))
     assert all(torch.equal(chunked[p], d) for p, d in one_by_one.items())
+
+
+def _factors(opt):
+    return [f for g in opt.groups for u in g.uses for f in (u.row, u.col)]
+
+
+def test_between_steps_thor_holds_the_momentum_the_running_factors_and_one_inverse_each():
+    """Nothing twice: a gathering step's sums are let go once folded into the running averages,
+    the inverses are views into their stacks, the state dict refers to the state."""
+    torch.manual_seed(0)
+    layers = [nn.Linear(6, 6), nn.Tanh(), nn.Linear(6, 6), nn.Tanh(), nn.Linear(6, 3)]
+    model = nn.Sequential(*layers)
+    opt = THOR(model, lr=0.1, damping=DAMPING, frequency=2, stats_every=2, block_size=4)
+    x, y = torch.randn(16, 6), torch.randint(0, 3, (16,))
+    for step in range(4):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        gathered = [f.sum is not None for f in _factors(opt)]
+        assert all(gathered) if step % 2 == 0 else not any(gathered), step
+        opt.step()
+        assert all(f.sum is None for f in _factors(opt))
+    held: dict[int, int] = {}
+    for t in [v for state in opt.state.values() for v in state.values()]:
+        held[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+    for t in [f.value for f in _factors(opt)] + [v for g in opt.groups for v in g.inverse.values()]:
+        held[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+    momentum = sum(p.numel() * p.element_size() for p in model.parameters())
+    values = sum(f.value.nbytes for f in _factors(opt))  # an inverse has its factor's blocks
+    assert sum(held.values()) == momentum + 2 * values
+    saved = opt.state_dict()["thor"]["groups"][0]
+    assert saved["factors"][0]["row"] is opt.groups[0].uses[0].row.value
+    assert saved["inverse"]["col"] is opt.groups[0].inverse["col"]
+
+
+def test_a_step_applies_each_batch_of_directions_before_it_computes_the_next(monkeypatch):
+    """At most one batch of preconditioned directions exists at a time, never a direction for
+    every parameter at once (for BERT-Large a second copy of the gradients, 1.3 GB)."""
+    import weakref
+
+    torch.manual_seed(0)
+    layers = [m for _ in range(4) for m in (nn.Linear(6, 6), nn.Tanh())]
+    model = nn.Sequential(*layers, nn.Linear(6, 3))
+    opt = THOR(model, lr=0.1, damping=DAMPING, frequency=1, stats_every=1, block_size=4)
+    monkeypatch.setattr(thor_module, "STACK_GROUPS", 2)  # the four 6 × 6 layers: two batches
+    x, y = torch.randn(16, 6), torch.randint(0, 3, (16,))
+    made, batches = [], []
+
+    def base(t):
+        return weakref.ref(t if t._base is None else t._base)
+
+    def checked(compute):
+        def wrapper(*args):
+            assert all(r() is None for r in made), "an applied batch of directions is still held"
+            out = compute(*args)
+            directions = [d for _, d in out] if isinstance(out, list) else [out]
+            made.extend(base(d) for d in directions)
+            return out
+
+        return wrapper
+
+    def recording_update(params, dirs, lr):
+        batches.append(len(params))
+        update(params, dirs, lr)
+
+    update = opt._update
+    monkeypatch.setattr(opt, "_update", recording_update)
+    monkeypatch.setattr(opt, "_precondition_stack", checked(opt._precondition_stack))
+    monkeypatch.setattr(opt, "_precondition", checked(opt._precondition))
+    for _ in range(2):  # the first step inverts, the second preconditions with the stacks
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        batches.clear()
+        opt.step()
+    assert batches == [4, 4, 2, 0]  # two stacks of 2 weights + biases, the head, no first-order
 
 
 def test_block_split_keeps_only_the_diagonal_blocks():

@@ -42,6 +42,11 @@ gradient ``(G + √λ I)⁻¹ ∇W (A + √λ I)⁻¹``. What we take from MindS
   average of the rank-averaged statistics, since the running average is linear).
 * ``precondition=False``: no hooks, no factors -- the same momentum SGD with the same schedules,
   weight decay and clipping. That is THOR's first-order counterpart.
+* Memory. Between steps THOR holds the momentum, the running factors and their damped inverses,
+  each once, as fp32 blocks (MindSpore's GPU THOR keeps the same two per layer in fp32: the factors
+  in the layer, ``matrix_a`` / ``matrix_g``, the inverses in the optimizer). A step's sums exist
+  only while it gathers statistics, and the update is applied a batch of layers at a time, so the
+  preconditioned directions never make a second copy of the gradients.
 
 The cost of each part (statistics in the hooks, all-reduce, inversions, preconditioning) is timed
 in :attr:`THOR.timings` (host wall-clock; exact on CPU).
@@ -52,7 +57,7 @@ from __future__ import annotations
 import math
 import time
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -107,8 +112,15 @@ class _Factor:
         self.nb = 1 if diagonal else math.ceil(dim / self.b)
         shape = (dim,) if diagonal else (self.nb, self.b, self.b)
         self.value = torch.zeros(shape, dtype=dtype, device=device)  # running average
-        self.sum = torch.zeros_like(self.value)  # this step's accumulation
+        # this step's accumulation: held only while a step gathers statistics, None in between
+        self.sum: torch.Tensor | None = None
         self.initialized = False
+
+    def add(self, x: torch.Tensor) -> None:
+        """Add ``x`` (this factor's shape) to the step's accumulation."""
+        if self.sum is None:
+            self.sum = torch.zeros_like(self.value)
+        self.sum += x
 
     def accumulate_rows(self, x: torch.Tensor) -> None:
         """Add Σ xᵢ xᵢᵀ over the rows of ``x`` (N × dim), block-diagonal part only."""
@@ -116,7 +128,7 @@ class _Factor:
         if pad:
             x = torch.nn.functional.pad(x, (0, pad))
         xb = x.reshape(x.shape[0], self.nb, self.b).transpose(0, 1)  # nb × N × b
-        self.sum += torch.bmm(xb.transpose(1, 2), xb)
+        self.add(torch.bmm(xb.transpose(1, 2), xb))
 
     def damped_blocks(self, damping: float, like: _Factor | None = None) -> torch.Tensor:
         """Blocks of ``value + damping·I`` (nb × b × b); a diagonal factor is cut into the blocks of
@@ -430,7 +442,7 @@ class THOR(torch.optim.Optimizer):
                 pad = module.padding_idx
                 keep = None if pad is None else ids != pad
                 kept = ids if keep is None else ids[keep]
-                use.row.sum += torch.bincount(kept, minlength=use.row.dim).to(use.row.sum.dtype)
+                use.row.add(torch.bincount(kept, minlength=use.row.dim).to(use.row.value.dtype))
                 use.rows += kept.numel()
             if output.requires_grad:
                 output.register_hook(self._grad_hook(use, keep))
@@ -459,7 +471,8 @@ class THOR(torch.optim.Optimizer):
         return hook
 
     def _finish_statistics(self) -> None:
-        """Turn this step's sums into factors and fold them into the running averages."""
+        """Turn this step's sums into factors, fold them into the running averages and let the
+        sums go (they are needed again only at the next gathering step)."""
         tick = time.perf_counter()
         for g in self.groups:
             for u in g.uses:
@@ -468,11 +481,13 @@ class THOR(torch.optim.Optimizer):
                 self._batch = u.seqs
                 scale_g = u.seqs**2 / u.rows  # b² / N: per-sequence gradients, averaged over rows
                 if u.kind == "linear":
-                    new = {"row": u.row.sum * scale_g, "col": u.col.sum / u.rows}
+                    scales = {"row": ("mul", scale_g), "col": ("div", u.rows)}
                 else:
-                    new = {"row": u.row.sum / u.seqs, "col": u.col.sum * scale_g}
-                for side, value in new.items():
+                    scales = {"row": ("div", u.seqs), "col": ("mul", scale_g)}
+                for side, (op, by) in scales.items():
                     f = getattr(u, side)
+                    value = f.sum if f.sum is not None else torch.zeros_like(f.value)
+                    value = value.mul_(by) if op == "mul" else value.div_(by)  # the sum, scaled
                     if not torch.isfinite(value).all():  # an overflowed fp16 step: drop it
                         continue
                     if f.initialized:
@@ -480,9 +495,7 @@ class THOR(torch.optim.Optimizer):
                     else:
                         f.value.copy_(value)
                         f.initialized = True
-                    f.sum.zero_()
-                u.row.sum.zero_()
-                u.col.sum.zero_()
+                u.row.sum = u.col.sum = None
                 u.rows = u.seqs = 0
         self._scale = None
         self.timings["statistics"] += time.perf_counter() - tick
@@ -605,29 +618,54 @@ class THOR(torch.optim.Optimizer):
                 self._stacked.append((groups, rows, cols))
         return self._stacked
 
-    def _precondition_all(self) -> dict[nn.Parameter, torch.Tensor]:
-        """The preconditioned direction of every parameter THOR handles. Groups of one shape go
-        through one batched product: done a group at a time, each group's handful of small
-        kernels is a launch apiece on a GPU (BERT-Large on an H200: 27.5 ms per step for about 150
-        groups, bench/README.md). The arithmetic per group is the same either way (a test
-        checks)."""
-        directions: dict[nn.Parameter, torch.Tensor] = {}
+    def _preconditioned(self, damping: float) -> Iterator[list[tuple[nn.Parameter, torch.Tensor]]]:
+        """The preconditioned direction of every parameter THOR handles, a batch of parameters at
+        a time: the caller applies each batch before the next one is computed, so that no more
+        than one batch of directions exists at once (all of them together would be a second copy
+        of the gradients: 1.3 GB for BERT-Large).
+
+        Groups of one shape go through one batched product (a batch of :meth:`_stacks`): done a
+        group at a time, each group's handful of small kernels is a launch apiece on a GPU
+        (BERT-Large on an H200: 27.5 ms per step for about 150 groups, bench/README.md). The
+        arithmetic per group is the same either way (a test checks). The other groups follow one
+        at a time, then LayerNorm's diagonal rule, in one last batch."""
         stacked: set[int] = set()
         for groups, rows, cols in self._stacks():
             if any(g.weight.grad is None for g in groups):  # handled one at a time below
                 continue
-            grads = torch.stack([g.weight.grad for g in groups]).to(rows.dtype)
-            if groups[0].bias is not None:
-                biases = torch.stack([g.bias_gradient() for g in groups]).to(rows.dtype)
-                grads = torch.cat([grads, biases[..., None]], dim=-1)
-            out = _apply_right(_apply_left(rows, grads), cols)
-            for g, d in zip(groups, out.unbind(0), strict=True):
-                directions.update(g.split(d))
-                stacked.add(id(g))
+            stacked.update(id(g) for g in groups)
+            yield self._precondition_stack(groups, rows, cols)  # nothing of it kept here
+        tick = time.perf_counter()
+        batch = []
         for g in self.groups:
             if id(g) not in stacked and g.inverse and g.weight.grad is not None:
-                directions.update(g.split(self._precondition(g)))
-        return directions
+                batch.extend(g.split(self._precondition(g)).items())
+        if self.layernorm == "diagonal":
+            ln = [p for p in self._layernorm if p.grad is not None]
+            if ln:
+                grads = [p.grad for p in ln]
+                fisher = torch._foreach_mul(grads, grads)
+                torch._foreach_div_(fisher, float(self._batch))
+                torch._foreach_add_(fisher, math.sqrt(damping))
+                batch.extend(zip(ln, torch._foreach_div(grads, fisher), strict=True))
+        self.timings["precondition"] += time.perf_counter() - tick
+        if batch:
+            yield batch
+
+    def _precondition_stack(
+        self, groups: list[_Group], rows: torch.Tensor, cols: torch.Tensor
+    ) -> list[tuple[nn.Parameter, torch.Tensor]]:
+        tick = time.perf_counter()
+        grads = torch.stack([g.weight.grad for g in groups]).to(rows.dtype)
+        if groups[0].bias is not None:
+            biases = torch.stack([g.bias_gradient() for g in groups]).to(rows.dtype)
+            grads = torch.cat([grads, biases[..., None]], dim=-1)
+        out = _apply_right(_apply_left(rows, grads), cols)
+        batch = []
+        for g, d in zip(groups, out.unbind(0), strict=True):
+            batch.extend(g.split(d).items())
+        self.timings["precondition"] += time.perf_counter() - tick
+        return batch
 
     def _precondition(self, g: _Group) -> torch.Tensor:
         grad = g.gradient().to(next(iter(g.inverse.values())).dtype)
@@ -656,36 +694,35 @@ class THOR(torch.optim.Optimizer):
         lr, damping = self.lr_schedule(self.steps), self.damping_schedule(self.steps)
         group = self.param_groups[0]
         group["lr"], group["damping"] = lr, damping
-        directions: dict[nn.Parameter, torch.Tensor] = {}
+        done: set[nn.Parameter] = set()
         if self.precondition:
             if self.collecting:
                 self._finish_statistics()
             if self.steps % self.frequency == 0:
                 self._refresh(damping)
-            tick = time.perf_counter()
-            directions.update(self._precondition_all())
-            if self.layernorm == "diagonal":
-                ln = [p for p in self._layernorm if p.grad is not None]
-                if ln:
-                    grads = [p.grad for p in ln]
-                    fisher = torch._foreach_mul(grads, grads)
-                    torch._foreach_div_(fisher, float(self._batch))
-                    torch._foreach_add_(fisher, math.sqrt(damping))
-                    directions.update(zip(ln, torch._foreach_div(grads, fisher), strict=True))
-            self.timings["precondition"] += time.perf_counter() - tick
-        # The first-order tail, over all tensors at once (torch._foreach_*, as torch's own
-        # optimizers do): weight decay, per-tensor clipping, momentum, update.
-        params = [p for p in group["params"] if p.grad is not None]
-        dirs = [
-            p.grad.clone() if (d := directions.get(p)) is None else d.to(p.dtype) for p in params
-        ]
+            for batch in self._preconditioned(damping):
+                batch = [(p, d) for p, d in batch if p.grad is not None]
+                self._update([p for p, _ in batch], [d.to(p.dtype) for p, d in batch], lr)
+                done.update(p for p, _ in batch)
+                del batch  # before the next batch is computed
+        rest = [p for p in group["params"] if p.grad is not None and p not in done]
+        self._update(rest, [p.grad.clone() for p in rest], lr)
+        self.steps += 1
+        return loss
+
+    def _update(self, params: list[nn.Parameter], dirs: list[torch.Tensor], lr: float) -> None:
+        """The first-order tail, over a batch of tensors at once (torch._foreach_*, as torch's own
+        optimizers do): weight decay, per-tensor clipping, momentum, update. Each tensor's
+        arithmetic is its own, so batching does not change it. ``dirs`` are modified in place."""
+        if not params:
+            return
         if self.weight_decay:
             decayed = [(d, p) for d, p in zip(dirs, params, strict=True) if p not in self._no_decay]
             if decayed:
                 torch._foreach_add_(
                     [d for d, _ in decayed], [p for _, p in decayed], alpha=self.weight_decay
                 )
-        if self.clip_norm is not None and dirs:
+        if self.clip_norm is not None:
             norms = torch.stack(torch._foreach_norm(dirs))
             scales = torch.clamp(self.clip_norm / (norms + 1e-12), max=1.0)
             torch._foreach_mul_(dirs, list(scales.unbind()))
@@ -695,16 +732,15 @@ class THOR(torch.optim.Optimizer):
             if "momentum_buffer" not in state:
                 state["momentum_buffer"] = torch.zeros_like(p)
             bufs.append(state["momentum_buffer"])
-        if params:
-            torch._foreach_mul_(bufs, self.momentum)
-            torch._foreach_add_(bufs, dirs)
-            torch._foreach_add_(params, bufs, alpha=-lr)
-        self.steps += 1
-        return loss
+        torch._foreach_mul_(bufs, self.momentum)
+        torch._foreach_add_(bufs, dirs)
+        torch._foreach_add_(params, bufs, alpha=-lr)
 
     # --- checkpoints ------------------------------------------------------------------------------
 
     def state_dict(self) -> dict:
+        """As torch's optimizers: references to the state, not copies (a checkpoint writes them
+        at once; copies would add the factors and inverses again at every save)."""
         sd = super().state_dict()
         groups = []
         for g in self.groups:
@@ -713,13 +749,13 @@ class THOR(torch.optim.Optimizer):
                     "name": g.name,
                     "factors": [
                         {
-                            "row": u.row.value.clone(),
-                            "col": u.col.value.clone(),
+                            "row": u.row.value,
+                            "col": u.col.value,
                             "initialized": [u.row.initialized, u.col.initialized],
                         }
                         for u in g.uses
                     ],
-                    "inverse": {k: v.clone() for k, v in g.inverse.items()},
+                    "inverse": dict(g.inverse),
                     "trace": g.trace,
                     "refreshes": g.refreshes,
                 }
