@@ -17,6 +17,7 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 import xml.etree.ElementTree as ET
 from importlib import metadata
 from pathlib import Path
@@ -28,8 +29,10 @@ from nbzoo import patching
 UPSTREAM = Path(__file__).parent / "upstream"
 MODELS = ("longformer", "reformer", "bert")
 TIMEOUT_S = 420  # one run of one module, on 2 busy cores
-# Pipeline tests need tokenizers from the hub and tests/pipelines; hub tests are @slow already.
-SELECT = "ModelTest and not pipeline and not Pipeline"
+# The model test classes and the integration classes (whose hub-free tests check layer outputs
+# against reference numbers); pipeline tests need tokenizers from the hub and tests/pipelines, and
+# transformers marks its hub tests @slow already.
+SELECT = "(ModelTest or IntegrationTest) and not pipeline and not Pipeline"
 
 
 def upstream_tests_dir() -> Path:
@@ -89,18 +92,39 @@ def run_upstream(root: Path, module: str, patches: tuple[str, ...], report: Path
     return failed, passed
 
 
+def read_origin(root: Path) -> tuple[dict, str]:
+    """ORIGIN.json of ``root``, checked against the files and the installed transformers, and a
+    sentence saying what of it is not the tag's (empty when all of it is)."""
+    origin = json.loads((root / "ORIGIN.json").read_text())
+    tag = f"v{metadata.version('transformers')}"
+    assert origin["tag"] == tag, f"{root} holds {origin['tag']}, transformers is {tag}"
+    for path, digest in origin["files"].items():
+        data = (root / path).read_bytes()
+        assert hashlib.sha256(data).hexdigest() == digest, f"{root / path} changed since brought"
+    not_from_tag = origin.get("not_from_tag", [])
+    if not not_from_tag:
+        return origin, ""
+    stand_ins = origin.get("stand_ins", {})
+    taken = [f"{p} ({origin['sources'][p]})" for p in not_from_tag if p not in stand_ins]
+    note = f"files not from {tag}: {'; '.join(taken)}" if taken else ""
+    if stand_ins:
+        gaps = "; ".join(f"{p}: {why}" for p, why in stand_ins.items())
+        note += f"{'. ' if note else ''}stand-ins written by the harness: {gaps}"
+    return origin, note
+
+
 @pytest.fixture(scope="module")
 def upstream_root() -> Path:
     root = upstream_tests_dir()
-    origin = root / "ORIGIN.json"
-    if not origin.exists():
+    if not (root / "ORIGIN.json").exists():
         pytest.skip(
             f"transformers' own tests are not here ({root.name}); bring them with "
             "`python tests/upstream/get_transformers_tests.py` (needs github.com, or --checkout "
-            "a local clone)"
+            "a local clone, or --assemble a manifest: see tests/upstream/README.md)"
         )
-    tag = json.loads(origin.read_text())["tag"]
-    assert tag == f"v{metadata.version('transformers')}", f"{root} holds {tag}"
+    _, note = read_origin(root)
+    if note:  # said on every run, pass or fail: these are not exactly the tag's tests
+        warnings.warn(f"transformers' tests run from a mixed tree: {note}", stacklevel=1)
     return root
 
 
@@ -115,7 +139,10 @@ def test_transformers_own_tests_fail_no_more_with_the_patches(upstream_root, mod
     for patches in sets:
         failed, _ = run_upstream(upstream_root, module, patches, tmp_path / "patched.xml")
         new = sorted(failed - baseline)
-        assert not new, f"{model} tests that fail only under {patches}: {new}"
+        assert not new, (
+            f"{model} tests that fail only under {patches}: {new} "
+            f"({read_origin(upstream_root)[1] or 'files of the tag'})"
+        )
 
 
 # --------------------------------------------------------------------- the harness itself
@@ -251,3 +278,78 @@ def test_the_fetcher_follows_the_imports_at_the_tag_and_records_their_origin(tmp
         assert sorted(p.name for p in tmp_path.iterdir()) == ["t"]
     finally:
         server.shutdown()
+
+
+def fake_sdist_and_manifest(tmp_path: Path, version: str, files: dict) -> Path:
+    """A PyPI-like sdist holding tests/*.py only, and a manifest naming the other files."""
+    import io
+    import tarfile
+
+    sdist = tmp_path / f"transformers-{version}.tar.gz"
+    with tarfile.open(sdist, "w:gz") as archive:
+        for name, text in {
+            "test_modeling_common.py": "from .generation.test_utils import GenerationTesterMixin\n",
+            "test_configuration_common.py": "X = 1\n",
+            "test_fsdp_mixin.py": "from .distributed_testing_utils import run\n",  # not needed
+        }.items():
+            data = text.encode()
+            info = tarfile.TarInfo(f"transformers-{version}/tests/{name}")
+            info.size = len(data)
+            archive.addfile(info, io.BytesIO(data))
+    entries = {}
+    for path, text in files.items():
+        local = tmp_path / "obtained" / path
+        local.parent.mkdir(parents=True, exist_ok=True)
+        local.write_text(text)
+        entries[path] = {"file": f"obtained/{path}", "source": f"somewhere@{len(text):040d}"}
+    manifest = tmp_path / "manifest.json"
+    manifest.write_text(
+        json.dumps(
+            {
+                "sdist": sdist.name,
+                "files": entries,
+                "stand_ins": [
+                    "tests/generation/test_utils.py",
+                    "tests/utils/tiny_model_summary.json",
+                ],
+            }
+        )
+    )
+    return manifest
+
+
+def test_an_assembled_tree_says_which_files_are_not_the_tags_and_which_are_stand_ins(tmp_path):
+    get = fetcher()
+    version = metadata.version("transformers")
+    model_test = "from ...test_modeling_common import ModelTesterMixin\n"
+    files = {f"tests/models/{m}/test_modeling_{m}.py": model_test for m in get.MODELS}
+    manifest = fake_sdist_and_manifest(tmp_path, version, files)
+    target = tmp_path / "tree"
+    assert get.main(["--assemble", str(manifest), "--target", str(target)]) == 0
+    origin, note = read_origin(target)
+    assert origin["tag"] == f"v{version}" and origin["commit"] is None
+    assert origin["sources"]["tests/test_modeling_common.py"].startswith(
+        f"PyPI sdist transformers-{version}.tar.gz (sha256 "
+    )
+    assert set(origin["not_from_tag"]) == set(files) | set(origin["stand_ins"])
+    assert "tests/generation/test_utils.py" in origin["stand_ins"]
+    assert "tests/models/bert/test_modeling_bert.py (somewhere@" in note
+    assert "generation tests" in note
+    assert (target / "tests" / "models" / "bert" / "__init__.py").exists()
+    # a file changed after it was brought is caught
+    (target / "tests" / "test_configuration_common.py").write_text("X = 2\n")
+    with pytest.raises(AssertionError, match="changed since brought"):
+        read_origin(target)
+
+
+def test_assembling_without_a_module_the_model_tests_import_writes_nothing(tmp_path):
+    get = fetcher()
+    version = metadata.version("transformers")
+    files = {
+        f"tests/models/{m}/test_modeling_{m}.py": "from ...test_pipeline_mixin import P\n"
+        for m in get.MODELS
+    }
+    manifest = fake_sdist_and_manifest(tmp_path, version, files)
+    assert get.main(["--assemble", str(manifest), "--target", str(tmp_path / "tree")]) == 1
+    assert not (tmp_path / "tree").exists()
+    assert not list(tmp_path.glob(".tree.tmp-*"))
