@@ -4,10 +4,12 @@ from upstream's behaviour unnoticed.
 
 The test files are transformers', at the tag of the installed version, brought by
 ``python tests/upstream/get_transformers_tests.py`` into ``tests/upstream/transformers-<version>``
-(see tests/upstream/README.md for why they are not committed). Each module runs in its own
-pytest process, once without patches and once per compatible set of the patches that replace
-something in that model; the modeling test classes only, with transformers' slow (hub) tests
-left skipped as transformers itself does without RUN_SLOW.
+(see tests/upstream/README.md for why they are not committed), or assembled from the release's
+sdist and files obtained one by one, in which case ORIGIN.json lists what is not the tag's and
+every run says so. Each module runs in its own pytest process, once without patches and once per
+compatible set of the patches that replace something in that model; the model and integration
+test classes only, with transformers' slow (hub) tests left skipped as transformers itself does
+without RUN_SLOW.
 """
 
 from __future__ import annotations
@@ -191,6 +193,34 @@ def test_the_comparison_names_a_failure_only_the_patches_bring(tmp_path):
     prefix = "tests.models.bert.test_modeling_bert.BertModelTest::"
     assert base == {prefix + "test_always_broken"} and passed == 2
     assert patched - base == {prefix + "test_forward_is_upstreams"}
+
+
+def test_every_run_of_a_test_draws_the_same_random_inputs(tmp_path):
+    """transformers' tests draw inputs from an unseeded Random in test_modeling_common: the
+    unpatched and the patched run must still see the same ones."""
+    root = fake_tree(tmp_path / "tree")
+    (root / "tests" / "test_modeling_common.py").write_text(
+        "import random\nglobal_rng = random.Random()\n"
+    )
+    (root / "tests" / "models" / "bert" / "test_modeling_bert.py").write_text(
+        "import os, random, unittest\n"
+        "import torch\n"
+        "from ...test_modeling_common import global_rng\n\n\n"
+        "class BertModelTest(unittest.TestCase):\n"
+        "    def test_draw(self):\n"
+        "        with open(os.environ['DRAWS'], 'a') as f:\n"
+        "            print(global_rng.random(), random.random(), torch.rand(1).item(), file=f)\n"
+    )
+    module = "tests/models/bert/test_modeling_bert.py"
+    draws = []
+    for run in range(2):
+        os.environ["DRAWS"] = str(tmp_path / f"draws{run}")
+        try:
+            run_upstream(root, module, (), tmp_path / f"{run}.xml", select="ModelTest")
+        finally:
+            del os.environ["DRAWS"]
+        draws.append((tmp_path / f"draws{run}").read_text())
+    assert draws[0] == draws[1] and len(draws[0].split()) == 3
 
 
 def test_patch_sets_never_stack_two_replacements_of_one_attribute():
