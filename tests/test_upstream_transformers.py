@@ -73,6 +73,9 @@ def run_upstream(root: Path, module: str, patches: tuple[str, ...], report: Path
     env.pop("RUN_SLOW", None)
     argv = [sys.executable, "-m", "pytest", module, "-q", "-p", "apply_nbzoo_patches"]
     argv += ["-p", "no:cacheprovider", "-p", "no:nbval", "-c", os.devnull, "--rootdir", str(root)]
+    # the folder lives inside this project's tests/: its conftest.py (imported as ``tests``) must
+    # not shadow transformers' ``tests`` package
+    argv += ["--confcutdir", str(root)]
     argv += ["-k", select, f"--junitxml={report}", "-o", "junit_family=xunit2"]
     try:
         done = subprocess.run(
@@ -193,6 +196,18 @@ def test_the_comparison_names_a_failure_only_the_patches_bring(tmp_path):
     prefix = "tests.models.bert.test_modeling_bert.BertModelTest::"
     assert base == {prefix + "test_always_broken"} and passed == 2
     assert patched - base == {prefix + "test_forward_is_upstreams"}
+
+
+def test_the_tree_runs_inside_a_project_whose_own_tests_package_has_a_conftest(tmp_path):
+    """Where this project keeps the folder: under its own ``tests`` package and conftest.py."""
+    outer = tmp_path / "project" / "tests"
+    outer.mkdir(parents=True)
+    (outer / "__init__.py").write_text("")
+    (outer / "conftest.py").write_text("")
+    root = fake_tree(outer / "upstream" / "transformers-x")
+    module = "tests/models/bert/test_modeling_bert.py"
+    failed, passed = run_upstream(root, module, (), tmp_path / "a.xml", select="ModelTest")
+    assert passed == 2 and len(failed) == 1
 
 
 def test_every_run_of_a_test_draws_the_same_random_inputs(tmp_path):
