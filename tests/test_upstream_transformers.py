@@ -60,7 +60,7 @@ def patch_sets(model: str) -> list[tuple[str, ...]]:
 
 
 def run_upstream(root: Path, module: str, patches: tuple[str, ...], report: Path, select=SELECT):
-    """Failed and errored test ids of one pytest run of ``module`` under ``root``."""
+    """The failed (or errored) and the passed test ids of one pytest run of ``module``."""
     env = dict(os.environ)
     env.update(
         NBZOO_UPSTREAM_PATCHES=",".join(patches),
@@ -87,14 +87,24 @@ def run_upstream(root: Path, module: str, patches: tuple[str, ...], report: Path
         pytest.fail(
             f"{module} with patches {patches or 'none'} did not run:\n{done.stdout[-3000:]}"
         )
-    failed, passed = set(), 0
+    failed, passed = set(), set()
     for case in ET.parse(report).getroot().iter("testcase"):
         test_id = f"{case.get('classname')}::{case.get('name')}"
         if case.find("failure") is not None or case.find("error") is not None:
             failed.add(test_id)
         elif case.find("skipped") is None:
-            passed += 1
+            passed.add(test_id)
     return failed, passed
+
+
+def drift(unpatched: tuple[set, set], patched: tuple[set, set]) -> dict[str, list[str]]:
+    """What the patches changed for the worse: tests that fail only under them, and tests that
+    pass without them and do not run under them (skipped: a patch can hide a test)."""
+    (failed, passed), (failed_patched, passed_patched) = unpatched, patched
+    return {
+        "fail only under the patches": sorted(failed_patched - failed),
+        "pass unpatched, skipped patched": sorted(passed - passed_patched - failed_patched),
+    }
 
 
 def read_origin(root: Path) -> tuple[dict, str]:
@@ -139,15 +149,31 @@ def test_transformers_own_tests_fail_no_more_with_the_patches(upstream_root, mod
     module = f"tests/models/{model}/test_modeling_{model}.py"
     sets = patch_sets(model)
     assert sets, f"no nbzoo patch touches {model}: nothing to compare"
-    baseline, ran = run_upstream(upstream_root, module, (), tmp_path / "upstream.xml")
+    baseline = run_upstream(upstream_root, module, (), tmp_path / "upstream.xml")
+    ran = len(baseline[1])
     assert ran > 20, f"only {ran} of transformers' {model} tests passed unpatched: selection broken"
     for patches in sets:
-        failed, _ = run_upstream(upstream_root, module, patches, tmp_path / "patched.xml")
-        new = sorted(failed - baseline)
-        assert not new, (
-            f"{model} tests that fail only under {patches}: {new} "
+        changed = drift(baseline, run_upstream(upstream_root, module, patches, tmp_path / "p.xml"))
+        assert not any(changed.values()), (
+            f"{model} under {patches}: {changed} "
             f"({read_origin(upstream_root)[1] or 'files of the tag'})"
         )
+
+
+@pytest.mark.parametrize(
+    "name", [n for n in patching.available() if patching.get(n).target.endswith(".forward")]
+)
+def test_a_patched_forward_shows_upstreams_signature(name):
+    """transformers reads a forward's signature to learn what the model accepts (the common test
+    ``test_eager_matches_sdpa_inference`` skips a model whose forward shows no output_attentions,
+    upstream's through ``**kwargs: Unpack[TransformersKwargs]``): a patched BertForPreTraining
+    that showed a bare ``**kwargs`` turned that test from passed into skipped."""
+    import inspect
+
+    owner, attr = patching.get(name)._owner_and_attr()
+    upstream = inspect.signature(getattr(owner, attr))
+    with patching.applied(name):
+        assert inspect.signature(getattr(owner, attr)) == upstream
 
 
 # --------------------------------------------------------------------- the harness itself
@@ -169,6 +195,10 @@ class BertModelTest(unittest.TestCase):
 
     def test_always_broken(self):
         raise RuntimeError("fails with and without patches")
+
+    def test_hidden_by_the_patches(self):
+        if modeling_bert.BertForPreTraining.forward.__module__ != modeling_bert.__name__:
+            self.skipTest("not for a patched forward")
 """
 
 
@@ -186,16 +216,19 @@ def fake_tree(root: Path) -> Path:
     return root
 
 
-def test_the_comparison_names_a_failure_only_the_patches_bring(tmp_path):
+def test_the_comparison_names_a_failure_and_a_skip_only_the_patches_bring(tmp_path):
     root = fake_tree(tmp_path / "tree")
     module = "tests/models/bert/test_modeling_bert.py"
-    base, passed = run_upstream(root, module, (), tmp_path / "a.xml", select="ModelTest")
-    patched, _ = run_upstream(
+    base = run_upstream(root, module, (), tmp_path / "a.xml", select="ModelTest")
+    patched = run_upstream(
         root, module, ("bert_pretraining_sparse_mlm_perf",), tmp_path / "b.xml", select="ModelTest"
     )
     prefix = "tests.models.bert.test_modeling_bert.BertModelTest::"
-    assert base == {prefix + "test_always_broken"} and passed == 2
-    assert patched - base == {prefix + "test_forward_is_upstreams"}
+    assert base[0] == {prefix + "test_always_broken"} and len(base[1]) == 3
+    assert drift(base, patched) == {
+        "fail only under the patches": [prefix + "test_forward_is_upstreams"],
+        "pass unpatched, skipped patched": [prefix + "test_hidden_by_the_patches"],
+    }
 
 
 def test_the_tree_runs_inside_a_project_whose_own_tests_package_has_a_conftest(tmp_path):
@@ -207,7 +240,7 @@ def test_the_tree_runs_inside_a_project_whose_own_tests_package_has_a_conftest(t
     root = fake_tree(outer / "upstream" / "transformers-x")
     module = "tests/models/bert/test_modeling_bert.py"
     failed, passed = run_upstream(root, module, (), tmp_path / "a.xml", select="ModelTest")
-    assert passed == 2 and len(failed) == 1
+    assert len(passed) == 3 and len(failed) == 1
 
 
 def test_every_run_of_a_test_draws_the_same_random_inputs(tmp_path):
