@@ -319,7 +319,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     print(
-        f"{len(origin['files'])} files of {REPO} {origin['tag']} ({origin['commit']}) in {target}"
+        f"{len(origin['files'])} files of {REPO} {origin['tag']} "
+        f"({origin['commit'] or 'assembled, not one commit'}) in {target}"
     )
     for path in origin.get("not_from_tag", []):
         print(f"  not from the tag: {path} <- {origin['sources'][path]}")
