@@ -13,7 +13,10 @@ forward unchanged.
 
 from __future__ import annotations
 
+import inspect
+
 from transformers.modeling_outputs import SequenceClassifierOutput
+from transformers.models.albert.modeling_albert import AlbertForSequenceClassification
 
 from nbzoo import packing, patching
 
@@ -44,6 +47,11 @@ def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, posi
         loss=loss, logits=logits, hidden_states=outputs.hidden_states,
         attentions=outputs.attentions,
     )  # fmt: skip
+
+
+# transformers reads a forward's signature to learn what it accepts (output_attentions through the
+# typed **kwargs, ...): this one takes upstream's arguments, so it shows upstream's signature
+forward.__signature__ = inspect.signature(AlbertForSequenceClassification.forward)
 
 
 PATCH = patching.Patch(

@@ -19,8 +19,10 @@ or the other.
 
 from __future__ import annotations
 
+import inspect
+
 from torch.nn import functional as F
-from transformers.models.bert.modeling_bert import BertForPreTrainingOutput
+from transformers.models.bert.modeling_bert import BertForPreTraining, BertForPreTrainingOutput
 
 from nbzoo import packing, patching
 from nbzoo.perf import labelled_positions
@@ -75,6 +77,11 @@ def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, posi
         loss=loss, prediction_logits=prediction_scores, seq_relationship_logits=nsp_scores,
         hidden_states=outputs.hidden_states, attentions=outputs.attentions,
     )  # fmt: skip
+
+
+# transformers reads a forward's signature to learn what it accepts (output_attentions through the
+# typed **kwargs, ...): this one takes upstream's arguments, so it shows upstream's signature
+forward.__signature__ = inspect.signature(BertForPreTraining.forward)
 
 
 PATCH = patching.Patch(

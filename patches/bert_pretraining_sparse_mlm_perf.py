@@ -13,9 +13,11 @@ the perf path -- goes to the upstream forward unchanged and gets upstream's logi
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 from torch.nn import functional as F
-from transformers.models.bert.modeling_bert import BertForPreTrainingOutput
+from transformers.models.bert.modeling_bert import BertForPreTraining, BertForPreTrainingOutput
 
 from nbzoo import patching
 from nbzoo.perf import labelled_positions
@@ -82,6 +84,11 @@ def forward(
         prediction_logits=None,
         seq_relationship_logits=seq_relationship_score,
     )
+
+
+# transformers reads a forward's signature to learn what it accepts (output_attentions through the
+# typed **kwargs, ...): this one takes upstream's arguments, so it shows upstream's signature
+forward.__signature__ = inspect.signature(BertForPreTraining.forward)
 
 
 PATCH = patching.Patch(

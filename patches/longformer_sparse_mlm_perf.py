@@ -13,9 +13,14 @@ path -- goes to the upstream forward unchanged and gets upstream's logits.
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 from torch.nn import functional as F
-from transformers.models.longformer.modeling_longformer import LongformerMaskedLMOutput
+from transformers.models.longformer.modeling_longformer import (
+    LongformerForMaskedLM,
+    LongformerMaskedLMOutput,
+)
 
 from nbzoo import patching
 from nbzoo.perf import labelled_positions
@@ -77,6 +82,11 @@ def forward(
     scores = self.lm_head(hidden)
     loss = F.cross_entropy(scores.view(-1, self.config.vocab_size), targets)
     return LongformerMaskedLMOutput(loss=loss, logits=None)
+
+
+# transformers reads a forward's signature to learn what it accepts (output_attentions through the
+# typed **kwargs, ...): this one takes upstream's arguments, so it shows upstream's signature
+forward.__signature__ = inspect.signature(LongformerForMaskedLM.forward)
 
 
 PATCH = patching.Patch(

@@ -10,8 +10,11 @@ padding. Calls without ``sequence_ids`` go to the upstream forward unchanged.
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 from transformers.modeling_outputs import SequenceClassifierOutput
+from transformers.models.roberta.modeling_roberta import RobertaForSequenceClassification
 
 from nbzoo import packing, patching
 
@@ -43,6 +46,11 @@ def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, posi
         loss=loss, logits=logits, hidden_states=outputs.hidden_states,
         attentions=outputs.attentions,
     )  # fmt: skip
+
+
+# transformers reads a forward's signature to learn what it accepts (output_attentions through the
+# typed **kwargs, ...): this one takes upstream's arguments, so it shows upstream's signature
+forward.__signature__ = inspect.signature(RobertaForSequenceClassification.forward)
 
 
 PATCH = patching.Patch(
