@@ -166,6 +166,11 @@ def overrides(stem: str, preset: str, s: Standins, work: Path) -> dict[str, tupl
             "work_dir": (str(work / "artifacts" / stem), "location: the rehearsal's own folder"),
             "max_samples": (8, "sample count: 8 dev sentences instead of all"),
             "batch_sizes": ([1, 8], "batch size: two batch sizes of the sweep (CPU time)"),
+            "static_shapes": (
+                [[16, 8], [32, 8], [64, 8], [128, 8]],
+                "batch size: the seed's four ATC shapes at batch 8 (the 8 samples) instead of "
+                "64 / 32, which would pad 8 samples to 64 / 32 rows; the sequence lengths stay",
+            ),
             "bench_batch_size": (8, "batch size: the speed-up measured on batches of 8"),
             "bench_batches": (1, "steps: one batch per timing round"),
             "bench_rounds": (1, "steps: one timing round"),
@@ -338,6 +343,13 @@ def cann_environment(s: Standins) -> dict[str, str] | None:
     return {k: v for k, v in tools.env().items() if k in ("PATH", "PYTHONPATH")}
 
 
+def cpu_seconds() -> float:
+    """CPU time of this process and of its finished children (kernels, torchrun and its ranks):
+    the measure of a run's cost on a shared machine, where wall time depends on the neighbours."""
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="nbzoo rehearse", description=__doc__.split("\n\n")[0])
     parser.add_argument(
@@ -379,15 +391,20 @@ def main(argv: list[str] | None = None) -> int:
         print(f"building stand-ins in {s.root}", flush=True)
         done.unlink(missing_ok=True)
         with_bert = "init_checkpoint" in declared.get("06_bert_thor", set())
+        c0 = cpu_seconds()
         build_standins(s.root, with_bert, log=lambda m: print(m, flush=True))
         done.write_text("stand-ins complete\n")
+        print(
+            f"stand-ins: {time.perf_counter() - start:.0f} s wall, {cpu_seconds() - c0:.0f} CPU s",
+            flush=True,
+        )
     link_roots(work, s)
     if "02_albert_inference" in stems:
         env.update(cann_environment(s) or {})
     seconds, failed = {}, []
     for run in runs:
         print(f"{run.name}: {', '.join(f'{k}={v}' for k, v in run.parameters.items())}", flush=True)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), cpu_seconds()
         try:
             dest = execute(run, work, env)
         except Exception as exc:  # one failed notebook does not stop the others
@@ -395,13 +412,14 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{run.name}: FAILED after {time.perf_counter() - t0:.0f} s", flush=True)
             continue
         seconds[run.name] = time.perf_counter() - t0
-        print(f"{run.name}: {seconds[run.name]:.0f} s -> {dest}", flush=True)
+        print(
+            f"{run.name}: {seconds[run.name]:.0f} s wall, {cpu_seconds() - c0:.0f} CPU s -> {dest}",
+            flush=True,
+        )
     total = time.perf_counter() - start
-    cpu = os.times()
-    cpu_seconds = cpu.user + cpu.system + cpu.children_user + cpu.children_system
     print(
         f"rehearsal: {len(seconds)} of {len(runs)} runs passed in {total:.0f} s wall "
-        f"({total / 60:.1f} min), {cpu_seconds:.0f} CPU seconds (this process and its kernels)"
+        f"({total / 60:.1f} min), {cpu_seconds():.0f} CPU seconds (this process and its kernels)"
     )
     for line in problems + failed:
         print(f"  not rehearsed: {line}", file=sys.stderr)

@@ -125,7 +125,11 @@ def build_stages(
             bar.update()
         bar.set_postfix_str("parity", refresh=False)
         sample = {k: v[:parity_samples] for k, v in features.items()}
-        parity = {name: onnx_export.parity_check(model, p, sample) for name, p in paths.items()}
+        ref = onnx_export.torch_outputs(model, sample, INPUT_NAMES, OUTPUT_NAMES)
+        parity = {
+            name: onnx_export.parity_check(model, p, sample, OUTPUT_NAMES, reference=ref)
+            for name, p in paths.items()
+        }
         bar.update()
     finally:
         bar.close()
@@ -266,6 +270,16 @@ def sweep(
     total = sum(1 + len(stages_at(p)) + (p in oms) for p in points)
     bar = progress.bar(total=total, desc="sweep", disable=not show_progress)
     rows = []
+    # one ONNX Runtime session per stage, run at every shape (the stages have dynamic shapes)
+    sessions: dict[str, infer.OrtBackend] = {}
+
+    def session(name):
+        if name not in sessions:
+            sessions[name] = infer.OrtBackend(
+                stages[name], ep="cpu", threads=threads, spinning=spinning
+            )
+        return sessions[name]
+
     try:
         loaded: dict[int, tuple] = {}
         for seq_len, bs in points:
@@ -290,9 +304,7 @@ def sweep(
                     batchsize=bs,
                     loop=loop,
                     warmup_count=warmup,
-                    ep="cpu",
-                    threads=threads,
-                    spinning=spinning,
+                    backend=session(name),
                 )
                 logits = albert_preprocess.read_outputs(summary.output_dir, len(labels))
                 stats = {**summary.latency_ms, "throughput": summary.throughput}
