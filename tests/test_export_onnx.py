@@ -121,6 +121,23 @@ def test_merging_equal_initializers_renames_their_users_and_keeps_the_result():
     np.testing.assert_array_equal(run(proto), before)
 
 
+def test_a_static_model_from_the_dynamic_export_is_the_static_trace_once_simplified(
+    model, stages, tmp_path
+):
+    feats = features(6, 12, seed=4)
+    traced = albert.export_static(model, feats, tmp_path / "traced", 4)
+    fixed = albert.export_static(model, feats, tmp_path / "fixed", 4, source=stages.paths["onnx"])
+    assert fixed["onnx"].name == "albert_seq12_bs4.onnx"
+    for stage in ("onnx_sim", "onnx_opt"):
+        assert onnx_export.op_histogram(fixed[stage]) == onnx_export.op_histogram(traced[stage])
+    graph = onnx.load(str(fixed["onnx_opt"])).graph
+    shapes = {v.name: [d.dim_value for d in v.type.tensor_type.shape.dim] for v in graph.input}
+    assert shapes == dict.fromkeys(NAMES, [4, 12])
+    assert [d.dim_value for d in graph.output[0].type.tensor_type.shape.dim] == [4, 2]
+    sample = albert.dummy_inputs(feats, 4)
+    assert onnx_export.parity_check(model, fixed["onnx_opt"], sample) < 1e-5
+
+
 def test_one_pytorch_reference_serves_the_parity_of_every_stage(model, stages):
     feats = features(6, 12, seed=5)
     ref = onnx_export.torch_outputs(model, feats, NAMES, ["logits"])

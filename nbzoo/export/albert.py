@@ -142,10 +142,21 @@ def export_static(
     folder: str | os.PathLike,
     batch_size: int,
     opset: int = onnx_export.DEFAULT_OPSET,
+    source: str | os.PathLike | None = None,
 ) -> dict[str, Path]:
     """The seed's static model for ATC: ``albert_seq{S}_bs{B}.onnx`` → ``_sim`` → ``_opt``
-    (standard ONNX operators only, which is what ATC converts)."""
-    raw = export(model, features, folder, batch_size, opset)
+    (standard ONNX operators only, which is what ATC converts). With ``source``, the dynamic
+    export of the same model (``albert_dynamic.onnx``), the static model is that graph with its
+    shapes fixed instead of a new trace: simplified, it is the graph the static trace gives."""
+    if source is None:
+        raw = export(model, features, folder, batch_size, opset)
+    else:
+        seq_len = features[INPUT_NAMES[0]].shape[1]
+        dims = {name: {0: batch_size, 1: seq_len} for name in INPUT_NAMES}
+        dims |= {name: {0: batch_size} for name in OUTPUT_NAMES}
+        raw = onnx_export.fix_shapes(
+            source, Path(folder) / f"{model_stem(seq_len, batch_size)}.onnx", dims
+        )
     sim = onnx_export.simplify(raw)
     return {"onnx": raw, "onnx_sim": sim, "onnx_opt": onnx_export.optimize_standard(sim)}
 

@@ -117,6 +117,34 @@ def export_onnx(
     return path
 
 
+def fix_shapes(
+    path: str | os.PathLike, out: str | os.PathLike, dims: Mapping[str, Mapping[int, int]]
+) -> Path:
+    """A dynamic-shape model with some axes fixed (``{"input_ids": {0: 32, 1: 128}}``, inputs
+    and outputs by name): the graph a static export traces at that shape, before simplification
+    folds its shape computations away -- one export serves every static shape."""
+    proto = onnx.load(str(path))
+    values = {v.name: v for v in list(proto.graph.input) + list(proto.graph.output)}
+    unknown = sorted(set(dims) - set(values))
+    if unknown:
+        raise ExportError(f"{Path(path).name} has no input or output {', '.join(unknown)}")
+    for name, axes in dims.items():
+        shape = values[name].type.tensor_type.shape.dim
+        for axis, size in axes.items():
+            shape[axis].ClearField("dim_param")
+            shape[axis].dim_value = int(size)
+    onnx.checker.check_model(proto)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _tmp_path(out)
+    try:
+        onnx.save(proto, str(tmp))
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return out
+
+
 def _as_numpy(value) -> np.ndarray:
     return value.detach().cpu().numpy() if isinstance(value, torch.Tensor) else np.asarray(value)
 
