@@ -244,6 +244,32 @@ def dedupe_initializers(proto: onnx.ModelProto) -> int:
     return len(rename)
 
 
+def bypass_weight_identities(proto: onnx.ModelProto) -> int:
+    """Drop the ``Identity`` nodes through which the exporter hands a weight to each of its users
+    (ALBERT's shared layer: 12 per weight), the users reading the weight itself; returns how many
+    went. Folded by the simplifier instead, each would become a copy of the weight, half of
+    onnxslim's time on albert-base."""
+    if any(a.HasField("g") or len(a.graphs) for n in proto.graph.node for a in n.attribute):
+        return 0  # a subgraph may read an Identity's output too: left to the simplifier
+    weights = {t.name for t in proto.graph.initializer}
+    outputs = {o.name for o in proto.graph.output}
+    alias = {
+        n.output[0]: n.input[0]
+        for n in proto.graph.node
+        if n.op_type == "Identity" and n.input[0] in weights and n.output[0] not in outputs
+    }
+    if not alias:
+        return 0
+    kept = [n for n in proto.graph.node if not (n.op_type == "Identity" and n.output[0] in alias)]
+    for node in kept:
+        for i, name in enumerate(node.input):
+            if name in alias:
+                node.input[i] = alias[name]
+    del proto.graph.node[:]
+    proto.graph.node.extend(kept)
+    return len(alias)
+
+
 def simplify(
     path: str | os.PathLike,
     out: str | os.PathLike | None = None,
@@ -251,12 +277,17 @@ def simplify(
     skip_fusion_patterns: Sequence[str] = SLIM_SKIP_FOR_TRANSFORMERS,
 ) -> Path:
     """Constant-fold and clean the graph (``<stem>_sim.onnx``): onnxslim, or the seed's onnxsim
-    (``backend="onnxsim"``, when the onnxsim package is installed); weights the folding copied
-    are shared again (:func:`dedupe_initializers`)."""
+    (``backend="onnxsim"``, when the onnxsim package is installed). A weight shared by several
+    nodes stays one tensor (:func:`bypass_weight_identities` before, :func:`dedupe_initializers`
+    after)."""
     path = Path(path)
     out = Path(out) if out is not None else stage_path(path, "sim")
     tmp = _tmp_path(out)
     try:
+        if backend not in ("onnxslim", "onnxsim"):
+            raise ValueError(f"backend must be onnxslim or onnxsim; got {backend!r}")
+        source = onnx.load(str(path))
+        bypass_weight_identities(source)
         if backend == "onnxslim":
             import onnxslim
 
@@ -264,7 +295,7 @@ def simplify(
                 warnings.simplefilter("ignore")
                 # without an output path slim returns the model and prints no summary table
                 proto = onnxslim.slim(
-                    str(path), skip_fusion_patterns=list(skip_fusion_patterns) or None
+                    source, skip_fusion_patterns=list(skip_fusion_patterns) or None
                 )
             if proto is None:
                 raise ExportError(f"{path.name}: onnxslim could not simplify the model")
@@ -277,13 +308,11 @@ def simplify(
                 raise ExportError(
                     "backend='onnxsim' needs the onnxsim package (pip install onnxsim)"
                 ) from None
-            proto, ok = onnxsim.simplify(onnx.load(str(path)))
+            proto, ok = onnxsim.simplify(source)
             if not ok:
                 raise ExportError(f"{path.name}: onnxsim could not validate the simplified model")
             dedupe_initializers(proto)
             onnx.save(proto, str(tmp))
-        else:
-            raise ValueError(f"backend must be onnxslim or onnxsim; got {backend!r}")
         onnx.checker.check_model(onnx.load(str(tmp)))
         os.replace(tmp, out)
     finally:
