@@ -204,9 +204,9 @@ def overrides(stem: str, preset: str, s: Standins, work: Path) -> dict[str, tupl
             "eval_batch_size": (1, "batch size: one block per evaluation batch (CPU time)"),
             "max_steps": (2, "steps: 2 optimizer steps"),
             "scaling_seq_lens": (
-                [1024],
-                "sample count: one length of the side measurement (the preset's reach 16384, "
-                "whose full-attention twin needs ~13 GB)",
+                [256],
+                "sample count: one length of the side measurement, the demo's shortest (the "
+                "preset's reach 16384, whose full-attention twin needs ~13 GB)",
             ),
         },
         "05_longformer_mlm": {
