@@ -228,7 +228,18 @@ def overrides(stem: str, preset: str, s: Standins, work: Path) -> dict[str, tupl
             "eval_every": (1, "steps: evaluate after each of the 2 steps"),
         },
     }
-    return dict(table[stem])
+    values = dict(table[stem])
+    if preset == "full_8p" and stem in EIGHT_DEVICE_STEPS:
+        values["max_steps"] = (
+            EIGHT_DEVICE_STEPS[stem],
+            "steps: 2 optimizer steps, across one epoch end (the 8-device row's epochs are one "
+            "step each on the stand-in data: 7 for 01, 10 for 03, each with its evaluation)",
+        )
+    return values
+
+
+# full_8p's epochs (the seed's 8-device row) take one step each on the stand-in data
+EIGHT_DEVICE_STEPS = {"01_albert_glue": 2, "03_roberta_sst2": 2}
 
 
 # Notebook 02 reads SST-2's dev set from notebook 01's preset (``finetune_preset``), whose data_dir
