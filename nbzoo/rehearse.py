@@ -47,6 +47,8 @@ ORDER = (
 # Sizes of the stand-in data (sample counts: the only thing they change is how long a run takes).
 GLUE_SIZES = {"train": 8, "dev": 8, "test": 4}
 CORPUS_SIZES = {"train": 200, "test": 120}  # ~4 blocks of 4096 tokens to train on, 2 to test
+# 05's blocks are 512 tokens: 120 test documents would be 20 blocks to evaluate, 24 are 4
+LONGFORMER_CORPUS_SIZES = {"train": 200, "test": 24}
 MLPERF_SAMPLES, MLPERF_PER_SHARD = 8, 4  # eval 2 + 2 steps x batch 1 x 2 processes, 2 shards
 TOKENIZER_TEXTS = 2000  # generated sentences the SentencePiece / BPE vocabularies are learnt on
 
@@ -80,6 +82,10 @@ class Standins:
     @property
     def corpus(self) -> Path:
         return self.root / "seed"  # holds corpus/ and lf_token/
+
+    @property
+    def longformer_corpus(self) -> Path:
+        return self.root / "seed_longformer"  # corpus/ and lf_token/, fewer test documents
 
     @property
     def reformer(self) -> Path:
@@ -122,6 +128,8 @@ def build_standins(root: Path, with_bert_large: bool, log=print) -> Standins:
         ("SST-2 binarized (input0/, lable/)",
          lambda: standins.sst2_binarized(s.glue, s.sst2_bin, s.gpt2_bpe)),
         ("corpus/ + lf_token/", lambda: standins.corpus_root(s.corpus, CORPUS_SIZES, 50265)),
+        ("corpus/ + lf_token/ (longformer)",
+         lambda: standins.corpus_root(s.longformer_corpus, LONGFORMER_CORPUS_SIZES, 50265)),
         ("reformer-crime-and-punishment (config, safetensors, spiece.model)",
          lambda: standins.reformer_crime_and_punishment(
              s.reformer, corpus.read_corpus(s.corpus, "train"))),
@@ -210,7 +218,11 @@ def overrides(stem: str, preset: str, s: Standins, work: Path) -> dict[str, tupl
             ),
         },
         "05_longformer_mlm": {
-            "data_dir": (str(s.corpus), where),
+            "data_dir": (
+                str(s.longformer_corpus),
+                "location: the stand-in corpus/ + lf_token/ (sample count: 24 test documents, "
+                "4 blocks of 512 tokens to evaluate)",
+            ),
             "model_name": (str(s.longformer), where),
             "checkpoint_dir": (out, "location: the rehearsal's own folder"),
             "batch_size": (1, "batch size: one 512-token block per step (CPU time)"),
