@@ -518,9 +518,13 @@ def run(
     args: Sequence[str] = (),
     progress: bool = False,
     spinning: bool = True,
+    backend: OrtBackend | None = None,
 ) -> RunSummary:
     """Run ``model`` over the sample folders ``inputs``; see the module docstring.
-    ``spinning=False`` lets ONNX Runtime's idle threads sleep instead of busy-waiting."""
+    ``spinning=False`` lets ONNX Runtime's idle threads sleep instead of busy-waiting.
+    ``backend``: an open :class:`OrtBackend` of ``model`` to run on (a caller running one
+    dynamic-shape model at many shapes opens its session once); ``ep``, ``device``, ``threads``
+    and ``spinning`` are then the backend's."""
     model = Path(model)
     outfmt = outfmt.upper()
     if outfmt not in FORMATS:
@@ -537,7 +541,8 @@ def run(
     if model.suffix != ".onnx":
         raise InferError(f"{model}: --model must be an .onnx or .om file")
 
-    backend = OrtBackend(model, ep=ep, device=device, threads=threads, spinning=spinning)
+    if backend is None:
+        backend = OrtBackend(model, ep=ep, device=device, threads=threads, spinning=spinning)
     plan = make_plan(backend.input_specs(), inputs, batchsize, match_inputs, model.name)
     tmp = None
     if final is not None:

@@ -406,18 +406,32 @@ def lsh_bucket_agreement(model: torch.nn.Module, input_ids: torch.Tensor) -> dic
         for h in hooks:
             h.remove()
         model.train(was_training)
-    same_token = (input_ids[:, :, None] == input_ids[:, None, :])[:, None, None]
-    off_diagonal = ~torch.eye(input_ids.shape[1], dtype=torch.bool)
+    # pairs counted from how often each value occurs (n values alike make n² - n ordered pairs):
+    # the L × L comparison matrices would take 16 M entries per row at 4096 tokens
+    length = input_ids.shape[-1]
     agree_same, agree_all = [], []
     for buckets in captured:  # (B, H, hashes, L), offset per hash round
-        same_bucket = buckets[..., :, None] == buckets[..., None, :]
-        pairs = same_token & off_diagonal
-        agree_same.append(same_bucket[pairs.expand_as(same_bucket)].float().mean())
-        agree_all.append(same_bucket[off_diagonal.expand_as(same_bucket)].float().mean())
+        kinds = int(buckets.max()) + 1
+        alike = same = together = 0
+        for b, rows in enumerate(buckets.flatten(1, -2)):
+            tokens = input_ids[b].to(rows.device)
+            alike_tokens = _pairs_alike(tokens)
+            for row in rows:
+                alike += alike_tokens
+                same += _pairs_alike(tokens * kinds + row)
+                together += _pairs_alike(row)
+        agree_same.append(same / alike if alike else float("nan"))
+        agree_all.append(together / (buckets[..., 0].numel() * length * (length - 1)))
     return {
-        "same token, same bucket": float(torch.stack(agree_same).mean()),
-        "any two tokens, same bucket": float(torch.stack(agree_all).mean()),
+        "same token, same bucket": float(np.mean(agree_same)),
+        "any two tokens, same bucket": float(np.mean(agree_all)),
     }
+
+
+def _pairs_alike(values: torch.Tensor) -> int:
+    """Ordered pairs (i, j), i != j, with ``values[i] == values[j]``."""
+    counts = torch.unique(values, return_counts=True)[1].long()
+    return int((counts * counts).sum()) - values.numel()
 
 
 def reformer_at_length(config, seq_len: int) -> torch.nn.Module:

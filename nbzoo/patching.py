@@ -71,20 +71,35 @@ class Patch:
 
 _REGISTRY: dict[str, Patch] = {}
 _ACTIVE: list[str] = []
+_ALL_LOADED = False
+
+
+def _register(module) -> None:
+    found = getattr(module, "PATCHES", None) or [getattr(module, "PATCH", None)]
+    for patch in found:
+        if isinstance(patch, Patch):
+            _REGISTRY.setdefault(patch.name, patch)
 
 
 def _load_registry() -> dict[str, Patch]:
-    if _REGISTRY:
-        return _REGISTRY
-    import nbzoo_patches
+    global _ALL_LOADED
+    if not _ALL_LOADED:
+        import nbzoo_patches
 
-    for info in pkgutil.iter_modules(nbzoo_patches.__path__):
-        module = importlib.import_module(f"nbzoo_patches.{info.name}")
-        found = getattr(module, "PATCHES", None) or [getattr(module, "PATCH", None)]
-        for patch in found:
-            if isinstance(patch, Patch):
-                _REGISTRY[patch.name] = patch
+        for info in pkgutil.iter_modules(nbzoo_patches.__path__):
+            _register(importlib.import_module(f"nbzoo_patches.{info.name}"))
+        _ALL_LOADED = True
     return _REGISTRY
+
+
+def _load_module_of(name: str) -> None:
+    """The module named after the patch, where there is one: using one patch imports its module
+    only, not every patch's (and the model code each imports, about a CPU second per process)."""
+    try:
+        _register(importlib.import_module(f"nbzoo_patches.{name}"))
+    except ModuleNotFoundError as exc:
+        if exc.name != f"nbzoo_patches.{name}":
+            raise
 
 
 def available() -> list[str]:
@@ -92,7 +107,9 @@ def available() -> list[str]:
 
 
 def get(name: str) -> Patch:
-    registry = _load_registry()
+    if name not in _REGISTRY:
+        _load_module_of(name)
+    registry = _REGISTRY if name in _REGISTRY else _load_registry()
     if name not in registry:
         raise PatchError(
             f"unknown patch {name!r}; available: {', '.join(sorted(registry)) or 'none'}"

@@ -47,6 +47,8 @@ ORDER = (
 # Sizes of the stand-in data (sample counts: the only thing they change is how long a run takes).
 GLUE_SIZES = {"train": 8, "dev": 8, "test": 4}
 CORPUS_SIZES = {"train": 200, "test": 120}  # ~4 blocks of 4096 tokens to train on, 2 to test
+# 05's blocks are 512 tokens: 120 test documents would be 20 blocks to evaluate, 24 are 4
+LONGFORMER_CORPUS_SIZES = {"train": 200, "test": 24}
 MLPERF_SAMPLES, MLPERF_PER_SHARD = 8, 4  # eval 1 + 2 steps x batch 1 x 2 processes, 2 shards
 TOKENIZER_TEXTS = 2000  # generated sentences the SentencePiece / BPE vocabularies are learnt on
 
@@ -80,6 +82,10 @@ class Standins:
     @property
     def corpus(self) -> Path:
         return self.root / "seed"  # holds corpus/ and lf_token/
+
+    @property
+    def longformer_corpus(self) -> Path:
+        return self.root / "seed_longformer"  # corpus/ and lf_token/, fewer test documents
 
     @property
     def reformer(self) -> Path:
@@ -122,6 +128,8 @@ def build_standins(root: Path, with_bert_large: bool, log=print) -> Standins:
         ("SST-2 binarized (input0/, lable/)",
          lambda: standins.sst2_binarized(s.glue, s.sst2_bin, s.gpt2_bpe)),
         ("corpus/ + lf_token/", lambda: standins.corpus_root(s.corpus, CORPUS_SIZES, 50265)),
+        ("corpus/ + lf_token/ (longformer)",
+         lambda: standins.corpus_root(s.longformer_corpus, LONGFORMER_CORPUS_SIZES, 50265)),
         ("reformer-crime-and-punishment (config, safetensors, spiece.model)",
          lambda: standins.reformer_crime_and_punishment(
              s.reformer, corpus.read_corpus(s.corpus, "train"))),
@@ -146,6 +154,11 @@ def checkpoints(work: Path, stem: str, preset: str) -> Path:
     return work / "checkpoints" / f"{stem}-{preset}"
 
 
+def artifacts(work: Path, stem: str) -> Path:
+    """A run's own work folder (notebook 02's exported models and runner outputs)."""
+    return work / "artifacts" / stem
+
+
 # What each notebook's run overrides, and why each override is size or location only.
 def overrides(stem: str, preset: str, s: Standins, work: Path) -> dict[str, tuple[Any, str]]:
     where = "location: the stand-in on disk instead of the hub id / download the preset names"
@@ -163,10 +176,19 @@ def overrides(stem: str, preset: str, s: Standins, work: Path) -> dict[str, tupl
                 str(checkpoints(work, "01_albert_glue", "full") / "sst2"),
                 "location: 01's rehearsed SST-2 checkpoint",
             ),
-            "work_dir": (str(work / "artifacts" / stem), "location: the rehearsal's own folder"),
-            "max_samples": (8, "sample count: 8 dev sentences instead of all"),
-            "batch_sizes": ([1, 8], "batch size: two batch sizes of the sweep (CPU time)"),
-            "bench_batch_size": (8, "batch size: the speed-up measured on batches of 8"),
+            "work_dir": (str(artifacts(work, stem)), "location: the rehearsal's own folder"),
+            "max_samples": (6, "sample count: 6 dev sentences instead of all"),
+            "batch_sizes": (
+                [4],
+                "batch size: one batch size of the sweep, 4: two batches of the 6 sentences, the "
+                "second padded as ais_bench pads it (CPU time)",
+            ),
+            "static_shapes": (
+                [[16, 4], [32, 4], [64, 4], [128, 4]],
+                "batch size: the seed's four ATC shapes at the sweep's batch 4 instead of 64 / 32 "
+                "(which would pad 6 sentences to 64 / 32 rows); the sequence lengths stay",
+            ),
+            "bench_batch_size": (4, "batch size: the speed-up measured on batches of 4"),
             "bench_batches": (1, "steps: one batch per timing round"),
             "bench_rounds": (1, "steps: one timing round"),
         },
@@ -190,13 +212,17 @@ def overrides(stem: str, preset: str, s: Standins, work: Path) -> dict[str, tupl
             "eval_batch_size": (1, "batch size: one block per evaluation batch (CPU time)"),
             "max_steps": (2, "steps: 2 optimizer steps"),
             "scaling_seq_lens": (
-                [1024],
-                "sample count: one length of the side measurement (the preset's reach 16384, "
-                "whose full-attention twin needs ~13 GB)",
+                [256],
+                "sample count: one length of the side measurement, the demo's shortest (the "
+                "preset's reach 16384, whose full-attention twin needs ~13 GB)",
             ),
         },
         "05_longformer_mlm": {
-            "data_dir": (str(s.corpus), where),
+            "data_dir": (
+                str(s.longformer_corpus),
+                "location: the stand-in corpus/ + lf_token/ (sample count: 24 test documents, "
+                "4 blocks of 512 tokens to evaluate)",
+            ),
             "model_name": (str(s.longformer), where),
             "checkpoint_dir": (out, "location: the rehearsal's own folder"),
             "batch_size": (1, "batch size: one 512-token block per step (CPU time)"),
@@ -219,7 +245,18 @@ def overrides(stem: str, preset: str, s: Standins, work: Path) -> dict[str, tupl
             "eval_every": (2, "steps: evaluate after the 2 steps (and the initial weights)"),
         },
     }
-    return dict(table[stem])
+    values = dict(table[stem])
+    if preset == "full_8p" and stem in EIGHT_DEVICE_STEPS:
+        values["max_steps"] = (
+            EIGHT_DEVICE_STEPS[stem],
+            "steps: 2 optimizer steps, across one epoch end (the 8-device row's epochs are one "
+            "step each on the stand-in data: 7 for 01, 10 for 03, each with its evaluation)",
+        )
+    return values
+
+
+# full_8p's epochs (the seed's 8-device row) take one step each on the stand-in data
+EIGHT_DEVICE_STEPS = {"01_albert_glue": 2, "03_roberta_sst2": 2}
 
 
 # Notebook 02 reads SST-2's dev set from notebook 01's preset (``finetune_preset``), whose data_dir
@@ -313,8 +350,10 @@ def execute(run: Run, work: Path, env: Mapping[str, str], log=print) -> Path:
     from nbzoo import cli
 
     output = work / "notebooks" / f"{run.name}.ipynb"
-    # from scratch: a checkpoint of an earlier rehearsal (older code) is never resumed
+    # from scratch: a checkpoint of an earlier rehearsal (older code) is never resumed, and no
+    # exported model of one is found in place of this run's
     shutil.rmtree(checkpoints(work, run.stem, run.preset), ignore_errors=True)
+    shutil.rmtree(artifacts(work, run.stem), ignore_errors=True)
     notebook = cli.find_notebook(run.stem)  # before NBZOO_ROOT moves the project root
     saved = dict(os.environ)
     os.environ.update({**env, **run.env})
@@ -341,6 +380,13 @@ def cann_environment(s: Standins) -> dict[str, str] | None:
         return None
     tools = cann_standins.write(s.cann)
     return {k: v for k, v in tools.env().items() if k in ("PATH", "PYTHONPATH")}
+
+
+def cpu_seconds() -> float:
+    """CPU time of this process and of its finished children (kernels, torchrun and its ranks):
+    the measure of a run's cost on a shared machine, where wall time depends on the neighbours."""
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -384,15 +430,20 @@ def main(argv: list[str] | None = None) -> int:
         print(f"building stand-ins in {s.root}", flush=True)
         done.unlink(missing_ok=True)
         with_bert = "init_checkpoint" in declared.get("06_bert_thor", set())
+        c0 = cpu_seconds()
         build_standins(s.root, with_bert, log=lambda m: print(m, flush=True))
         done.write_text("stand-ins complete\n")
+        print(
+            f"stand-ins: {time.perf_counter() - start:.0f} s wall, {cpu_seconds() - c0:.0f} CPU s",
+            flush=True,
+        )
     link_roots(work, s)
     if "02_albert_inference" in stems:
         env.update(cann_environment(s) or {})
     seconds, failed = {}, []
     for run in runs:
         print(f"{run.name}: {', '.join(f'{k}={v}' for k, v in run.parameters.items())}", flush=True)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), cpu_seconds()
         try:
             dest = execute(run, work, env)
         except Exception as exc:  # one failed notebook does not stop the others
@@ -400,13 +451,14 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{run.name}: FAILED after {time.perf_counter() - t0:.0f} s", flush=True)
             continue
         seconds[run.name] = time.perf_counter() - t0
-        print(f"{run.name}: {seconds[run.name]:.0f} s -> {dest}", flush=True)
+        print(
+            f"{run.name}: {seconds[run.name]:.0f} s wall, {cpu_seconds() - c0:.0f} CPU s -> {dest}",
+            flush=True,
+        )
     total = time.perf_counter() - start
-    cpu = os.times()
-    cpu_seconds = cpu.user + cpu.system + cpu.children_user + cpu.children_system
     print(
         f"rehearsal: {len(seconds)} of {len(runs)} runs passed in {total:.0f} s wall "
-        f"({total / 60:.1f} min), {cpu_seconds:.0f} CPU seconds (this process and its kernels)"
+        f"({total / 60:.1f} min), {cpu_seconds():.0f} CPU seconds (this process and its kernels)"
     )
     for line in problems + failed:
         print(f"  not rehearsed: {line}", file=sys.stderr)

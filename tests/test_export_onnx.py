@@ -79,6 +79,74 @@ def test_pipeline_stages_match_pytorch_and_fuse_the_transformer(model, stages):
         assert onnx_export.parity_check(model, stages.paths[name], other) < 1e-5
 
 
+def test_simplification_keeps_albert_s_shared_layer_weights_in_one_copy(stages):
+    """ALBERT uses one layer's weights in every layer; the folded graph must not copy them."""
+    from onnx import numpy_helper
+
+    sim = onnx.load(str(stages.paths["onnx_sim"]))
+    arrays = [numpy_helper.to_array(t) for t in sim.graph.initializer]
+    contents = [(a.dtype, a.shape, a.tobytes()) for a in arrays]
+    assert len(contents) == len(set(contents))
+    assert stages.paths["onnx_sim"].stat().st_size < 1.2 * stages.paths["onnx"].stat().st_size
+
+
+def test_merging_equal_initializers_renames_their_users_and_keeps_the_result():
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = np.arange(6, dtype=np.float32).reshape(2, 3)
+    graph = helper.make_graph(
+        [
+            helper.make_node("MatMul", ["x", "w1"], ["a"]),
+            helper.make_node("MatMul", ["x", "w2"], ["b"]),
+            helper.make_node("Sub", ["a", "w3"], ["c"]),
+            helper.make_node("Add", ["b", "c"], ["y"]),
+        ],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3])],
+        [numpy_helper.from_array(a, n) for a, n in ((w, "w1"), (w.copy(), "w2"), (w[:1], "w3"))],
+    )
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    x = np.array([[1.0, 2.0]], dtype=np.float32)
+
+    def run(p):
+        return ort.InferenceSession(p.SerializeToString()).run(None, {"x": x})[0]
+
+    before = run(proto)
+    assert onnx_export.dedupe_initializers(proto) == 1
+    assert [t.name for t in proto.graph.initializer] == ["w1", "w3"]
+    assert list(proto.graph.node[1].input) == ["x", "w1"]
+    onnx.checker.check_model(proto)
+    np.testing.assert_array_equal(run(proto), before)
+
+
+def test_a_static_model_from_the_dynamic_export_is_the_static_trace_once_simplified(
+    model, stages, tmp_path
+):
+    feats = features(6, 12, seed=4)
+    traced = albert.export_static(model, feats, tmp_path / "traced", 4)
+    fixed = albert.export_static(model, feats, tmp_path / "fixed", 4, source=stages.paths["onnx"])
+    assert fixed["onnx"].name == "albert_seq12_bs4.onnx"
+    for stage in ("onnx_sim", "onnx_opt"):
+        assert onnx_export.op_histogram(fixed[stage]) == onnx_export.op_histogram(traced[stage])
+    graph = onnx.load(str(fixed["onnx_opt"])).graph
+    shapes = {v.name: [d.dim_value for d in v.type.tensor_type.shape.dim] for v in graph.input}
+    assert shapes == dict.fromkeys(NAMES, [4, 12])
+    assert [d.dim_value for d in graph.output[0].type.tensor_type.shape.dim] == [4, 2]
+    sample = albert.dummy_inputs(feats, 4)
+    assert onnx_export.parity_check(model, fixed["onnx_opt"], sample) < 1e-5
+
+
+def test_one_pytorch_reference_serves_the_parity_of_every_stage(model, stages):
+    feats = features(6, 12, seed=5)
+    ref = onnx_export.torch_outputs(model, feats, NAMES, ["logits"])
+    for name in albert.FP32_STAGES:
+        path = stages.paths[name]
+        shared = onnx_export.parity_check(None, path, feats, ["logits"], reference=ref)
+        assert shared == onnx_export.parity_check(model, path, feats, ["logits"])
+
+
 def test_int8_stage_quantizes_the_plain_exports_matmuls_and_stays_close(model, stages):
     hist = onnx_export.op_histogram(stages.paths["onnx_int8"])
     plain = onnx_export.op_histogram(stages.paths["onnx"])

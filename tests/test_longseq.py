@@ -140,3 +140,32 @@ def test_set_hash_seed_and_bucket_agreement():
     ids[:, ::4] = 7  # a repeated token
     got = longseq.lsh_bucket_agreement(model, ids)
     assert 0 < got["any two tokens, same bucket"] < got["same token, same bucket"] <= 1
+
+
+def test_bucket_agreement_counts_the_pairs_the_full_comparison_counts():
+    model = reformer(hash_seed=None)
+    longseq.set_hash_seed(model, 5)
+    ids = torch.randint(3, 60, (2, 64), generator=torch.Generator().manual_seed(1))
+    ids[:, ::3] = 9
+    captured = []
+    hooks = [
+        m.register_forward_hook(lambda _m, _i, out: captured.append(out.buckets))
+        for m in model.modules()
+        if type(m).__name__ == "LSHSelfAttention"
+    ]
+    with torch.no_grad():
+        model.eval()(input_ids=ids)
+    for h in hooks:
+        h.remove()
+    # the definition: every ordered pair of distinct positions compared
+    same_token = (ids[:, :, None] == ids[:, None, :])[:, None, None]
+    off_diagonal = ~torch.eye(ids.shape[1], dtype=torch.bool)
+    same, every = [], []
+    for buckets in captured:
+        same_bucket = buckets[..., :, None] == buckets[..., None, :]
+        pairs = (same_token & off_diagonal).expand_as(same_bucket)
+        same.append(same_bucket[pairs].float().mean())
+        every.append(same_bucket[off_diagonal.expand_as(same_bucket)].float().mean())
+    got = longseq.lsh_bucket_agreement(model, ids)
+    assert got["same token, same bucket"] == pytest.approx(float(torch.stack(same).mean()))
+    assert got["any two tokens, same bucket"] == pytest.approx(float(torch.stack(every).mean()))

@@ -10,9 +10,10 @@ SIZE_OR_LOCATION = ("location", "sample count", "steps", "batch size", "devices"
 # what the rehearsal may never override: the recipe's architecture, sequence length and code path
 NEVER = {
     "model_config", "max_seq_length", "block_size", "max_positions", "seq_lengths", "task",
-    "grid", "frequency", "precision", "mlm_probability", "learning_rate", "static_shapes",
-    "export_onnx",
+    "grid", "frequency", "precision", "mlm_probability", "learning_rate", "export_onnx",
 }  # fmt: skip
+# overridden in their batch sizes only: each [seq, batch] pair keeps the preset's sequence length
+SEQ_BATCH_PAIRS = {"static_shapes"}
 
 
 def declared() -> dict[str, set[str]]:
@@ -28,6 +29,10 @@ def test_every_override_says_why_it_is_size_or_location_only(tmp_path):
         assert not overridden & NEVER, f"{run.name} overrides {overridden & NEVER}"
         for key in overridden:
             assert run.reasons[key].startswith(SIZE_OR_LOCATION), f"{run.name}: {key}"
+        preset = presets.load(run.stem)[run.preset]
+        for key in overridden & SEQ_BATCH_PAIRS:
+            seqs = [seq for seq, _ in run.parameters[key]]
+            assert seqs == [seq for seq, _ in preset[key]], f"{run.name}: {key} changes a length"
         for key, value in run.parameters.items():
             if isinstance(value, str) and key.endswith(("_dir", "_name", "checkpoint")):
                 assert not value or Path(value).is_absolute(), f"{run.name}: {key}={value}"

@@ -200,3 +200,30 @@ def test_a_checkpoint_of_another_vocabulary_loads_without_uninitialised_weights(
     for name, p in model.named_parameters():
         assert torch.isfinite(p).all() and p.abs().max() < 10, name
     assert (model.lm_head.bias == 0).all()
+
+
+@pytest.mark.parametrize(
+    "model_class, config",
+    [
+        ("AlbertForMaskedLM", TINY_ALBERT),
+        ("ReformerModelWithLMHead", TINY_REFORMER),
+        ("LongformerForMaskedLM", {**standins.LONGFORMER_BASE_4096, "hidden_size": 16,
+         "intermediate_size": 32, "num_attention_heads": 2, "num_hidden_layers": 2,
+         "attention_window": [4, 4], "vocab_size": 100}),
+        ("BertForPreTraining", {**standins.BERT_LARGE_UNCASED, "hidden_size": 16,
+         "intermediate_size": 32, "num_attention_heads": 2, "num_hidden_layers": 2,
+         "vocab_size": 100}),
+    ],
+)  # fmt: skip
+def test_random_models_get_every_weight_from_transformers_own_initialisation(model_class, config):
+    import transformers
+
+    cfg = transformers.AutoConfig.for_model(**config)
+    model = standins.random_model(getattr(transformers, model_class), cfg, seed=0)
+    again = standins.random_model(getattr(transformers, model_class), cfg, seed=0)
+    for (name, p), q in zip(model.named_parameters(), again.parameters(), strict=True):
+        assert torch.equal(p, q), f"{name} differs between two draws of one seed"
+        if name.endswith("LayerNorm.weight"):
+            assert torch.equal(p, torch.ones_like(p)), name
+    weights = torch.cat([m.weight.flatten() for m in model.modules() if type(m) is torch.nn.Linear])
+    assert weights.std().item() == pytest.approx(cfg.initializer_range, rel=0.1)

@@ -125,7 +125,11 @@ def build_stages(
             bar.update()
         bar.set_postfix_str("parity", refresh=False)
         sample = {k: v[:parity_samples] for k, v in features.items()}
-        parity = {name: onnx_export.parity_check(model, p, sample) for name, p in paths.items()}
+        ref = onnx_export.torch_outputs(model, sample, INPUT_NAMES, OUTPUT_NAMES)
+        parity = {
+            name: onnx_export.parity_check(model, p, sample, OUTPUT_NAMES, reference=ref)
+            for name, p in paths.items()
+        }
         bar.update()
     finally:
         bar.close()
@@ -138,10 +142,21 @@ def export_static(
     folder: str | os.PathLike,
     batch_size: int,
     opset: int = onnx_export.DEFAULT_OPSET,
+    source: str | os.PathLike | None = None,
 ) -> dict[str, Path]:
     """The seed's static model for ATC: ``albert_seq{S}_bs{B}.onnx`` → ``_sim`` → ``_opt``
-    (standard ONNX operators only, which is what ATC converts)."""
-    raw = export(model, features, folder, batch_size, opset)
+    (standard ONNX operators only, which is what ATC converts). With ``source``, the dynamic
+    export of the same model (``albert_dynamic.onnx``), the static model is that graph with its
+    shapes fixed instead of a new trace: simplified, it is the graph the static trace gives."""
+    if source is None:
+        raw = export(model, features, folder, batch_size, opset)
+    else:
+        seq_len = features[INPUT_NAMES[0]].shape[1]
+        dims = {name: {0: batch_size, 1: seq_len} for name in INPUT_NAMES}
+        dims |= {name: {0: batch_size} for name in OUTPUT_NAMES}
+        raw = onnx_export.fix_shapes(
+            source, Path(folder) / f"{model_stem(seq_len, batch_size)}.onnx", dims
+        )
     sim = onnx_export.simplify(raw)
     return {"onnx": raw, "onnx_sim": sim, "onnx_opt": onnx_export.optimize_standard(sim)}
 
@@ -266,6 +281,16 @@ def sweep(
     total = sum(1 + len(stages_at(p)) + (p in oms) for p in points)
     bar = progress.bar(total=total, desc="sweep", disable=not show_progress)
     rows = []
+    # one ONNX Runtime session per stage, run at every shape (the stages have dynamic shapes)
+    sessions: dict[str, infer.OrtBackend] = {}
+
+    def session(name):
+        if name not in sessions:
+            sessions[name] = infer.OrtBackend(
+                stages[name], ep="cpu", threads=threads, spinning=spinning
+            )
+        return sessions[name]
+
     try:
         loaded: dict[int, tuple] = {}
         for seq_len, bs in points:
@@ -290,9 +315,7 @@ def sweep(
                     batchsize=bs,
                     loop=loop,
                     warmup_count=warmup,
-                    ep="cpu",
-                    threads=threads,
-                    spinning=spinning,
+                    backend=session(name),
                 )
                 logits = albert_preprocess.read_outputs(summary.output_dir, len(labels))
                 stats = {**summary.latency_ms, "throughput": summary.throughput}
