@@ -233,7 +233,8 @@ def upgrade_state_dict(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 ENC = "encoder.sentence_encoder."
-_LAYER_MAP = {
+# transformers' names of one encoder layer's modules -> fairseq's
+LAYER_NAMES = {
     "attention.self.query": "self_attn.q_proj",
     "attention.self.key": "self_attn.k_proj",
     "attention.self.value": "self_attn.v_proj",
@@ -362,7 +363,7 @@ def to_hf_state_dict(
         1, hidden, dtype=out["roberta.embeddings.word_embeddings.weight"].dtype
     )
     for i in range(num_layers(sd)):
-        for hf_name, fs_name in _LAYER_MAP.items():
+        for hf_name, fs_name in LAYER_NAMES.items():
             for kind in ("weight", "bias"):
                 out[f"roberta.encoder.layer.{i}.{hf_name}.{kind}"] = take(
                     f"{ENC}layers.{i}.{fs_name}.{kind}"

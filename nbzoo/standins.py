@@ -327,8 +327,10 @@ def bert_large(dest: str | os.PathLike, seed: int = 0, config=BERT_LARGE_UNCASED
 def fairseq_roberta_state_dict(model) -> dict[str, torch.Tensor]:
     """A transformers ``RobertaForMaskedLM``'s weights under fairseq's RoBERTa names (the names of
     fairseq/models/roberta/model.py, which nbzoo.convert_fairseq reads back)."""
+    from nbzoo.convert_fairseq import ENC as enc
+    from nbzoo.convert_fairseq import LAYER_NAMES
+
     hf = model.state_dict()
-    enc = "encoder.sentence_encoder."
     sd = {
         enc + "embed_tokens.weight": hf["roberta.embeddings.word_embeddings.weight"],
         enc + "embed_positions.weight": hf["roberta.embeddings.position_embeddings.weight"],
@@ -341,18 +343,8 @@ def fairseq_roberta_state_dict(model) -> dict[str, torch.Tensor]:
     for kind in ("weight", "bias"):
         sd[f"encoder.lm_head.dense.{kind}"] = hf[f"lm_head.dense.{kind}"]
         sd[f"encoder.lm_head.layer_norm.{kind}"] = hf[f"lm_head.layer_norm.{kind}"]
-    names = {
-        "self_attn.q_proj": "attention.self.query",
-        "self_attn.k_proj": "attention.self.key",
-        "self_attn.v_proj": "attention.self.value",
-        "self_attn.out_proj": "attention.output.dense",
-        "self_attn_layer_norm": "attention.output.LayerNorm",
-        "fc1": "intermediate.dense",
-        "fc2": "output.dense",
-        "final_layer_norm": "output.LayerNorm",
-    }
     for i in range(model.config.num_hidden_layers):
-        for fs, tf in names.items():
+        for tf, fs in LAYER_NAMES.items():
             for kind in ("weight", "bias"):
                 sd[f"{enc}layers.{i}.{fs}.{kind}"] = hf[f"roberta.encoder.layer.{i}.{tf}.{kind}"]
     return {k: v.detach().clone() for k, v in sd.items()}

@@ -13,7 +13,7 @@ import pytest
 import torch
 from transformers import RobertaConfig, RobertaForMaskedLM
 
-from nbzoo import presets
+from nbzoo import presets, standins
 from nbzoo import sentence_prediction as sp
 from nbzoo.data import gpt2_bpe
 from nbzoo.device import setup
@@ -132,27 +132,7 @@ def _tiny_fairseq_checkpoint(path, vocab: int):
         max_position_embeddings=66,
         type_vocab_size=1,
     )
-    hf = RobertaForMaskedLM(config).state_dict()
-    e = "encoder.sentence_encoder."
-    sd = {
-        e + "embed_tokens.weight": hf["roberta.embeddings.word_embeddings.weight"],
-        e + "embed_positions.weight": hf["roberta.embeddings.position_embeddings.weight"],
-        e + "layernorm_embedding.weight": hf["roberta.embeddings.LayerNorm.weight"],
-        e + "layernorm_embedding.bias": hf["roberta.embeddings.LayerNorm.bias"],
-    }
-    names = {
-        "self_attn.q_proj": "attention.self.query",
-        "self_attn.k_proj": "attention.self.key",
-        "self_attn.v_proj": "attention.self.value",
-        "self_attn.out_proj": "attention.output.dense",
-        "self_attn_layer_norm": "attention.output.LayerNorm",
-        "fc1": "intermediate.dense",
-        "fc2": "output.dense",
-        "final_layer_norm": "output.LayerNorm",
-    }
-    for fs, h in names.items():
-        for kind in ("weight", "bias"):
-            sd[f"{e}layers.0.{fs}.{kind}"] = hf[f"roberta.encoder.layer.0.{h}.{kind}"]
+    sd = standins.fairseq_roberta_state_dict(RobertaForMaskedLM(config))
     args = argparse.Namespace(encoder_attention_heads=2, activation_fn="gelu")
     torch.save({"args": args, "model": sd}, path)
 
