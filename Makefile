@@ -22,12 +22,15 @@ LOCAL_TORCH = $(BIN)/python -m pip install --quiet --dry-run --ignore-installed 
 	print(u.unquote(u.urlparse(json.load(sys.stdin)["install"][0]["download_info"]["url"]).path))'
 UV_INSTALL = $(BIN)/uv pip install --python $(BIN)/python --quiet
 PYTEST_ARGS ?=
+# JupyterLab's settings for this environment: widget state saved with the notebook, so that a notebook
+# saved in JupyterLab and reopened after its kernel stopped shows its widgets, not "model not found".
+LAB_OVERRIDES := nbzoo/jupyterlab/overrides.json
 
 .PHONY: install demo test lint format notebooks lab clean rehearse
 
 install: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml $(LAB_OVERRIDES)
 	test -x $(BIN)/python || $(PYTHON) -m venv --without-pip $(VENV)
 	test -x $(BIN)/uv || $(PYTHON) -m pip --python $(BIN)/python install --quiet uv \
 		|| { $(BIN)/python -m ensurepip --default-pip >/dev/null && $(BIN)/python -m pip install --quiet uv; }
@@ -37,6 +40,7 @@ $(VENV)/.installed: pyproject.toml
 	else $(BIN)/python -m pip install --quiet "torch==$(TORCH_VERSION)" $(TORCH_INDEX_ARGS); fi
 	$(UV_INSTALL) -e '.[dev]' || $(BIN)/python -m pip install --quiet -e '.[dev]'
 	$(BIN)/python -m ipykernel install --sys-prefix --name nbzoo --display-name "Python (nbzoo)" >/dev/null
+	install -D -m 644 $(LAB_OVERRIDES) $(VENV)/share/jupyter/lab/settings/overrides.d/nbzoo.json
 	$(BIN)/python -m nbzoo.bytecode
 	touch $@
 

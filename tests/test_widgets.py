@@ -426,3 +426,25 @@ widgets.attention_explorer(widgets.dense_attention(att), head=1)
     assert widgets.DEFAULT_SENTENCE in sentiment[0].data["text/plain"]
     assert widget in sentiment[1].data
     assert "image/png" in attention[0].data and widget in attention[1].data
+
+
+def test_jupyterlab_in_this_environment_saves_widget_state_with_the_notebook():
+    # `make install` puts nbzoo/jupyterlab/overrides.json among the environment's lab settings; without
+    # it a notebook saved in JupyterLab and reopened shows "Error displaying widget: model not found"
+    import os
+    import sys
+
+    from jupyter_core.paths import jupyter_path
+    from jupyterlab_server.settings_utils import _get_overrides, get_settings
+
+    app_settings = os.path.join(sys.prefix, "share", "jupyter", "lab", "settings")
+    plugin = "@jupyter-widgets/jupyterlab-manager:plugin"
+    found, _ = get_settings(
+        app_settings,
+        os.path.join(sys.prefix, "share", "jupyter", "lab", "schemas"),
+        os.devnull,  # no user settings: the environment's own defaults
+        schema_name=plugin,
+        overrides=_get_overrides(app_settings)[0],
+        labextensions_path=jupyter_path("labextensions"),
+    )
+    assert found["schema"]["properties"]["saveState"]["default"] is True
