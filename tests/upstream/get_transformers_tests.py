@@ -166,12 +166,17 @@ def fetch(source: Source, target: Path) -> dict:
             "commit": source.commit(),
             "files": dict(sorted(files.items())),
         }
-        (tmp / "ORIGIN.json").write_text(json.dumps(origin, indent=1) + "\n", encoding="utf-8")
-        shutil.rmtree(target, ignore_errors=True)
-        tmp.rename(target)
+        put_in_place(tmp, target, origin)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return origin
+
+
+def put_in_place(tmp: Path, target: Path, origin: dict) -> None:
+    """Write ``ORIGIN.json`` into the finished tree ``tmp`` and let it replace ``target``."""
+    (tmp / "ORIGIN.json").write_text(json.dumps(origin, indent=1) + "\n", encoding="utf-8")
+    shutil.rmtree(target, ignore_errors=True)
+    tmp.rename(target)
 
 
 def sha256_file(path: Path) -> str:
@@ -253,9 +258,7 @@ def assemble(manifest_path: Path, target: Path, version: str) -> dict:
             "not_from_tag": sorted(p for p in files if sources[p] != sdist_source),
             "stand_ins": dict(sorted(stand_ins.items())),
         }
-        (tmp / "ORIGIN.json").write_text(json.dumps(origin, indent=1) + "\n", encoding="utf-8")
-        shutil.rmtree(target, ignore_errors=True)
-        tmp.rename(target)
+        put_in_place(tmp, target, origin)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return origin
