@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import inspect
 import pkgutil
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -43,6 +44,10 @@ class Patch:
     ]  # distribution name -> version specifier, e.g. {"transformers": ">=4.40,<6"}
     reason: str
     devices: tuple[str, ...] | None = None  # apply only on these device kinds (None: any)
+    # The replacement takes the target's own arguments through **kwargs: it shows the target's
+    # signature (transformers reads a forward's signature to learn what a model accepts, e.g.
+    # output_attentions through upstream's typed **kwargs).
+    same_signature: bool = False
     _original: Any = field(default=None, repr=False)
     _applied: bool = field(default=False, repr=False)
 
@@ -141,6 +146,8 @@ def apply(name: str, device_kind: str | None = None) -> bool:
     patch._original = (
         owner.__dict__[attr] if attr in getattr(owner, "__dict__", {}) else getattr(owner, attr)
     )
+    if patch.same_signature:
+        patch.replacement.__signature__ = inspect.signature(patch._original)
     setattr(owner, attr, patch.replacement)
     patch._applied = True
     _ACTIVE.append(name)

@@ -13,10 +13,7 @@ forward unchanged.
 
 from __future__ import annotations
 
-import inspect
-
 from transformers.modeling_outputs import SequenceClassifierOutput
-from transformers.models.albert.modeling_albert import AlbertForSequenceClassification
 
 from nbzoo import packing, patching
 
@@ -49,15 +46,11 @@ def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, posi
     )  # fmt: skip
 
 
-# transformers reads a forward's signature to learn what it accepts (output_attentions through the
-# typed **kwargs, ...): this one takes upstream's arguments, so it shows upstream's signature
-forward.__signature__ = inspect.signature(AlbertForSequenceClassification.forward)
-
-
 PATCH = patching.Patch(
     name=NAME,
     target="transformers.models.albert.modeling_albert:AlbertForSequenceClassification.forward",
     replacement=forward,
+    same_signature=True,
     requires={"transformers": ">=5.24,<5.25", "torch": ">=2.13,<2.14"},
     reason="speed: whole sentences packed into rows, attention and pooling per sentence",
 )

@@ -19,10 +19,8 @@ or the other.
 
 from __future__ import annotations
 
-import inspect
-
 from torch.nn import functional as F
-from transformers.models.bert.modeling_bert import BertForPreTraining, BertForPreTrainingOutput
+from transformers.models.bert.modeling_bert import BertForPreTrainingOutput
 
 from nbzoo import packing, patching
 from nbzoo.perf import labelled_positions
@@ -79,15 +77,11 @@ def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, posi
     )  # fmt: skip
 
 
-# transformers reads a forward's signature to learn what it accepts (output_attentions through the
-# typed **kwargs, ...): this one takes upstream's arguments, so it shows upstream's signature
-forward.__signature__ = inspect.signature(BertForPreTraining.forward)
-
-
 PATCH = patching.Patch(
     name=NAME,
     target="transformers.models.bert.modeling_bert:BertForPreTraining.forward",
     replacement=forward,
+    same_signature=True,
     requires={"transformers": ">=5.24,<5.25", "torch": ">=2.13,<2.14"},
     reason="speed: whole pre-training samples packed into rows, MLM and NSP per sample",
 )

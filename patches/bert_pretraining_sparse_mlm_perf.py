@@ -13,11 +13,9 @@ the perf path -- goes to the upstream forward unchanged and gets upstream's logi
 
 from __future__ import annotations
 
-import inspect
-
 import torch
 from torch.nn import functional as F
-from transformers.models.bert.modeling_bert import BertForPreTraining, BertForPreTrainingOutput
+from transformers.models.bert.modeling_bert import BertForPreTrainingOutput
 
 from nbzoo import patching
 from nbzoo.perf import labelled_positions
@@ -86,15 +84,11 @@ def forward(
     )
 
 
-# transformers reads a forward's signature to learn what it accepts (output_attentions through the
-# typed **kwargs, ...): this one takes upstream's arguments, so it shows upstream's signature
-forward.__signature__ = inspect.signature(BertForPreTraining.forward)
-
-
 PATCH = patching.Patch(
     name=NAME,
     target="transformers.models.bert.modeling_bert:BertForPreTraining.forward",
     replacement=forward,
+    same_signature=True,
     requires={"transformers": ">=5.24,<5.25", "torch": ">=2.13,<2.14"},
     reason="speed: MLM logits and loss only at the labelled (masked) positions",
 )

@@ -13,12 +13,9 @@ path -- goes to the upstream forward unchanged and gets upstream's logits.
 
 from __future__ import annotations
 
-import inspect
-
 import torch
 from torch.nn import functional as F
 from transformers.models.longformer.modeling_longformer import (
-    LongformerForMaskedLM,
     LongformerMaskedLMOutput,
 )
 
@@ -84,15 +81,11 @@ def forward(
     return LongformerMaskedLMOutput(loss=loss, logits=None)
 
 
-# transformers reads a forward's signature to learn what it accepts (output_attentions through the
-# typed **kwargs, ...): this one takes upstream's arguments, so it shows upstream's signature
-forward.__signature__ = inspect.signature(LongformerForMaskedLM.forward)
-
-
 PATCH = patching.Patch(
     name=NAME,
     target="transformers.models.longformer.modeling_longformer:LongformerForMaskedLM.forward",
     replacement=forward,
+    same_signature=True,
     requires={"transformers": ">=5.24,<5.25", "torch": ">=2.13,<2.14"},
     reason="speed: MLM logits and loss only at the labelled (masked) positions",
 )
