@@ -263,6 +263,14 @@ def pop_packing(kwargs: dict[str, Any]) -> tuple[torch.Tensor | None, torch.Tens
     return kwargs.pop("sequence_ids", None), kwargs.pop("cls_positions", None)
 
 
+def model_attention_mask(model, sequence_ids: torch.Tensor, attention_mask: Any = None) -> Any:
+    """:func:`attention_mask_for` in ``model``'s attention implementation and dtype; a packed batch
+    carries ``sequence_ids`` instead of an ``attention_mask``, so one given beside them is refused."""
+    if attention_mask is not None:
+        raise ValueError("a packed batch carries sequence_ids instead of an attention_mask")
+    return attention_mask_for(sequence_ids, model.config._attn_implementation, model.dtype)
+
+
 def gather_sequences(hidden: torch.Tensor, cls_positions: torch.Tensor) -> torch.Tensor:
     """(rows, L, H) hidden states → (sequences, H): each packed sequence's first token."""
     flat = hidden.reshape(-1, hidden.shape[-1])

@@ -27,11 +27,9 @@ def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, posi
             token_type_ids=token_type_ids, position_ids=position_ids,
             inputs_embeds=inputs_embeds, labels=labels, **kwargs,
         )  # fmt: skip
-    if attention_mask is not None:
-        raise ValueError("a packed batch carries sequence_ids instead of an attention_mask")
     pad = self.config.pad_token_id
     position_ids = torch.where(sequence_ids > 0, position_ids + pad + 1, pad)
-    mask = packing.attention_mask_for(sequence_ids, self.config._attn_implementation, self.dtype)
+    mask = packing.model_attention_mask(self, sequence_ids, attention_mask)
     outputs = self.roberta(
         input_ids, attention_mask=mask, token_type_ids=token_type_ids,
         position_ids=position_ids, inputs_embeds=inputs_embeds, return_dict=True, **kwargs,
