@@ -157,12 +157,11 @@ def test_mlperf_shards_have_mlperfs_shapes(tmp_path):
     assert sample["input_ids"].shape == (512,) and sample["masked_lm_positions"].shape == (76,)
 
 
-def test_a_hub_checkpoint_keeps_the_given_config_json(tmp_path):
-    from transformers import LongformerForMaskedLM
-
-    config = {
+def tiny_longformer(window: int) -> dict:
+    """longformer-base-4096's config.json, shrunk, with a vocabulary of 50."""
+    return {
         **standins.LONGFORMER_BASE_4096,
-        "attention_window": [4, 4],
+        "attention_window": [window, window],
         "hidden_size": 16,
         "intermediate_size": 32,
         "num_attention_heads": 2,
@@ -170,6 +169,12 @@ def test_a_hub_checkpoint_keeps_the_given_config_json(tmp_path):
         "max_position_embeddings": 34,
         "vocab_size": 50,
     }
+
+
+def test_a_hub_checkpoint_keeps_the_given_config_json(tmp_path):
+    from transformers import LongformerForMaskedLM
+
+    config = tiny_longformer(window=4)
     folder = standins.longformer_base_4096(tmp_path / "lf", config=config)
     assert json.loads((folder / "config.json").read_text()) == config
     model = LongformerForMaskedLM.from_pretrained(folder)
@@ -182,16 +187,7 @@ def test_a_checkpoint_of_another_vocabulary_loads_without_uninitialised_weights(
     shape changes (embeddings, lm_head.bias) must start as a fresh model's, never uninitialised."""
     from nbzoo import longseq
 
-    config = {
-        **standins.LONGFORMER_BASE_4096,
-        "attention_window": [8, 8],
-        "hidden_size": 16,
-        "intermediate_size": 32,
-        "num_attention_heads": 2,
-        "num_hidden_layers": 2,
-        "max_position_embeddings": 34,
-        "vocab_size": 50,
-    }
+    config = tiny_longformer(window=8)
     folder = standins.longformer_base_4096(tmp_path / "lf", config=config)
     root = standins.corpus_root(tmp_path / "seed", {"train": 20, "test": 5}, vocab_size=300)
     tok = corpus.load_tokenizer(root / "lf_token")
