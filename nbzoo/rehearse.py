@@ -35,14 +35,7 @@ from nbzoo import fidelity, paths, presets
 BUILD = "build/rehearse"
 RESULTS = "results/rehearse"
 REHEARSAL_DEVICES = 2  # full_8p on two processes: the smallest count that runs the 8p code path
-ORDER = (
-    "01_albert_glue",
-    "02_albert_inference",
-    "03_roberta_sst2",
-    "04_reformer_mlm",
-    "05_longformer_mlm",
-    "06_bert_thor",
-)
+ORDER = tuple(fidelity.notebooks())  # every notebook with a seed, in the seeds' record order
 
 # Sizes of the stand-in data (sample counts: the only thing they change is how long a run takes).
 GLUE_SIZES = {"train": 8, "dev": 8, "test": 4}
