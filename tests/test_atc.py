@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from nbzoo.export import atc
+from nbzoo.export.cann_standins import SEED_NPU_SMI as NPU_SMI  # the seed's `npu-smi info`
 
 # The two ATC commands of seeds/002_albert.md ("执行ATC命令"), verbatim.
 SEED_SEQ128_BS32 = (
@@ -25,19 +26,6 @@ SEED_SEQ16_BS64 = (
     "--op_precision_mode=precision.ini"
 )
 
-# The seed's `npu-smi info` example.
-NPU_SMI = """\
-+-------------------|-----------------|------------------------------------------------------+
-| NPU     Name      | Health          | Power(W)     Temp(C)           Hugepages-Usage(page) |
-| Chip    Device    | Bus-Id          | AICore(%)    Memory-Usage(MB)                        |
-+===================+=================+======================================================+
-| 0       910A     | OK              | 15.8         42                0    / 0              |
-| 0       0         | 0000:82:00.0    | 0            1074 / 21534                            |
-+===================+=================+======================================================+
-| 1       910A     | OK              | 15.4         43                0    / 0              |
-| 0       1         | 0000:89:00.0    | 0            1070 / 21534                            |
-+===================+=================+======================================================+
-"""
 
 # shared/seeds beside the checkout (/work/main) or beside the folder of worktrees (/work/wt/x)
 SEED_FILE = next(
