@@ -608,10 +608,9 @@ def _gib(value: Any) -> str:
 
 
 def read_records(folder: Path) -> list[dict[str, Any]]:
-    records = metrics.read_json_records(folder, ("case", "stock"))
-    order = list(CASES)
-    records.sort(key=lambda r: order.index(r["case"]) if r["case"] in order else len(order))
-    return records
+    return metrics.in_order(
+        metrics.read_json_records(folder, ("case", "stock")), "case", list(CASES)
+    )
 
 
 def table(records: list[dict[str, Any]]) -> str:

@@ -468,10 +468,11 @@ def finish(record: dict[str, Any], rt: Runtime) -> dict[str, Any]:
 
 
 def read_records(folder: Path) -> list[dict[str, Any]]:
-    records = metrics.read_json_records(folder, ("case", "length_distribution", "nbzoo"))
-    order = list(CASES)
-    records.sort(key=lambda r: order.index(r["case"]) if r["case"] in order else len(order))
-    return records
+    return metrics.in_order(
+        metrics.read_json_records(folder, ("case", "length_distribution", "nbzoo")),
+        "case",
+        list(CASES),
+    )
 
 
 def table(records: list[dict[str, Any]]) -> str:

@@ -14,7 +14,7 @@ import math
 import os
 import platform
 import sys
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -232,6 +232,12 @@ def read_json_records(folder: Path, keys: Collection[str]) -> list[dict[str, Any
         if isinstance(record, dict) and all(k in record for k in keys):
             records.append(record)
     return records
+
+
+def in_order(records: list[dict[str, Any]], key: str, order: Sequence[str]) -> list[dict[str, Any]]:
+    """``records`` sorted by where their ``key`` stands in ``order``; the others after, as they came."""
+    rank = {name: i for i, name in enumerate(order)}
+    return sorted(records, key=lambda r: rank.get(r[key], len(rank)))
 
 
 def _skipped(path: Path, why: str) -> None:
