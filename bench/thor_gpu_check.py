@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from nbzoo import bench, launch, metrics, paths, presets, pretraining
+from nbzoo import bench, launch, metrics, optimizer_comparison, paths, presets, pretraining
 from nbzoo import device as nbdevice
 from nbzoo.device import accelerator_name
 
@@ -99,13 +99,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "versions": metrics._versions(),
         "config": {k: v for k, v in cfg.items() if k != "grid"},
         "grid": cfg.grid,
-        "seed_ms_per_step": pretraining.SEED_MS_PER_STEP,
+        "seed_ms_per_step": optimizer_comparison.SEED_MS_PER_STEP,
         "seed_ms_per_step_note": "8 x Ascend 910, batch 12 each, MindSpore (reference only)",
     }
 
     # the grid, through the same torchrun entry point the notebook uses for devices > 1
     tick = time.perf_counter()
-    launched = launch.run("nbzoo.pretraining:grid_on_rank", {**cfg, "devices": 1}, out / "torchrun")
+    launched = launch.run("nbzoo.optimizer_comparison:grid_on_rank", {**cfg, "devices": 1}, out / "torchrun")
     runs = [pretraining.Run(**r) for r in launched["runs"]]
     record["torchrun_seconds"] = time.perf_counter() - tick
     record["runs"] = []
@@ -119,22 +119,24 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "first_loss": r.history[0]["loss"],
             "last_loss": r.history[-1]["loss"],
             "final_mlm_accuracy": r.final_accuracy,
-            **pretraining.step_time_ms(r),
+            **optimizer_comparison.step_time_ms(r),
         }
         if r.optimizer == "thor":
-            row["cost_breakdown_ms_per_step"] = pretraining.thor_cost_breakdown(r)
+            row["cost_breakdown_ms_per_step"] = optimizer_comparison.thor_cost_breakdown(r)
             row["refreshes"] = len(r.refresh_log)
             row["inversions"] = sum(e["refreshed"] for e in r.refresh_log)
             row["failed_inversions"] = sum(e.get("failed", 0) for e in r.refresh_log)
         record["runs"].append(row)
         print(_line(row), flush=True)
-    best = pretraining.best_runs(runs)
-    record["sequential_step_time_ratio"] = pretraining.sequential_step_time_ratio(best)
+    best = optimizer_comparison.best_runs(runs)
+    record["sequential_step_time_ratio"] = optimizer_comparison.sequential_step_time_ratio(best)
 
     # THOR / AdamW step time, alternating step by step (as the notebook's metric), in this process
     train_data, _ = pretraining.load_data(cfg)
     rt.reset_peak_memory()
-    paired = pretraining.paired_step_times(cfg, rt, train_data, best, steps=args.paired_steps)
+    paired = optimizer_comparison.paired_step_times(
+        cfg, rt, train_data, best, steps=args.paired_steps
+    )
     record["paired"] = paired
     record["peak_memory_bytes_paired"] = rt.peak_memory_bytes()
     print(

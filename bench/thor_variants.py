@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from nbzoo import cli, presets, pretraining
+from nbzoo import cli, optimizer_comparison, presets, pretraining
 from nbzoo import device as nbdevice
 
 STEM = "06_bert_thor"
@@ -89,15 +89,15 @@ def run_variants(
 
     def train(kind: str, point: dict[str, Any], overrides: dict[str, Any]) -> pretraining.Run:
         run_cfg = variant_config(cfg, overrides)
-        return pretraining.train_one(
+        return pretraining.train(
             kind, point["lr"], point.get("damping"), run_cfg, rt, train_data, eval_data
         )
 
     # the target, as in the notebook: the final accuracy of the best point of the preset's SGD grid
-    sgd_lrs = [lr for kind, lr, _ in pretraining.grid_points(cfg.grid) if kind == "sgd"]
-    sgd = pretraining.best_runs([train("sgd", {"lr": lr}, {}) for lr in sgd_lrs])["sgd"]
+    sgd_lrs = [lr for kind, lr, _ in optimizer_comparison.grid_points(cfg.grid) if kind == "sgd"]
+    sgd = optimizer_comparison.best_runs([train("sgd", {"lr": lr}, {}) for lr in sgd_lrs])["sgd"]
     target = sgd.final_accuracy
-    sgd_steps = pretraining.steps_to_target(sgd.evals, target)
+    sgd_steps = optimizer_comparison.steps_to_target(sgd.evals, target)
     rows = [
         _row(
             f"SGD, the grid's best (lr {sgd.lr:g}): the target",
@@ -128,7 +128,7 @@ def run_variants(
 
 
 def _row(name, run, settings, baseline, target, sgd_steps) -> dict[str, Any]:
-    steps = pretraining.steps_to_target(run.evals, target)
+    steps = optimizer_comparison.steps_to_target(run.evals, target)
     return {
         "variant": name,
         "settings": settings,

@@ -23,46 +23,17 @@ import time
 from pathlib import Path
 from typing import Any
 
-from nbzoo import paths, progress
+from nbzoo import cpus, paths, progress
+from nbzoo.catalog import (
+    UsageError,
+    available_notebooks,
+    find_notebook,
+    notebook_parameters,
+    notebooks_dir,
+)
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130  # what a shell reports for a command ended by SIGINT
-
-
-class UsageError(Exception):
-    """Something the user typed is wrong: reported in one line, exit code 2."""
-
-
-def notebooks_dir() -> Path:
-    return paths.project_root() / "notebooks"
-
-
-def available_notebooks() -> list[str]:
-    # a dot in the stem: a failed run's notebook (01_albert_glue.failed.ipynb), not a tutorial
-    return sorted(p.stem for p in notebooks_dir().glob("[0-9][0-9]_*.ipynb") if "." not in p.stem)
-
-
-def find_notebook(name: str) -> Path:
-    """Accept a stem (01_albert_glue), a name without its number (albert_glue) or a path."""
-    stems = available_notebooks()
-    stem = Path(name).stem
-    matches = [s for s in stems if s == stem or s.split("_", 1)[1] == stem]
-    if len(matches) != 1:
-        raise UsageError(
-            f"unknown notebook {name!r}; choose one of: {', '.join(stems) or '(none found)'}"
-        )
-    return notebooks_dir() / f"{matches[0]}.ipynb"
-
-
-def notebook_parameters(path: Path) -> dict[str, dict[str, Any]]:
-    """The knobs of the cell tagged ``parameters`` as papermill reads them: name → name,
-    inferred_type_name (``Optional[int]``), default and help (the line's comment)."""
-    import papermill
-
-    found = papermill.inspect_notebook(str(path))
-    if not found:
-        raise UsageError(f"{path.name} has no cell tagged 'parameters' with knobs papermill reads")
-    return found
 
 
 _TYPES = {"int": int, "float": float, "str": str, "bool": bool, "dict": dict, "list": list}
@@ -274,10 +245,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
     the others), then the results table."""
     from nbzoo import demo
 
-    jobs = args.jobs or min(demo.cpu_count(), 4)
+    jobs = args.jobs or min(cpus.count(), 4)
     if jobs < 1:
         raise UsageError(f"--jobs must be at least 1, not {jobs}")
-    threads = max(1, demo.cpu_count() // jobs)
+    threads = max(1, cpus.count() // jobs)
     output = notebooks_dir() if args.in_place else paths.results_dir()
     env = None
     if args.in_place:  # the committed outputs: from scratch, in build/, whatever the tree holds
@@ -294,6 +265,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         threads=threads,
         seconds={s: demo.recorded_seconds(notebooks_dir() / f"{s}.ipynb") for s in stems},
         env=env,
+        entry=main,
     )
     print(f"[demo] executed notebooks are in {output}", flush=True)
     wall, cpu = time.perf_counter() - start, sum(o.cpu_seconds for o in outcomes)

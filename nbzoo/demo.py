@@ -67,13 +67,6 @@ def critical_path(needs: Mapping[str, set[str]], seconds: Mapping[str, float]) -
     return {s: length(s) for s in needs}
 
 
-def cpu_count() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
-
-
 @dataclass
 class Outcome:
     stem: str
@@ -96,19 +89,22 @@ class _Forked:
 CLI = [sys.executable, "-m", "nbzoo.cli"]
 
 
-def start(argv: list[str], out, env: Mapping[str, str]) -> subprocess.Popen | _Forked:
+def start(
+    argv: list[str], out, env: Mapping[str, str], entry: Callable[[list[str]], int] | None = None
+) -> subprocess.Popen | _Forked:
     """Start ``argv`` with ``out`` as its stdout and stderr and ``env`` as its environment.
 
     ``python -m nbzoo.cli ...`` runs in a child forked from this process, with papermill, nbclient
     and nbzoo's CLI imported once, here: a fresh interpreter spends about 1.5 s of CPU importing
-    them (1.2 s of it jsonschema building its IRI grammar), per notebook. Anything else, or where
-    there is no fork, is a subprocess."""
-    if argv[: len(CLI)] != CLI or not hasattr(os, "fork"):
+    them (1.2 s of it jsonschema building its IRI grammar), per notebook. ``entry`` is the CLI's
+    ``main``, handed in by its caller (this module does not import the CLI that imports it).
+    Anything else, without ``entry``, or where there is no fork, is a subprocess."""
+    if entry is None or argv[: len(CLI)] != CLI or not hasattr(os, "fork"):
         return subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=dict(env))
     import jupyter_client.kernelspec  # noqa: F401  (imported for the children)
     import papermill  # noqa: F401
 
-    from nbzoo import cli, presets  # noqa: F401
+    from nbzoo import presets  # noqa: F401
 
     sys.stdout.flush()
     sys.stderr.flush()
@@ -124,7 +120,7 @@ def start(argv: list[str], out, env: Mapping[str, str]) -> subprocess.Popen | _F
         sys.stderr = open(2, "w", buffering=1, closefd=False)  # noqa: SIM115
         os.environ.clear()
         os.environ.update(env)
-        code = cli.main(argv[len(CLI) :])
+        code = entry(argv[len(CLI) :])
     except SystemExit as exc:
         code = exc.code if isinstance(exc.code, int) else int(exc.code is not None)
     except BaseException:
@@ -154,13 +150,15 @@ def run_all(
     seconds: Mapping[str, float] | None = None,
     report: Callable[[str], None] | None = None,
     env: Mapping[str, str] | None = None,
+    entry: Callable[[list[str]], int] | None = None,
 ) -> list[Outcome]:
     """Run ``command(stem)`` for every stem, ``jobs`` at a time with ``threads`` threads each,
     respecting :data:`NEEDS`.
 
     Ready notebooks start longest chain first (:func:`critical_path` of ``seconds``, the expected
     time of each), ties in the order given. ``env``: variables added to every notebook's
-    environment."""
+    environment; ``entry``: the CLI's ``main``, run in a forked child for ``python -m nbzoo.cli``
+    commands (:func:`start`)."""
     report = report or (lambda line: print(line, flush=True))
     needs = requirements(stems)
     chain = critical_path(needs, seconds or {})
@@ -180,7 +178,7 @@ def run_all(
             }:
                 pending.remove(stem)
                 # NBZOO_CPUS: the notebook's share, for work it spreads over processes itself
-                # (nbzoo.device.cpu_share)
+                # (nbzoo.cpus.share)
                 threads_env = {
                     "OMP_NUM_THREADS": str(threads),
                     "MKL_NUM_THREADS": str(threads),
@@ -189,7 +187,7 @@ def run_all(
                 log = log_dir / f"{stem}.log"
                 with log.open("w") as out:
                     process = start(
-                        command(stem), out, {**os.environ, **(env or {}), **threads_env}
+                        command(stem), out, {**os.environ, **(env or {}), **threads_env}, entry
                     )
                 running.append(_Running(stem, process, log))
                 how = f"{threads} thread{'s' * (threads > 1)}"

@@ -105,17 +105,6 @@ def resolve_precision(name: str | Mapping[str, str], kind: str) -> str:
     return name
 
 
-def cpu_share() -> int:
-    """The CPUs this process may use: ``$NBZOO_CPUS`` where ``nbzoo demo`` set it (its share of
-    the machine, beside the other notebooks it runs), else the process's CPU affinity."""
-    from nbzoo.demo import cpu_count
-
-    given = os.environ.get("NBZOO_CPUS", "")
-    if given.isdigit() and int(given) > 0:
-        return int(given)
-    return cpu_count()
-
-
 def seed_everything(seed: int) -> None:
     """Seed python, numpy and torch (all devices) for a reproducible run."""
     random.seed(seed)

@@ -175,9 +175,9 @@ def resolved(stem: str, preset: str) -> presets.Config:
     """``preset`` resolved as the notebook would resolve it on its parameters cell's defaults."""
     import ast
 
-    from nbzoo import cli
+    from nbzoo import catalog
 
-    declared = cli.notebook_parameters(cli.notebooks_dir() / f"{stem}.ipynb")
+    declared = catalog.notebook_parameters(catalog.notebooks_dir() / f"{stem}.ipynb")
     namespace: dict[str, Any] = {}
     for name, knob in declared.items():
         try:

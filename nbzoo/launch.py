@@ -196,10 +196,10 @@ def _rank_threads(kind: str) -> None:
         return
     import torch
 
-    from nbzoo.device import cpu_share
+    from nbzoo import cpus
 
     local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    torch.set_num_threads(max(1, cpu_share() // local))
+    torch.set_num_threads(max(1, cpus.share() // local))
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -7,7 +7,7 @@ import os
 import sys
 import time
 
-from nbzoo import demo
+from nbzoo import cli, demo
 
 STEMS = ["00_results", "01_albert_glue", "02_albert_inference", "03_roberta_sst2"]
 
@@ -163,7 +163,7 @@ def test_the_cli_runs_in_a_forked_child_with_its_own_environment_and_log(tmp_pat
     lines = []
     outcomes = demo.run_all(
         list(commands), commands.get, tmp_path, jobs=2, threads=1, report=lines.append,
-        env={"NBZOO_DEMO_TEST": "seen"},
+        env={"NBZOO_DEMO_TEST": "seen"}, entry=cli.main,
     )  # fmt: skip
     status = {o.stem: o.status for o in outcomes}
     assert status == {"01_albert_glue": "ok", "03_roberta_sst2": "failed"}
@@ -176,7 +176,7 @@ def test_the_cli_runs_in_a_forked_child_with_its_own_environment_and_log(tmp_pat
 def test_a_forked_child_sees_the_environment_it_was_given(tmp_path):
     with (tmp_path / "log").open("w") as out:
         child = demo.start(
-            [*demo.CLI, "nonexistent-command"], out, {"PATH": os.environ.get("PATH", "")}
+            [*demo.CLI, "nonexistent-command"], out, {"PATH": os.environ.get("PATH", "")}, cli.main
         )
     while (cpu := demo._finished(child)) is None:
         time.sleep(0.05)

@@ -3,7 +3,7 @@ import textwrap
 import pytest
 import torch
 
-from nbzoo import device
+from nbzoo import cpus, device
 from tests.conftest import run_python
 
 
@@ -71,10 +71,10 @@ def test_cpu_share_is_nbzoo_demos_share_else_the_affinity(monkeypatch):
     import os
 
     monkeypatch.setenv("NBZOO_CPUS", "3")
-    assert device.cpu_share() == 3
+    assert cpus.share() == 3
     for unusable in ("", "0", "two"):
         monkeypatch.setenv("NBZOO_CPUS", unusable)
-        assert device.cpu_share() == len(os.sched_getaffinity(0))
+        assert cpus.share() == len(os.sched_getaffinity(0))
 
 
 def test_seeding_makes_runs_repeatable():

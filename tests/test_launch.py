@@ -12,7 +12,16 @@ import pytest
 import torch
 
 from nbzoo import device as nbdevice
-from nbzoo import finetune, launch, longseq, masked_lm, patching, presets, pretraining
+from nbzoo import (
+    finetune,
+    launch,
+    longseq,
+    masked_lm,
+    optimizer_comparison,
+    patching,
+    presets,
+    pretraining,
+)
 from nbzoo import sentence_prediction as sp
 from nbzoo.data import glue
 
@@ -344,7 +353,7 @@ def thor_run(tmp_path_factory):
     pretraining.prepare_data(cfg)
     rt = cpu_runtime()
     train_data, eval_data = pretraining.load_data(cfg)
-    return tmp, cfg, rt, eval_data, pretraining.train(cfg, rt, train_data, eval_data)
+    return tmp, cfg, rt, eval_data, optimizer_comparison.run(cfg, rt, train_data, eval_data)
 
 
 @pytest.mark.slow
@@ -354,7 +363,7 @@ def test_thor_pretraining_on_two_processes_matches_one_process_with_the_same_glo
     """THOR all-reduces its factors; the masked-LM loss is averaged over the global batch."""
     tmp, _, rt, _, one = thor_run
     cfg = thor_config(tmp, batch_size=8, devices=2, checkpoint_dir="")
-    two = pretraining.train(cfg, rt, [], [], workdir=tmp / "torchrun")
+    two = optimizer_comparison.run(cfg, rt, [], [], workdir=tmp / "torchrun")
     assert [r.optimizer for r in two] == ["thor", "adamw"]
     for a, b in zip(two, one, strict=True):
         assert_same_losses(a, b, steps=4)

@@ -238,7 +238,7 @@ def test_gathered_mlperf_loss_and_accuracy_match_transformers_on_full_sequences(
 
 
 def test_baseline_steps_to_target_and_the_issue_checks():
-    from nbzoo import pretraining
+    from nbzoo import optimizer_comparison, pretraining
 
     arrays = {
         "masked_lm_ids": np.array([[7, 7, 9], [7, 3, 0]]),
@@ -246,8 +246,8 @@ def test_baseline_steps_to_target_and_the_issue_checks():
     }
     assert pretraining.baseline_accuracy(arrays) == (0.6, 7)
     evals = [{"step": s, "mlm_accuracy": a} for s, a in [(0, 0.1), (10, 0.3), (20, 0.5)]]
-    assert pretraining.steps_to_target(evals, 0.3) == 10
-    assert pretraining.steps_to_target(evals, 0.6) is None
+    assert optimizer_comparison.steps_to_target(evals, 0.3) == 10
+    assert optimizer_comparison.steps_to_target(evals, 0.6) is None
 
     def run(kind, accs, ms):
         return pretraining.Run(
@@ -265,20 +265,22 @@ def test_baseline_steps_to_target_and_the_issue_checks():
         "sgd": run("sgd", (0.1, 0.2, 0.4), 1.0),
         "adamw": run("adamw", (0.1, 0.3, 0.7), 1.0),
     }
-    m = pretraining.comparison_metrics(best, baseline=0.25)
+    m = optimizer_comparison.comparison_metrics(best, baseline=0.25)
     assert (
         m["target_accuracy"] == 0.4
         and m["steps_to_target_thor"] == 10
         and m["steps_to_target_sgd"] == 20
     )
     assert m["thor_step_time_ratio"] == pytest.approx(1.2)
-    checks = {c["check"].split(":")[0]: c["passed"] for c in pretraining.threshold_checks(m)}
+    checks = {
+        c["check"].split(":")[0]: c["passed"] for c in optimizer_comparison.threshold_checks(m)
+    }
     assert checks == {"THOR learns": True, "preconditioning pays": True, "cost": True}
-    assert pretraining.best_runs(list(best.values()))["adamw"].final_accuracy == 0.7
+    assert optimizer_comparison.best_runs(list(best.values()))["adamw"].final_accuracy == 0.7
 
 
 def test_paired_step_times_alternate_thor_and_adamw_and_feed_the_ratio():
-    from nbzoo import device, presets, pretraining
+    from nbzoo import device, optimizer_comparison, presets, pretraining
 
     cfg = presets.Config(presets.load("06_bert_thor")["demo"])
     cfg.update(model_config=TINY_BERT, batch_size=4, frequency=2, stats_every=1, seed=0)
@@ -288,7 +290,7 @@ def test_paired_step_times_alternate_thor_and_adamw_and_feed_the_ratio():
         return pretraining.Run(kind, 0.01, damping, [], [], 0, 0.0)
 
     best = {"thor": run("thor", 0.01), "adamw": run("adamw")}
-    paired = pretraining.paired_step_times(cfg, rt, _samples(10), best, steps=6)
+    paired = optimizer_comparison.paired_step_times(cfg, rt, _samples(10), best, steps=6)
     assert paired["steps"] == 6 and paired["thor_ms"] > 0 and paired["adamw_ms"] > 0
     assert paired["ratio"] == pytest.approx(paired["thor_ms"] / paired["adamw_ms"])
     assert paired["thor_ms_iqr"] >= 0 and paired["adamw_ms_iqr"] >= 0  # the medians' spread
@@ -300,12 +302,12 @@ def test_paired_step_times_alternate_thor_and_adamw_and_feed_the_ratio():
         return r
 
     grid = {"thor": timed("thor", 2.0), "sgd": timed("sgd", 1.0), "adamw": timed("adamw", 1.0)}
-    m = pretraining.comparison_metrics(grid, 0.1, {"ratio": 1.1})
+    m = optimizer_comparison.comparison_metrics(grid, 0.1, {"ratio": 1.1})
     assert m["thor_step_time_ratio"] == 1.1 and m["thor_step_time_ratio_sequential"] == 2.0
 
 
 def test_a_grid_trained_in_parallel_processes_equals_the_sequential_grid(tmp_path, capsys):
-    from nbzoo import device, presets, pretraining
+    from nbzoo import device, optimizer_comparison, presets, pretraining
 
     variants = _thor_variants_bench()
     cfg = variants.variant_config(
@@ -332,12 +334,12 @@ def test_a_grid_trained_in_parallel_processes_equals_the_sequential_grid(tmp_pat
     def workers(n):
         return presets.Config({**cfg, "grid_workers": n})
 
-    assert pretraining.grid_workers(workers(0), rt) >= 1
-    assert pretraining.grid_workers(workers(3), rt) == 3
+    assert optimizer_comparison.grid_workers(workers(0), rt) >= 1
+    assert optimizer_comparison.grid_workers(workers(3), rt) == 3
     gpu = device.Runtime(kind="cuda", precision="bf16")
-    assert pretraining.grid_workers(workers(3), gpu) == 1
-    one = pretraining.run_grid(workers(1), rt, train_data, eval_data)
-    two = pretraining.run_grid(workers(2), rt, train_data, eval_data)
+    assert optimizer_comparison.grid_workers(workers(3), gpu) == 1
+    one = optimizer_comparison.run_grid(workers(1), rt, train_data, eval_data)
+    two = optimizer_comparison.run_grid(workers(2), rt, train_data, eval_data)
     assert "training 3 grid points, 2 at a time" in capsys.readouterr().out
     assert [r.label for r in two] == [r.label for r in one]
     for a, b in zip(one, two, strict=True):
