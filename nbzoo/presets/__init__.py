@@ -25,6 +25,7 @@ COMMON = ("device", "precision", "seed", "output_dir")
 # take these values.
 TRAINING_DEFAULTS = {
     "devices": 1,  # processes on this machine under torchrun, one per device (1: no torchrun)
+    "grad_accum": 1,  # micro-batches per optimizer step
     "nnodes": 1,  # machines
     "node_rank": 0,  # this machine's index (node 0 writes the results)
     "master_addr": "127.0.0.1",  # node 0's address (several machines)
