@@ -196,3 +196,34 @@ def table(stem: str, cfg: Mapping[str, Any] | str):
     if isinstance(cfg, str):
         cfg = resolved(stem, cfg)
     return pd.DataFrame(rows(stem, cfg), columns=COLUMNS)
+
+
+class Shown:
+    """A fidelity table as a notebook shows it: every cell whole (no truncation), the counts above."""
+
+    def __init__(self, frame):
+        self.frame = frame
+
+    def counts(self) -> dict[str, int]:
+        return {m: int((self.frame["match"] == m).sum()) for m in (EXACT, DEVIATES, NOT_IN_SEED)}
+
+    def headline(self) -> str:
+        c = self.counts()
+        return f"{c[EXACT]} exact · {c[DEVIATES]} deviate · {c[NOT_IN_SEED]} left open by the seed"
+
+    def _repr_html_(self) -> str:
+        import html
+
+        table = self.frame.to_html(index=False, escape=True, border=0)
+        return f"<p>{html.escape(self.headline())}</p>{table}"
+
+    def __repr__(self) -> str:
+        import pandas as pd
+
+        with pd.option_context("display.max_colwidth", None, "display.width", None):
+            return f"{self.headline()}\n{self.frame.to_string(index=False)}"
+
+
+def show(stem: str, cfg: Mapping[str, Any] | str) -> Shown:
+    """The fidelity table of ``stem`` rendered whole, with its counts: a notebook's appendix."""
+    return Shown(table(stem, cfg))

@@ -8,8 +8,9 @@ of lines for a long run. :func:`bar` chooses instead:
 
 ``widget``   the ``tqdm.notebook`` widget: JupyterLab, VS Code, Colab.
 ``terminal`` plain ``tqdm`` redrawing one line: an interactive terminal.
-``lines``    :class:`LineBar`: at most ``NBZOO_PROGRESS_LINES`` (default 10) whole lines per bar,
-             one each time another tenth is done, plus the final line — whatever the run's length.
+``lines``    :class:`LineBar`: whole lines, the final one when the bar closes and, on long work,
+             one more every ``NBZOO_PROGRESS_EVERY`` seconds (default 60) — so a saved notebook
+             holds one line per training run, and a log of a long run still moves.
 
 ``NBZOO_PROGRESS`` = widget | terminal | lines forces a mode; unset or ``auto`` means: ``lines``
 on CI (``CI`` set) and inside :func:`headless` (``nbzoo run`` / ``make demo`` wrap papermill in
@@ -20,7 +21,6 @@ it; the kernel inherits the variables, which also turn off transformers' own bar
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 import sys
 from collections.abc import Iterator
@@ -61,25 +61,24 @@ def mode() -> str:
 
 
 class LineBar(std.tqdm):
-    """A tqdm that prints whole lines, at most ``lines`` of them per bar (plus the last one),
-    instead of redrawing one line with carriage returns."""
+    """A tqdm that prints whole lines instead of redrawing one with carriage returns: no line at
+    the start, one every ``every`` seconds while it runs, and the last one when it closes."""
 
-    def __init__(self, *args: Any, lines: int = 10, **kwargs: Any) -> None:
-        total = kwargs.get("total")
-        if total is None and args and hasattr(args[0], "__len__"):
-            total = len(args[0])
-        if total:
-            kwargs["miniters"] = max(1, math.ceil(total / max(1, lines)))
-            kwargs["mininterval"] = 0.0
-        else:  # unknown length: fall back to time, one line a minute
-            kwargs.setdefault("mininterval", 60.0)
-        # tqdm's monitor thread lowers miniters to 1 after maxinterval seconds without a
-        # refresh, which would turn a slow run back into one line per step.
+    def __init__(self, *args: Any, every: float = 60.0, **kwargs: Any) -> None:
+        kwargs["miniters"] = 1
+        kwargs["mininterval"] = every
+        # tqdm's monitor thread lowers miniters after maxinterval seconds without a refresh,
+        # which would turn a slow run back into one line per step
         kwargs["maxinterval"] = float("inf")
         kwargs.pop("dynamic_ncols", None)
         kwargs.setdefault("ncols", 100)
         self._printed_n: float | None = None
+        self._closing = False
         super().__init__(*args, **kwargs)
+
+    def close(self) -> None:
+        self._closing = True
+        super().close()
 
     def display(self, msg: str | None = None, pos: int | None = None) -> bool:
         if msg == "":  # tqdm clears a bar that does not stay (leave=False): nothing to clear
@@ -87,6 +86,8 @@ class LineBar(std.tqdm):
         if msg is None:
             if self.n == self._printed_n:  # close() redraws the last line: print it once
                 return True
+            if not self._started and not self._closing and self.n == self.initial:
+                return True  # the start: nothing to say yet
             self._printed_n = self.n
             msg = self.__str__()
         # The newline goes *before* the line: close() ends the last one with its own "\n".
@@ -109,8 +110,8 @@ def bar(*args: Any, **kwargs: Any) -> std.tqdm:
     if chosen == "lines":
         if _in_kernel():  # stdout: a plain block in the notebook, not a red stderr box
             kwargs.setdefault("file", sys.stdout)
-        lines = int(os.environ.get("NBZOO_PROGRESS_LINES", "10"))
-        return LineBar(*args, lines=lines, **kwargs)
+        every = float(os.environ.get("NBZOO_PROGRESS_EVERY", "60"))
+        return LineBar(*args, every=every, **kwargs)
     return std.tqdm(*args, **kwargs)
 
 

@@ -15,7 +15,7 @@ from tests.conftest import run_python
 
 @pytest.fixture
 def clean_env(monkeypatch):
-    for name in ("NBZOO_PROGRESS", "NBZOO_PROGRESS_LINES", "CI"):
+    for name in ("NBZOO_PROGRESS", "NBZOO_PROGRESS_EVERY", "CI"):
         monkeypatch.delenv(name, raising=False)
     return monkeypatch
 
@@ -62,31 +62,31 @@ def _lines(total: int, steps: int, **kwargs) -> list[str]:
     return text.splitlines()
 
 
-def test_line_bar_prints_at_most_eleven_lines_whatever_the_length():
+def test_a_quick_bar_prints_one_line_when_it_closes_whatever_its_length():
     for total in (7, 378, 100_000):
         lines = _lines(total, total)
-        assert 2 <= len(lines) <= 11, (total, len(lines))
-        assert lines[0].startswith("train:   0%") and lines[-1].startswith("train: 100%")
-        assert f"{total}/{total}" in lines[-1]
-    assert len(_lines(1000, 1000, lines=4)) == 5
+        assert len(lines) == 1, (total, lines)
+        assert lines[0].startswith("train: 100%") and f"{total}/{total}" in lines[0]
 
 
 def test_line_bar_prints_where_an_early_stop_left_it():
     lines = _lines(100, 37, initial=0)
-    assert lines[-1].startswith("train:  37%") and len(lines) == 5  # 0, 10, 20, 30, 37
+    assert len(lines) == 1 and lines[0].startswith("train:  37%")
 
 
-def test_slow_steps_do_not_turn_into_one_line_each():
-    """tqdm's monitor thread drops miniters to 1 after maxinterval seconds without output;
-    a LineBar keeps its budget however slow the steps are."""
+def test_a_long_bar_prints_a_line_every_so_many_seconds_and_the_last_one():
+    """Long work still moves in a log: a line each ``every`` seconds, however slow the steps
+    (tqdm's monitor thread would otherwise drop to a line per step), then the final one."""
     out = io.StringIO()
-    bar = progress.LineBar(total=40, file=out)
-    assert bar.maxinterval == float("inf") and bar.miniters == 4
+    bar = progress.LineBar(total=40, file=out, desc="train", every=0.05)
+    assert bar.maxinterval == float("inf")
     for _ in range(40):
         time.sleep(0.005)
         bar.update(1)
     bar.close()
-    assert len(out.getvalue().splitlines()) == 11
+    lines = out.getvalue().splitlines()
+    assert 2 <= len(lines) <= 6, lines  # 0.2 s of steps: about one line per 0.05 s, no more
+    assert lines[-1].startswith("train: 100%") and not lines[0].startswith("train:   0%")
 
 
 def test_terminal_mode_is_plain_tqdm(clean_env):
@@ -120,6 +120,7 @@ def test_a_quick_evaluation_shows_no_bar_and_a_long_one_does(clean_env, capsys):
     assert list(progress.eval_bar(range(5), "evaluate")) == list(range(5))
     assert "evaluate" not in capsys.readouterr().err  # under NBZOO_PROGRESS_EVAL_DELAY (5 s)
     clean_env.setenv("NBZOO_PROGRESS_EVAL_DELAY", "0")
+    clean_env.setenv("NBZOO_PROGRESS_EVERY", "0")  # a line at every step, as a long run's
     for _ in progress.eval_bar(range(5), "evaluate"):
         time.sleep(0.01)
     assert "evaluate:" in capsys.readouterr().err
@@ -132,6 +133,7 @@ def test_predict_shows_its_progress(clean_env, capsys):
 
     clean_env.setenv("NBZOO_PROGRESS", "lines")
     clean_env.setenv("NBZOO_PROGRESS_EVAL_DELAY", "0")
+    clean_env.setenv("NBZOO_PROGRESS_EVERY", "0")
     model = torch.nn.Sequential(torch.nn.Linear(3, 2))
     forward = model.forward
     model.forward = lambda x: {"logits": forward(x)}

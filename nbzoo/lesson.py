@@ -1,0 +1,200 @@
+"""What every notebook does after it has trained and measured, each in one call from a cell: check
+that the demo learnt, write the results record, show this run's figures beside what a model that
+learnt nothing scores (and the seed's, labelled as the reference they are), and a summary.
+
+A results record is written only for a run that succeeded: a demo whose learning check failed
+writes nothing (its previous record stays), since a record says "this is what the notebook gives".
+"""
+
+from __future__ import annotations
+
+import html
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from nbzoo import fidelity, launch, metrics
+from nbzoo.verdicts import Estimate
+
+# The preset whose notebook stops when it did not learn: the demo is built to learn (a learnable
+# task, enough steps); a full preset rehearsed on random stand-in weights for two steps is not.
+CHECKED_PRESETS = ("demo",)
+
+
+@dataclass(frozen=True)
+class Check:
+    """One metric against what a model that learnt nothing scores (its *baseline*)."""
+
+    metric: str
+    value: float
+    baseline: Estimate  # value and standard error of the baseline on this evaluation set
+
+    @property
+    def needed(self) -> float:
+        """The baseline plus :data:`nbzoo.metrics.LEARNING_SIGMAS` of its standard errors: a model
+        that learnt nothing gets there by chance with probability below 3e-7 (one-sided normal)."""
+        return self.baseline.value + metrics.LEARNING_SIGMAS * self.baseline.standard_error
+
+    @property
+    def learnt(self) -> bool:
+        return math.isfinite(self.value) and self.value > self.needed
+
+    def row(self) -> dict[str, Any]:
+        return {
+            "metric": self.metric,
+            "this run": self.value,
+            "a model that learnt nothing": f"{self.baseline.value:.4f} ({self.baseline.name})",
+            f"needed (+{metrics.LEARNING_SIGMAS:g} s.e.)": self.needed,
+            "learnt": self.learnt,
+        }
+
+
+@dataclass
+class Checks:
+    """A notebook's learning checks. ``required`` (the demo preset) makes a failed check stop the
+    notebook (the cell's ``assert``) and keeps :func:`record` from writing."""
+
+    checks: list[Check]
+    required: bool = True
+
+    @property
+    def passed(self) -> bool:
+        return all(c.learnt for c in self.checks)
+
+    @property
+    def failures(self) -> str:
+        missed = [c for c in self.checks if not c.learnt]
+        return "the model did not learn: " + "; ".join(
+            f"{c.metric} {c.value:.4f} is not above {c.needed:.4f}, what a model that learnt "
+            f"nothing ({c.baseline.name}, {c.baseline.value:.4f}) stays under by chance"
+            for c in missed
+        )
+
+    def table(self):
+        import pandas as pd
+
+        return pd.DataFrame([c.row() for c in self.checks]).set_index("metric")
+
+    def _repr_html_(self) -> str:
+        return self.table()._repr_html_()
+
+    def __repr__(self) -> str:
+        return self.table().to_string()
+
+
+def learning_checks(cfg: Mapping[str, Any], *checks: Check) -> Checks:
+    """The checks of one run; required under the demo preset."""
+    return Checks(list(checks), required=cfg.get("preset") in CHECKED_PRESETS)
+
+
+@dataclass
+class Results:
+    """This run's figures as the notebook shows them, and where they were recorded."""
+
+    table: Any  # pandas DataFrame
+    path: Path | None
+    note: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def _repr_html_(self) -> str:
+        where = f"Recorded in <code>{html.escape(str(self.path))}</code>. " if self.path else ""
+        return f"{self.table._repr_html_()}<p>{where}{html.escape(self.note)}</p>"
+
+    def __repr__(self) -> str:
+        where = f"Recorded in {self.path}. " if self.path else ""
+        return f"{self.table.to_string()}\n{where}{self.note}"
+
+
+def record(
+    stem: str,
+    cfg: Mapping[str, Any],
+    rt,
+    scores: Mapping[str, float],
+    *,
+    checks: Checks | None = None,
+    samples_per_second: float | None = None,
+    extra: Mapping[str, Any] | None = None,
+) -> Results:
+    """Write ``results/<stem>.json`` for a run that succeeded and return the table to show.
+
+    Refuses (raises, writes nothing) when ``checks`` are required and failed. The table holds this
+    run's figures, the learnt-nothing baseline of each checked metric, and -- labelled with the
+    seed's hardware and data -- the seed's figure where it has one: a reference, which the demo (a
+    tiny model on generated data) is not meant to reach."""
+    if checks is not None and checks.required and not checks.passed:
+        raise RuntimeError(f"{stem}: no results recorded: {checks.failures}")
+    reference = fidelity.reference(stem)
+    recorded_rt = launch.recorded_runtime(rt, cfg)
+    learning = {c.metric: c for c in checks.checks} if checks else {}
+    path = metrics.write_results(
+        stem,
+        preset=cfg["preset"],
+        rt=recorded_rt,
+        metrics=scores,
+        reference=reference,
+        samples_per_second=samples_per_second,
+        output_dir=cfg.get("output_dir"),
+        extra={
+            **(extra or {}),
+            "learnt": {m: c.learnt for m, c in learning.items()},
+        },
+    )
+    table = results_table(cfg, recorded_rt, scores, reference, learning, samples_per_second)
+    note = ""
+    if cfg["preset"] == "demo":
+        note = (
+            "The demo trains a tiny model on generated data: its figures show that the pipeline "
+            "learns, measured against a model that learnt nothing. The seed's column is the real "
+            "model on the real data, a reference the demo is not meant to reach."
+        )
+    return Results(table, path, note)
+
+
+def results_table(
+    cfg: Mapping[str, Any],
+    rt,
+    scores: Mapping[str, float],
+    reference: Mapping[str, Any],
+    learning: Mapping[str, Check] | None = None,
+    samples_per_second: float | None = None,
+):
+    """metric | this run | a model that learnt nothing | the seed (reference: its setting)."""
+    import pandas as pd
+
+    learning = learning or {}
+    seed = reference.get("metrics", {})
+    seed_column = f"seed, for reference ({reference.get('setting', reference.get('source', ''))})"
+    rows = []
+    for name, value in scores.items():
+        check = learning.get(name)
+        rows.append(
+            {
+                "metric": name,
+                "this run": value,
+                "a model that learnt nothing": (
+                    f"{check.baseline.value:.4f} ({check.baseline.name})" if check else ""
+                ),
+                seed_column: seed.get(name, ""),
+            }
+        )
+    if samples_per_second is not None:
+        # a seed's throughput is set beside this run's only where both ran on an accelerator
+        comparable = cfg["preset"] != "demo" and rt.kind != "cpu"
+        rows.append(
+            {
+                "metric": f"training samples/s ({rt.kind}, {rt.world_size} process(es))",
+                "this run": samples_per_second,
+                "a model that learnt nothing": "",
+                seed_column: reference.get("samples_per_second", "") if comparable else "",
+            }
+        )
+    return pd.DataFrame(rows).set_index("metric")
+
+
+def summary(lines: Iterable[str]):
+    """A Summary cell's output: the bullets, each computed from this run's outputs."""
+    from IPython.display import Markdown
+
+    return Markdown("\n".join(f"* {line}" for line in lines if line))
