@@ -1,0 +1,73 @@
+"""nbzoo.lesson: a demo that did not learn records nothing; the table sets the run beside what a
+model that learnt nothing scores, and the seed's figure only as a labelled reference."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from nbzoo import device, lesson, verdicts
+from nbzoo.presets import Config
+
+
+@pytest.fixture
+def rt():
+    return device.setup("cpu", "fp32", 0)
+
+
+def demo_cfg(tmp_path, preset="demo"):
+    return Config(preset=preset, output_dir=str(tmp_path / "results"), devices=1, nnodes=1)
+
+
+def sst2_check(value):
+    return lesson.Check("sst2_accuracy", value, verdicts.proportion("majority class", 0.5, 500))
+
+
+def test_a_check_needs_five_standard_errors_above_a_model_that_learnt_nothing():
+    check = sst2_check(0.62)
+    assert check.needed == pytest.approx(0.5 + 5 * (0.25 / 500) ** 0.5)
+    assert check.learnt and not sst2_check(0.61).learnt and not sst2_check(float("nan")).learnt
+
+
+def test_a_demo_that_did_not_learn_records_nothing_and_says_why(tmp_path, rt):
+    cfg = demo_cfg(tmp_path)
+    checks = lesson.learning_checks(cfg, sst2_check(0.52))
+    assert checks.required and not checks.passed
+    assert "sst2_accuracy 0.5200 is not above" in checks.failures
+    with pytest.raises(RuntimeError, match="no results recorded"):
+        lesson.record("01_albert_glue", cfg, rt, {"sst2_accuracy": 0.52}, checks=checks)
+    assert not (tmp_path / "results").exists()
+
+
+def test_a_full_preset_records_its_checks_without_stopping(tmp_path, rt):
+    """A full preset rehearsed on random stand-in weights does not learn in two steps; its
+    record says so instead of the run stopping."""
+    cfg = demo_cfg(tmp_path, preset="full")
+    checks = lesson.learning_checks(cfg, sst2_check(0.5))
+    assert not checks.required
+    shown = lesson.record("01_albert_glue", cfg, rt, {"sst2_accuracy": 0.5}, checks=checks)
+    record = json.loads(shown.path.read_text())
+    assert record["extra"]["learnt"] == {"sst2_accuracy": False}
+
+
+def test_the_results_table_labels_the_seed_as_a_reference_and_keeps_cpu_speed_alone(tmp_path, rt):
+    cfg = demo_cfg(tmp_path)
+    checks = lesson.learning_checks(cfg, sst2_check(0.9))
+    shown = lesson.record(
+        "01_albert_glue", cfg, rt, {"sst2_accuracy": 0.9}, checks=checks, samples_per_second=2000
+    )
+    table = shown.table
+    seed_column = next(c for c in table.columns if c.startswith("seed, for reference"))
+    assert "V100" in seed_column
+    assert table.loc["sst2_accuracy", seed_column] == 0.927
+    assert table.loc["sst2_accuracy", "a model that learnt nothing"].endswith("(majority class)")
+    speed = next(i for i in table.index if i.startswith("training samples/s"))
+    assert table.loc[speed, "this run"] == 2000 and table.loc[speed, seed_column] == ""
+    assert "not meant to reach" in shown.note
+    assert json.loads(shown.path.read_text())["metrics"] == {"sst2_accuracy": 0.9}
+
+
+def test_a_summary_is_markdown_bullets_of_what_ran():
+    text = lesson.summary(["one", "", "two"]).data
+    assert text == "* one\n* two"
