@@ -21,6 +21,7 @@ from nbzoo.verdicts import Estimate
 # The preset whose notebook stops when it did not learn: the demo is built to learn (a learnable
 # task, enough steps); a full preset rehearsed on random stand-in weights for two steps is not.
 CHECKED_PRESETS = ("demo",)
+BASELINES = "baselines"  # the record's extra: each checked metric's learnt-nothing baseline
 
 
 @dataclass(frozen=True)
@@ -30,23 +31,28 @@ class Check:
     metric: str
     value: float
     baseline: Estimate  # value and standard error of the baseline on this evaluation set
+    higher_is_better: bool = True  # False for a perplexity or a loss
 
     @property
     def needed(self) -> float:
-        """The baseline plus :data:`nbzoo.metrics.LEARNING_SIGMAS` of its standard errors: a model
-        that learnt nothing gets there by chance with probability below 3e-7 (one-sided normal)."""
-        return self.baseline.value + metrics.LEARNING_SIGMAS * self.baseline.standard_error
+        """The baseline plus (minus, where lower is better) :data:`nbzoo.metrics.LEARNING_SIGMAS`
+        of its standard errors: a model that learnt nothing gets there by chance with probability
+        below 3e-7 (one-sided normal)."""
+        margin = metrics.LEARNING_SIGMAS * self.baseline.standard_error
+        return self.baseline.value + (margin if self.higher_is_better else -margin)
 
     @property
     def learnt(self) -> bool:
-        return math.isfinite(self.value) and self.value > self.needed
+        if not math.isfinite(self.value):
+            return False
+        return self.value > self.needed if self.higher_is_better else self.value < self.needed
 
     def row(self) -> dict[str, Any]:
         return {
             "metric": self.metric,
             "this run": self.value,
             "a model that learnt nothing": f"{self.baseline.value:.4f} ({self.baseline.name})",
-            f"needed (+{metrics.LEARNING_SIGMAS:g} s.e.)": self.needed,
+            f"needed ({metrics.LEARNING_SIGMAS:g} s.e. better)": self.needed,
             "learnt": self.learnt,
         }
 
@@ -67,8 +73,9 @@ class Checks:
     def failures(self) -> str:
         missed = [c for c in self.checks if not c.learnt]
         return "the model did not learn: " + "; ".join(
-            f"{c.metric} {c.value:.4f} is not above {c.needed:.4f}, what a model that learnt "
-            f"nothing ({c.baseline.name}, {c.baseline.value:.4f}) stays under by chance"
+            f"{c.metric} {c.value:.4f} is not {'above' if c.higher_is_better else 'below'} "
+            f"{c.needed:.4f}, which a model that learnt nothing ({c.baseline.name}, "
+            f"{c.baseline.value:.4f}) does not pass by chance"
             for c in missed
         )
 
@@ -139,6 +146,15 @@ def record(
         extra={
             **(extra or {}),
             "learnt": {m: c.learnt for m, c in learning.items()},
+            BASELINES: {
+                m: {
+                    "value": c.baseline.value,
+                    "standard_error": c.baseline.standard_error,
+                    "what": c.baseline.name,
+                    "higher_is_better": c.higher_is_better,
+                }
+                for m, c in learning.items()
+            },
         },
     )
     table = results_table(cfg, recorded_rt, scores, reference, learning, samples_per_second)

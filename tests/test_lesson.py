@@ -71,3 +71,24 @@ def test_the_results_table_labels_the_seed_as_a_reference_and_keeps_cpu_speed_al
 def test_a_summary_is_markdown_bullets_of_what_ran():
     text = lesson.summary(["one", "", "two"]).data
     assert text == "* one\n* two"
+
+
+def test_a_lower_is_better_metric_must_fall_below_its_baseline():
+    unigram = verdicts.Estimate("unigram model", 64.0, "proportion", 1000, standard_error=1.0)
+    assert lesson.Check("perplexity", 31.0, unigram, higher_is_better=False).learnt
+    assert not lesson.Check("perplexity", 61.0, unigram, higher_is_better=False).learnt
+    assert (
+        "not below 59.0000"
+        in lesson.Checks(
+            [lesson.Check("perplexity", 61.0, unigram, higher_is_better=False)]
+        ).failures
+    )
+
+
+def test_the_record_keeps_each_checked_metrics_baseline(tmp_path, rt):
+    cfg = demo_cfg(tmp_path)
+    checks = lesson.learning_checks(cfg, sst2_check(0.9))
+    shown = lesson.record("01_albert_glue", cfg, rt, {"sst2_accuracy": 0.9}, checks=checks)
+    baseline = json.loads(shown.path.read_text())["extra"]["baselines"]["sst2_accuracy"]
+    assert baseline["value"] == 0.5 and baseline["what"] == "majority class"
+    assert baseline["higher_is_better"] is True
