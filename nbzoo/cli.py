@@ -280,13 +280,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_results(args: argparse.Namespace) -> int:
     import pandas as pd
 
-    from nbzoo import metrics
+    from nbzoo import metrics, report
 
     records = metrics.read_results(args.dir)
     if not records:
         print(f"no results in {paths.results_dir(args.dir)}; run `make demo` first")
         return 1
-    table = metrics.results_table(records)
+    table = report.metrics_table(records)
     if getattr(args, "markdown", False):
         print(table.to_markdown(index=False, floatfmt=".4g"))
         return 0

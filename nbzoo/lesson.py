@@ -9,19 +9,20 @@ writes nothing (its previous record stays), since a record says "this is what th
 from __future__ import annotations
 
 import html
+import json
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from nbzoo import fidelity, launch, metrics
+from nbzoo import fidelity, launch, metrics, report
+from nbzoo.metrics import BASELINES
 from nbzoo.verdicts import Estimate
 
 # The preset whose notebook stops when it did not learn: the demo is built to learn (a learnable
 # task, enough steps); a full preset rehearsed on random stand-in weights for two steps is not.
 CHECKED_PRESETS = ("demo",)
-BASELINES = "baselines"  # the record's extra: each checked metric's learnt-nothing baseline
 
 
 @dataclass(frozen=True)
@@ -157,56 +158,22 @@ def record(
             },
         },
     )
-    table = results_table(cfg, recorded_rt, scores, reference, learning, samples_per_second)
-    note = ""
+    saved = json.loads(path.read_text(encoding="utf-8"))
+    table = report.metrics_table([saved]).drop(columns=["notebook", "preset"]).set_index("metric")
+    notes = []
+    if samples_per_second is not None:
+        run = report.runs_table([saved]).iloc[0]
+        speed = f"Training throughput: {samples_per_second:.4g} samples/s ({run['device']}, "
+        speed += f"{run['processes']} process(es), {run['precision']})"
+        seed = run["seed's samples/s (its setting)"]
+        notes.append(speed + (f"; the seed: {seed}." if seed != report.MISSING else "."))
     if cfg["preset"] == "demo":
-        note = (
+        notes.append(
             "The demo trains a tiny model on generated data: its figures show that the pipeline "
             "learns, measured against a model that learnt nothing. The seed's column is the real "
             "model on the real data, a reference the demo is not meant to reach."
         )
-    return Results(table, path, note)
-
-
-def results_table(
-    cfg: Mapping[str, Any],
-    rt,
-    scores: Mapping[str, float],
-    reference: Mapping[str, Any],
-    learning: Mapping[str, Check] | None = None,
-    samples_per_second: float | None = None,
-):
-    """metric | this run | a model that learnt nothing | the seed (reference: its setting)."""
-    import pandas as pd
-
-    learning = learning or {}
-    seed = reference.get("metrics", {})
-    seed_column = f"seed, for reference ({reference.get('setting', reference.get('source', ''))})"
-    rows = []
-    for name, value in scores.items():
-        check = learning.get(name)
-        rows.append(
-            {
-                "metric": name,
-                "this run": value,
-                "a model that learnt nothing": (
-                    f"{check.baseline.value:.4f} ({check.baseline.name})" if check else ""
-                ),
-                seed_column: seed.get(name, ""),
-            }
-        )
-    if samples_per_second is not None:
-        # a seed's throughput is set beside this run's only where both ran on an accelerator
-        comparable = cfg["preset"] != "demo" and rt.kind != "cpu"
-        rows.append(
-            {
-                "metric": f"training samples/s ({rt.kind}, {rt.world_size} process(es))",
-                "this run": samples_per_second,
-                "a model that learnt nothing": "",
-                seed_column: reference.get("samples_per_second", "") if comparable else "",
-            }
-        )
-    return pd.DataFrame(rows).set_index("metric")
+    return Results(table, path, " ".join(notes))
 
 
 def summary(lines: Iterable[str]):

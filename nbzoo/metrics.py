@@ -23,6 +23,8 @@ import numpy as np
 from nbzoo import paths
 
 IGNORE_INDEX = -100
+# a results record's extra: each checked metric's learnt-nothing baseline (nbzoo.lesson.record)
+BASELINES = "baselines"
 
 
 def accuracy(predictions, labels) -> float:
@@ -269,27 +271,3 @@ def compare(metrics: Mapping[str, float], reference: Mapping[str, Any], samples_
     table = pd.DataFrame(rows).set_index("metric")
     table.attrs["seed setting"] = reference.get("setting", "")
     return table
-
-
-def results_table(records: list[Mapping[str, Any]]):
-    """One row per (notebook, metric): this project's figure next to the seed's."""
-    import pandas as pd
-
-    rows = []
-    for rec in records:
-        seed = rec.get("reference", {}).get("metrics", {})
-        for name, value in rec["metrics"].items():
-            rows.append(
-                {
-                    "notebook": rec["notebook"],
-                    "preset": rec["preset"],
-                    "device": rec["device"],
-                    "precision": rec["precision"],
-                    "metric": name,
-                    "value": value,
-                    "seed (reference)": seed.get(name),
-                    "samples/s": rec.get("samples_per_second"),
-                    "seed samples/s": rec.get("reference", {}).get("samples_per_second"),
-                }
-            )
-    return pd.DataFrame(rows)

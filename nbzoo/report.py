@@ -1,10 +1,11 @@
-"""The results overview of notebooks/00_results.ipynb: every ``results/*.json`` side by side.
+"""The results overview (notebooks/00_results.ipynb and ``nbzoo results``): every ``results/*.json``.
 
-Records come from :func:`nbzoo.metrics.read_results`; the per-metric table is
-:func:`nbzoo.metrics.results_table` (the one ``nbzoo results`` prints). This module adds the
-per-run table (device, precision, preset, throughput) and the bar charts of this project's
-figures next to the seeds'. Any subset of notebooks may have results; a figure missing on
-either side (no seed figure, a NaN metric) is drawn as a labelled gap, never as zero.
+Each run is shown against what a model that learnt nothing scores on the same evaluation set (the
+baseline its notebook recorded: majority class, no correlation, most frequent token, unigram model),
+never against the seed: a demo trains a tiny model on generated data, and the seed's figure comes
+from the real model on the real data and hardware. The seed's figure appears only in a column of
+its own, labelled with that setting, as the reference it is. Throughput is set beside the seed's only
+for a run of the seed's recipe on an accelerator.
 """
 
 from __future__ import annotations
@@ -13,12 +14,12 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-THIS, SEED = "this run", "seed (reference)"
-COLORS = {THIS: "#4a90d9", SEED: "#b0b0b0"}
+from nbzoo.metrics import BASELINES
+
+MISSING = "—"  # a figure nobody reported (a metric the seed does not give, a run without speed)
 
 
 def _number(value: Any) -> float | None:
-    """A figure as float; None when absent (NaN stays NaN: computed, but undefined)."""
     if value is None:
         return None
     try:
@@ -27,132 +28,113 @@ def _number(value: Any) -> float | None:
         return None
 
 
+def _shown(value: Any) -> Any:
+    number = _number(value)
+    if number is None:
+        return MISSING
+    return "not computed" if math.isnan(number) else number
+
+
+def comparable_speed(rec: Mapping[str, Any]) -> bool:
+    """A run's throughput stands beside the seed's only for the seed's recipe on an accelerator."""
+    return rec.get("preset") in ("full", "full_8p", "perf") and rec.get("device") != "cpu"
+
+
 def runs_table(records: Sequence[Mapping[str, Any]]):
-    """One row per results file: where and how it ran, its throughput and the seed's."""
+    """One row per results file: where and how it ran, and its throughput."""
     import pandas as pd
 
     rows = []
     for rec in records:
-        ref = rec.get("reference", {}) or {}
+        ref = rec.get("reference") or {}
         rows.append(
             {
                 "notebook": rec["notebook"],
-                "preset": rec.get("preset"),
+                "preset": rec.get("preset", MISSING),
                 "device": f"{rec.get('device')} ({rec.get('device_name', '?')})",
-                "devices": rec.get("devices", 1),
+                "processes": rec.get("devices", 1),
                 "precision": rec.get("precision"),
-                "samples/s": _number(rec.get("samples_per_second")),
-                "seed samples/s": _number(ref.get("samples_per_second")),
-                "seed setting": ref.get("setting", ""),
-                "seed source": ref.get("source", ""),
+                "samples/s": _shown(rec.get("samples_per_second")),
+                "seed's samples/s (its setting)": (
+                    f"{ref.get('samples_per_second')} ({ref.get('setting', '')})"
+                    if comparable_speed(rec) and ref.get("samples_per_second") is not None
+                    else MISSING
+                ),
                 "finished": rec.get("finished_at", ""),
             }
         )
-    columns = ["notebook", "preset", "device", "devices", "precision", "samples/s"]
-    columns += ["seed samples/s", "seed setting", "seed source", "finished"]
-    return pd.DataFrame(rows, columns=columns)
+    return pd.DataFrame(rows, columns=[*rows[0]] if rows else ["notebook"])
 
 
-def _run_label(rec: Mapping[str, Any]) -> str:
-    return f"{rec['notebook']}\n{rec.get('preset')} · {rec.get('device')} · {rec.get('precision')}"
+def metrics_table(records: Sequence[Mapping[str, Any]]):
+    """One row per (notebook, metric): this run, what a model that learnt nothing scores, and the
+    seed's figure as a labelled reference (the seed's setting in its own column)."""
+    import pandas as pd
 
-
-def _empty(fig, message: str):
-    ax = fig.subplots()
-    ax.axis("off")
-    ax.text(0.5, 0.5, message, ha="center", va="center")
-    return fig
-
-
-def _pair(ax, values: Mapping[str, float | None], fmt: str, log: bool = False) -> None:
-    """Two bars (this run, seed) from a common baseline; a missing or NaN figure is a labelled
-    gap ("not reported" / "NaN"), never a bar of height zero."""
-    names = list(values)
-    finite = [v for v in values.values() if v is not None and math.isfinite(v)]
-    if log:
-        positive = [v for v in finite if v > 0] or [1.0]
-        lo, hi = min(positive) / 4, max(positive) * 4
-    else:
-        lo, hi = min(finite + [0.0]) * 1.25, max(finite + [0.0]) * 1.25 or 1.0
-    gap = lo if log else 0.0  # height of a hidden bar (a log axis has no zero)
-    heights = [v if v is not None and math.isfinite(v) else gap for v in values.values()]
-    bars = ax.bar(names, heights, color=[COLORS[n] for n in names])
-    for bar, name in zip(bars, names, strict=True):
-        x, value = bar.get_x() + bar.get_width() / 2, values[name]
-        if value is None or not math.isfinite(value):
-            bar.set_visible(False)
-            why = "not reported" if value is None else "NaN"
-            ax.text(
-                x,
-                0.03,
-                why,
-                ha="center",
-                va="bottom",
-                fontsize=8,
-                transform=ax.get_xaxis_transform(),
+    rows = []
+    for rec in records:
+        ref = rec.get("reference") or {}
+        baselines = (rec.get("extra") or {}).get(BASELINES, {})
+        for name, value in rec["metrics"].items():
+            base = baselines.get(name)
+            seed = (ref.get("metrics") or {}).get(name)
+            rows.append(
+                {
+                    "notebook": rec["notebook"],
+                    "preset": rec.get("preset", MISSING),
+                    "metric": name,
+                    "this run": _shown(value),
+                    "a model that learnt nothing": (
+                        f"{base['value']:.4g} ({base['what']})" if base else MISSING
+                    ),
+                    "seed, for reference": _shown(seed),
+                    "the seed's setting": ref.get("setting", MISSING) if seed is not None else "",
+                }
             )
-            continue
-        ax.annotate(
-            format(value, fmt),
-            (x, value),
-            ha="center",
-            va="bottom" if value >= 0 else "top",
-            fontsize=8,
-            xytext=(0, 2 if value >= 0 else -2),
-            textcoords="offset points",
-        )
-    if log:
-        ax.set_yscale("log")
-    ax.set_ylim(lo, hi)
-    ax.tick_params(axis="x", labelsize=8)
+    columns = ["notebook", "preset", "metric", "this run", "a model that learnt nothing"]
+    return pd.DataFrame(rows, columns=[*columns, "seed, for reference", "the seed's setting"])
 
 
-def plot_metrics(records: Sequence[Mapping[str, Any]], ncols: int = 4):
-    """One small chart per (notebook, metric): this run's value next to the seed's."""
+def margins(records: Sequence[Mapping[str, Any]]) -> list[tuple[str, float]]:
+    """(label, margin) for every recorded baseline: how many of the baseline's standard errors the
+    run is better than a model that learnt nothing (positive: better)."""
+    found = []
+    for rec in records:
+        for name, base in ((rec.get("extra") or {}).get(BASELINES) or {}).items():
+            value = _number(rec["metrics"].get(name))
+            se = _number(base.get("standard_error"))
+            if value is None or not se or math.isnan(value):
+                continue
+            sign = 1.0 if base.get("higher_is_better", True) else -1.0
+            label = f"{rec['notebook'][:2]} {name} ({rec.get('preset')})"
+            found.append((label, sign * (value - base["value"]) / se))
+    return found
+
+
+def plot_margins(records: Sequence[Mapping[str, Any]], needed: float):
+    """How clearly each run learnt: its distance from a model that learnt nothing, in standard
+    errors of that baseline, one bar per metric; ``needed`` (the learning check) marked."""
     from matplotlib.figure import Figure
 
-    panels = [
-        (
-            rec,
-            name,
-            _number(value),
-            _number((rec.get("reference") or {}).get("metrics", {}).get(name)),
-        )
-        for rec in records
-        for name, value in rec["metrics"].items()
-    ]
-    if not panels:
-        return _empty(Figure(figsize=(6, 1.5)), "no results yet: run a notebook or `make demo`")
-    ncols = min(ncols, len(panels))
-    nrows = math.ceil(len(panels) / ncols)
-    fig = Figure(figsize=(3.3 * ncols, 2.9 * nrows), layout="constrained")
-    axes = fig.subplots(nrows, ncols, squeeze=False).flatten()
-    for ax, (rec, name, value, seed) in zip(axes, panels, strict=False):
-        _pair(ax, {THIS: value, SEED: seed}, ".4g")
-        ax.set_title(f"{name}\n{_run_label(rec)}", fontsize=8)
-    for ax in axes[len(panels) :]:
+    found = margins(records)
+    if not found:
+        fig = Figure(figsize=(6, 1.2))
+        ax = fig.subplots()
         ax.axis("off")
-    fig.suptitle("metrics: this project's runs next to the seeds' figures (grey)")
-    return fig
-
-
-def plot_throughput(records: Sequence[Mapping[str, Any]]):
-    """samples/s of every run next to the seed's (log scale: a CPU demo and 8 NPUs differ by
-    orders of magnitude, and the seed's figure is for its own model size and device)."""
-    from matplotlib.figure import Figure
-
-    if not records:
-        return _empty(Figure(figsize=(6, 1.5)), "no results yet: run a notebook or `make demo`")
-    ncols = min(4, len(records))
-    nrows = math.ceil(len(records) / ncols)
-    fig = Figure(figsize=(3.3 * ncols, 2.9 * nrows), layout="constrained")
-    axes = fig.subplots(nrows, ncols, squeeze=False).flatten()
-    for ax, rec in zip(axes, records, strict=False):
-        seed = _number((rec.get("reference") or {}).get("samples_per_second"))
-        _pair(ax, {THIS: _number(rec.get("samples_per_second")), SEED: seed}, ".4g", log=True)
-        ax.set_title(_run_label(rec), fontsize=8)
-        ax.set_ylabel("samples/s", fontsize=8)
-    for ax in axes[len(records) :]:
-        ax.axis("off")
-    fig.suptitle("throughput (samples/s): this project's runs next to the seeds' (grey)")
+        ax.text(0.5, 0.5, "no results with a recorded baseline yet: run `make demo`", ha="center")
+        return fig
+    labels, values = zip(*found, strict=True)
+    fig = Figure(figsize=(7, 0.45 * len(found) + 1.4), layout="constrained")
+    ax = fig.subplots()
+    shown = [max(v, 0.5) for v in values]  # a log axis: a run at or below the baseline sits at 0.5
+    ax.barh(labels, shown, color=["#4a90d9" if v >= needed else "#d9534f" for v in values])
+    ax.axvline(needed, color="k", linestyle="--", linewidth=1, label=f"learning check ({needed:g})")
+    for y, v in enumerate(values):
+        ax.annotate(f"{v:.0f}", (max(v, 0.5), y), xytext=(3, 0), textcoords="offset points",
+                    va="center", fontsize=8)  # fmt: skip
+    ax.set_xscale("log")
+    ax.invert_yaxis()
+    ax.set_xlabel("better than a model that learnt nothing, in its standard errors (log scale)")
+    ax.set_ylabel("notebook, metric (preset)")
+    ax.legend(loc="lower right")
     return fig
