@@ -24,7 +24,7 @@ from transformers import (
     get_linear_schedule_with_warmup,
 )
 
-from nbzoo import launch, metrics, packing, paths
+from nbzoo import launch, lesson, metrics, packing, paths, verdicts
 from nbzoo.data import glue
 from nbzoo.device import Runtime
 from nbzoo.text import word_tokenizer
@@ -245,3 +245,101 @@ def load_finetuned(path: str | Path, device: torch.device | str = "cpu"):
         )
     model = AutoModelForSequenceClassification.from_pretrained(path).to(device).eval()
     return model, AutoTokenizer.from_pretrained(path)
+
+
+# --- the lesson's views of a run (notebook 01) ------------------------------------------------------
+
+
+def learning_checks(cfg: Any, runs: dict[str, Finetuned], data: dict[str, dict]) -> lesson.Checks:
+    """Each task's metric against what a model that learnt nothing scores on the same dev set:
+    always answering the majority class (SST-2), a prediction unrelated to the score (STS-B)."""
+    checks = []
+    if "sst2" in runs:
+        labels = data["sst2"]["dev"].labels
+        majority = verdicts.proportion("majority class", metrics.majority_rate(labels), len(labels))
+        checks.append(
+            lesson.Check("sst2_accuracy", runs["sst2"].metrics["sst2_accuracy"], majority)
+        )
+    if "stsb" in runs:
+        unrelated = verdicts.correlation("no correlation", 0.0, len(data["stsb"]["dev"].labels))
+        checks.append(lesson.Check("stsb_pearson", runs["stsb"].metrics["stsb_pearson"], unrelated))
+    return lesson.learning_checks(cfg, *checks)
+
+
+def record(cfg: Any, rt: Runtime, runs: dict[str, Finetuned], checks: lesson.Checks):
+    """results/01_albert_glue.json for a run that succeeded, and the table to show."""
+    scores = {name: value for run in runs.values() for name, value in run.metrics.items()}
+    seconds = sum(run.result.train_seconds for run in runs.values())
+    speed = sum(run.result.samples for run in runs.values()) / seconds if seconds else None
+    extra = {
+        "steps": {t: run.result.steps for t, run in runs.items()},
+        "model_name": cfg.model_name,
+        "mode": cfg.mode,
+        "checkpoints": {t: str(run.checkpoint) for t, run in runs.items()},
+    }
+    return lesson.record(
+        "01_albert_glue", cfg, rt, scores, checks=checks, samples_per_second=speed, extra=extra
+    )
+
+
+def albert_ideas(config: AlbertConfig):
+    """ALBERT's two ideas in parameters: this ALBERT, the same without cross-layer sharing, and a
+    BERT of the same width and depth (no factorised embedding, no sharing). Counted on the meta
+    device: shapes, no memory."""
+    import pandas as pd
+    from transformers import BertConfig, BertModel
+
+    layers = config.num_hidden_layers
+    variants = {
+        "ALBERT: factorised embedding, one layer shared by all": config,
+        "ALBERT without sharing: each layer its own weights": AlbertConfig(
+            **{**config.to_dict(), "num_hidden_groups": layers}
+        ),
+    }
+    rows = []
+    with torch.device("meta"):
+        for name, variant in variants.items():
+            model = AlbertForSequenceClassification(variant).albert
+            rows.append((name, model.embeddings, model.encoder))
+        bert = BertModel(
+            BertConfig(
+                vocab_size=config.vocab_size,
+                hidden_size=config.hidden_size,
+                num_hidden_layers=layers,
+                num_attention_heads=config.num_attention_heads,
+                intermediate_size=config.intermediate_size,
+                max_position_embeddings=config.max_position_embeddings,
+            )
+        )
+        rows.append(("BERT of the same width and depth", bert.embeddings, bert.encoder))
+
+    def count(module: torch.nn.Module) -> int:
+        return sum(p.numel() for p in module.parameters())
+
+    table = pd.DataFrame(
+        [(name, count(emb), count(enc)) for name, emb, enc in rows],
+        columns=["model", "embedding parameters", "encoder parameters"],
+    ).set_index("model")
+    table["total"] = table.sum(axis=1)
+    return table
+
+
+def peak_and_end(run: Finetuned, dev_rows: int) -> str:
+    """Where the dev metric peaked against where training ended, worded from their uncertainty:
+    a fall after the peak is overfitting only if it is more than the dev set's noise."""
+    name = next(iter(run.metrics))
+    evals = [e for e in run.result.evals if name in e]
+    if len(evals) < 2:
+        return ""
+    best = max(evals, key=lambda e: e[name])
+    last = evals[-1]
+    if best is last:
+        return f"{name} was best at the end (epoch {last['epoch']}: {last[name]:.4f})."
+    estimate = verdicts.proportion if name.endswith("accuracy") else verdicts.correlation
+    verdict = verdicts.compare(
+        estimate(f"epoch {best['epoch']}", best[name], dev_rows),
+        estimate(f"the last epoch ({last['epoch']})", last[name], dev_rows),
+        what=name,
+    )
+    words = "overfitting: " if verdict.significant else "within the dev set's noise: "
+    return f"{name} peaked at epoch {best['epoch']} and ended lower, {words}{verdict.text}."

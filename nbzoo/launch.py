@@ -94,6 +94,15 @@ def identity(cfg: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
+def global_batch(cfg: Mapping[str, Any]) -> int:
+    """Samples per optimizer step: the per-device batch × devices × machines × micro-batches."""
+    return (
+        int(cfg["batch_size"])
+        * Launch.from_config(cfg).world_size
+        * int(cfg.get("grad_accum") or 1)
+    )
+
+
 def check_mode(cfg: Mapping[str, Any]) -> str:
     mode = cfg.get("mode", "train")
     if mode not in MODES:

@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from transformers import (
     RobertaConfig,
@@ -28,7 +29,7 @@ from transformers import (
     get_polynomial_decay_schedule_with_warmup,
 )
 
-from nbzoo import convert_fairseq, launch, metrics, packing, paths
+from nbzoo import convert_fairseq, launch, lesson, metrics, packing, paths, verdicts
 from nbzoo.data import fairseq, glue, sources
 from nbzoo.data.download import DownloadError, download
 from nbzoo.data.fairseq_batching import EpochBatches
@@ -376,3 +377,61 @@ def predict_sentences(
     return [
         (s, class_names[k], float(p[k])) for s, k, p in zip(sentences, best, probs, strict=True)
     ]
+
+
+# --- the lesson's views of a run (notebook 03) ------------------------------------------------------
+
+# GLUE's SST-2 labels; fairseq's label dictionary orders them by frequency in the training data
+SST2_LABEL_NAMES = {"0": "negative", "1": "positive"}
+
+
+def label_names(class_names: list[str]) -> list[str]:
+    """Readable names of the classes in the model's output order ("1" → "positive")."""
+    return [SST2_LABEL_NAMES.get(c, c) for c in class_names]
+
+
+class FairseqTokenizer:
+    """Raw text → the ids this model was trained on (GPT-2 BPE, then dict.txt, ``<s>`` in front),
+    with the calls the sentiment box makes of a tokenizer (``nbzoo.widgets.sentiment_box``)."""
+
+    def __init__(self, encoder: RobertaEncoder):
+        self.encoder = encoder
+
+    def __call__(self, text: str, *, max_length: int = 512, padding=None, **_: Any):
+        ids = self.encoder.encode(text, add_bos=True)[:max_length]
+        mask = np.ones_like(ids)
+        if padding == "max_length":
+            fill = max_length - len(ids)
+            ids = np.concatenate([ids, np.full(fill, self.encoder.dictionary.pad(), ids.dtype)])
+            mask = np.concatenate([mask, np.zeros(fill, mask.dtype)])
+        return {"input_ids": ids[None], "attention_mask": mask[None]}
+
+    def convert_ids_to_tokens(self, ids: list[int]) -> list[str]:
+        d = self.encoder.dictionary
+        specials = {d.bos(): "<s>", d.eos(): "</s>", d.pad(): "<pad>", d.unk(): "<unk>"}
+        return [specials.get(i) or self.encoder.decode([i]).strip() for i in ids]
+
+
+def learning_checks(cfg: Any, run: Finetuned) -> lesson.Checks:
+    """Validation accuracy against always answering the majority class of the same split."""
+    valid = run.splits["valid"]
+    majority = metrics.majority_rate(valid.targets)
+    baseline = verdicts.proportion("majority class", majority, len(valid))
+    return lesson.learning_checks(cfg, lesson.Check("accuracy", run.accuracy, baseline))
+
+
+def record(cfg: Any, rt: Runtime, run: Finetuned, checks: lesson.Checks):
+    """results/03_roberta_sst2.json for a run that succeeded, and the table to show."""
+    extra = {
+        "steps": run.result.steps,
+        "model_name": cfg.model_name,
+        "data_source": cfg.data_source,
+        "train_sentences": len(run.splits["train"]),
+        "valid_sentences": len(run.splits["valid"]),
+        "mode": cfg.mode,
+        "checkpoint": str(run.checkpoint),
+    }
+    return lesson.record(
+        "03_roberta_sst2", cfg, rt, {"accuracy": run.accuracy}, checks=checks,
+        samples_per_second=run.result.samples_per_second, extra=extra,
+    )  # fmt: skip

@@ -24,7 +24,7 @@ import os
 import random
 import shutil
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -579,27 +579,44 @@ def predict(
     return np.concatenate(outputs), (np.concatenate(labels) if labels else None)
 
 
-def plot_history(result: TrainResult, title: str = "training", smooth: int = 10):
-    """Loss per step (raw and a moving average) and, where evaluated, the eval metrics."""
+def plot_history(
+    result: TrainResult,
+    title: str = "training",
+    smooth: int = 10,
+    baselines: Mapping[str, float] | None = None,
+):
+    """Training loss per step (raw, and a moving average of ``smooth`` steps) and, where the run
+    was evaluated, each evaluation metric at the steps it was evaluated, with ``baselines`` -- what
+    a model that learnt nothing scores on the same set -- as dashed lines. The loss axis spans the
+    smoothed curve past its first 5 % of steps, so that the first steps do not flatten the rest."""
     import matplotlib.pyplot as plt
 
-    evals = [e for e in result.evals]
+    evals = list(result.evals)
     ncols = 2 if evals else 1
     fig, axes = plt.subplots(1, ncols, figsize=(5.5 * ncols, 3.5), squeeze=False)
     ax = axes[0, 0]
     steps = [h["step"] for h in result.history]
     losses = np.array([h["loss"] for h in result.history])
-    ax.plot(steps, losses, alpha=0.3, label="loss")
+    ax.plot(steps, losses, alpha=0.3, label="loss of each step")
     if len(losses) >= smooth > 1:
         avg = np.convolve(losses, np.ones(smooth) / smooth, mode="valid")
-        ax.plot(steps[smooth - 1 :], avg, label=f"mean of {smooth}")
+        ax.plot(steps[smooth - 1 :], avg, label=f"mean of {smooth} steps")
+        settled = avg[len(avg) // 20 :]  # past the first steps' drop
+        low, high = float(settled.min()), float(settled.max())
+        ax.set_ylim(max(0.0, low - 0.1 * (high - low)), high + 0.25 * (high - low))
     ax.set(xlabel="optimizer step", ylabel="training loss", title=title)
     ax.legend()
     if evals:
         ax2 = axes[0, 1]
-        for key in [k for k in evals[0] if k not in ("step", "epoch")]:
-            ax2.plot([e["step"] for e in evals], [e[key] for e in evals], marker="o", label=key)
-        ax2.set(xlabel="optimizer step", title="evaluation")
-        ax2.legend()
+        keys = [k for k in evals[0] if k not in ("step", "epoch")]
+        for n, key in enumerate(keys):
+            colour = f"C{n}"
+            ax2.plot([e["step"] for e in evals], [e[key] for e in evals], marker="o",
+                     color=colour, label=key)  # fmt: skip
+            if baselines and key in baselines:
+                ax2.axhline(baselines[key], color=colour, linestyle="--", linewidth=1,
+                            label=f"{key}: a model that learnt nothing")  # fmt: skip
+        ax2.set(xlabel="optimizer step", ylabel="on the evaluation set", title="evaluation")
+        ax2.legend(fontsize=8)
     fig.tight_layout()
     return fig

@@ -495,3 +495,10 @@ def test_on_a_cpu_a_freed_activation_goes_back_to_the_system_not_to_mallocs_heap
     script.write_text(MMAP_PROBE)
     done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, check=True)
     assert done.stdout.split() == ["True", "1"]
+
+
+def test_the_global_batch_is_per_device_batch_times_devices_machines_and_micro_batches():
+    cfg = {"batch_size": 12, "devices": 8, "nnodes": 1, "grad_accum": 1}
+    assert launch.global_batch(cfg) == 96
+    assert launch.global_batch({**cfg, "devices": 1, "grad_accum": 8}) == 96
+    assert launch.global_batch({**cfg, "devices": 2, "nnodes": 2, "grad_accum": 3}) == 144

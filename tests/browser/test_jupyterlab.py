@@ -1,8 +1,9 @@
-"""Notebooks 01, 02 and 05 in a real JupyterLab, driven in Debian's Chromium by Playwright (no
+"""Notebooks 01, 02, 03 and 05 in a real JupyterLab, driven in Debian's Chromium by Playwright (no
 browser download): run all cells, then check what a person would see — no error anywhere, and
 the widgets working: in 01 the loss plot, the progress bars as widgets and a sentiment box that
 answers a typed sentence; in 02 a typed sentence answered by PyTorch and the ONNX model side by
-side; in 05 the attention explorer, whose picture changes when the head slider moves.
+side; in 03 the RoBERTa sentiment box, with SST-2's class names; in 05 the attention explorer,
+whose picture changes when the head slider moves.
 
 JupyterLab runs on a free 127.0.0.1 port with a token, on a copy of the notebook in a temporary
 project (NBZOO_ROOT), so data, checkpoints and results never touch the repository. Each notebook
@@ -40,7 +41,12 @@ CHROMIUM_FLAGS = [
     "--disable-component-update",
 ]
 NOTEBOOK = "01_albert_glue.ipynb"
-NOTEBOOKS = (NOTEBOOK, "02_albert_inference.ipynb", "05_longformer_mlm.ipynb")
+NOTEBOOKS = (
+    NOTEBOOK,
+    "02_albert_inference.ipynb",
+    "03_roberta_sst2.ipynb",
+    "05_longformer_mlm.ipynb",
+)
 # 02 in the browser checks its sentiment box, not its benchmark: the copy runs a smaller sweep
 # (knobs the notebook does not declare are left out, so a renamed knob cannot break the test).
 SMALLER = {
@@ -311,9 +317,10 @@ def _run_notebook_and_check(page, lab: Lab) -> None:
     _run_all(page, lab, NOTEBOOK)
 
     # the loss plot: a PNG in the output of the cell that draws it
-    plot_cell = page.locator(".jp-CodeCell", has_text="training loss (mean of 10 steps)")
-    image = plot_cell.locator(".jp-OutputArea-output img")
-    assert image.count() == 1 and image.evaluate("e => e.naturalWidth") > 300
+    plot_cell = page.locator(".jp-CodeCell", has_text="plot_history(")
+    images = plot_cell.locator(".jp-OutputArea-output img")
+    assert images.count() == 2  # SST-2's curves and STS-B's
+    assert all(images.nth(i).evaluate("e => e.naturalWidth") > 300 for i in range(2))
     # tqdm.auto rendered as widgets in the training cell (no CI / NBZOO_PROGRESS here)
     assert page.locator(".jp-OutputArea .widget-hprogress").count() >= 2
 
@@ -405,6 +412,43 @@ def test_notebook_02_answers_a_typed_sentence_with_pytorch_and_onnx(lab):
         _assert_no_error_output(page)
 
     _browse(lab, "02_albert_inference.ipynb", check)
+
+
+def _type_into_the_sentiment_box(page, text: str, answered_by: str):
+    box = page.locator(".nbzoo-sentiment")
+    assert box.count() == 1, "no sentiment box"
+    box.scroll_into_view_if_needed()
+    field = box.locator("input[type=text]")
+    field.fill(text)
+    field.press("Enter")
+    _wait_for(
+        page,
+        "() => document.querySelector('.nbzoo-sentiment .nbzoo-tokens')"
+        f"?.textContent.includes({json.dumps(answered_by)})",
+        60,
+        "the sentiment box to answer",
+    )
+    return box
+
+
+def test_notebook_03_answers_a_typed_sentence_with_the_class_names(lab):
+    """RoBERTa's classes come in label/dict.txt's order (the most frequent label first); the box
+    names them as GLUE means them, whatever that order."""
+
+    def check(page):
+        _run_all(page, lab, "03_roberta_sst2.ipynb")
+        box = _type_into_the_sentiment_box(page, TYPED, "pacing")
+        labels = box.locator("td.nbzoo-p").evaluate_all("cells => cells.map(c => c.dataset.label)")
+        assert sorted(labels) == ["negative", "positive"], labels
+        probs = _probabilities(box.locator("tr[data-backend]").first)
+        assert abs(sum(probs) - 1.0) < 1e-3, probs
+        predicted = box.locator("td.nbzoo-prediction").inner_text().strip()
+        assert predicted == labels[probs.index(max(probs))]
+        tokens = box.locator(".nbzoo-tokens").inner_text()
+        assert tokens.split()[1] == "<s>" and tokens.split()[-1] == "</s>", tokens
+        _assert_no_error_output(page)
+
+    _browse(lab, "03_roberta_sst2.ipynb", check)
 
 
 def test_notebook_05_attention_explorer_redraws_when_the_head_slider_moves(lab):
