@@ -33,7 +33,7 @@ import json
 import os
 import shutil
 import sys
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -68,12 +68,21 @@ class ConversionError(FormatError):
 
 
 @dataclass
+class Skipped:
+    """The source's tensors that are not weights of the model."""
+
+    optimizer_state: dict[str, list[str]] = field(default_factory=dict)  # by slot / prefix
+    global_step: list[str] = field(default_factory=list)
+    other: list[str] = field(default_factory=list)
+
+
+@dataclass
 class Result:
     out_dir: Path
     source_format: str
     converted: list[str]
     transposed: list[str]
-    skipped: dict[str, list[str]] = field(default_factory=dict)
+    skipped: Skipped = field(default_factory=Skipped)
     ignored_config_keys: list[str] = field(default_factory=list)
     bytes_written: int = 0
 
@@ -141,20 +150,38 @@ def hf_config(config: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
 
 
 class _Source:
-    """A checkpoint's tensors by name: shape, dtype, the file holding them, and their values."""
+    """A checkpoint's tensors by name (``entries``: each with ``shape`` and ``dtype_name``), the
+    file holding each, and their values one at a time."""
 
     format: str
-    name_field: str  # which Weight field names tensors in this format
+    name_field: str  # the Weight field that names tensors in this format
     path: Path
+    entries: dict[str, Any]
 
-    def names(self) -> list[str]: ...
-    def shape(self, name: str) -> tuple[int, ...]: ...
-    def dtype(self, name: str) -> str: ...
-    def file_of(self, name: str) -> Path: ...
-    def check(self, name: str) -> None: ...
-    def read(self, name: str) -> np.ndarray: ...
-    def close(self) -> None: ...
-    def slot_of(self, name: str, weights: set[str]) -> str | None: ...
+    def names(self) -> list[str]:
+        return list(self.entries)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self.entries[name].shape
+
+    def dtype(self, name: str) -> str:
+        return self.entries[name].dtype_name
+
+    def file_of(self, name: str) -> Path:
+        return self.path
+
+    def check(self, name: str) -> None:
+        """Whatever can be checked of one tensor before any is read."""
+
+    def read(self, name: str) -> np.ndarray:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+    def slot_of(self, name: str, weights: set[str]) -> str | None:
+        """The optimizer-state kind of a tensor that is not a weight, if it is one."""
+        raise NotImplementedError
 
 
 class _TF1(_Source):
@@ -164,15 +191,6 @@ class _TF1(_Source):
         self.bundle = tf_bundle.Bundle(src)
         self.path = self.bundle.prefix
         self.entries = self.bundle.entries
-
-    def names(self):
-        return list(self.entries)
-
-    def shape(self, name):
-        return self.entries[name].shape
-
-    def dtype(self, name):
-        return self.entries[name].dtype_name
 
     def file_of(self, name):
         entry = self.entries[name]
@@ -189,9 +207,6 @@ class _TF1(_Source):
     def read(self, name):
         return self.bundle.read(self.entries[name])
 
-    def close(self):
-        pass
-
     def slot_of(self, name, weights):
         """``bert/.../kernel/adam_m`` -> ``adam_m`` (Google's optimizers name slots so)."""
         parent, _, slot = name.rpartition(TF_SLOT_SEPARATOR)
@@ -205,21 +220,6 @@ class _MindSpore(_Source):
         self.ckpt = ms_ckpt.Checkpoint(src)
         self.path = self.ckpt.path
         self.entries = self.ckpt.entries
-
-    def names(self):
-        return list(self.entries)
-
-    def shape(self, name):
-        return self.entries[name].shape
-
-    def dtype(self, name):
-        return {"Float32": "float32"}.get(self.entries[name].dtype, self.entries[name].dtype)
-
-    def file_of(self, name):
-        return self.path
-
-    def check(self, name):
-        pass
 
     def read(self, name):
         return self.ckpt.read(self.entries[name])
@@ -291,15 +291,17 @@ def plan(source: _Source, weights: list[Weight], config_path: Path, config: dict
                 "BertForPreTraining's weights are float32"
             )
         source.check(name)
-    skipped: dict[str, list[str]] = {}
+    skipped = Skipped()
     weight_names = set(by_name)
     for name in present:
-        if name in weight_names:
-            continue
-        slot = source.slot_of(name, weight_names)
-        kind = "global_step" if name == "global_step" else (
-            f"optimizer state ({slot})" if slot else "other")  # fmt: skip
-        skipped.setdefault(kind, []).append(name)
+        if name == "global_step":
+            skipped.global_step.append(name)
+        elif name not in weight_names:
+            slot = source.slot_of(name, weight_names)
+            if slot:
+                skipped.optimizer_state.setdefault(slot, []).append(name)
+            else:
+                skipped.other.append(name)
     return {"by_name": by_name, "skipped": skipped}
 
 
@@ -341,7 +343,12 @@ def _move_into_place(tmp: Path, out_dir: Path) -> None:
             out_dir.rename(old)
         else:
             out_dir.rmdir()
-    tmp.rename(out_dir)
+    try:
+        tmp.rename(out_dir)
+    except OSError:
+        if old.exists():
+            old.rename(out_dir)  # the earlier conversion back in its place
+        raise
     shutil.rmtree(old, ignore_errors=True)
 
 
@@ -470,7 +477,7 @@ def _record(src, config_path: Path, result: Result) -> dict[str, Any]:
         "converted": result.converted,
         "transposed_from_tf_in_out": result.transposed,
         "tied": TIED,
-        "skipped": result.skipped,
+        "skipped": asdict(result.skipped),
         "ignored_config_keys": result.ignored_config_keys,
     }
 
@@ -478,26 +485,26 @@ def _record(src, config_path: Path, result: Result) -> dict[str, Any]:
 def summary(result: Result) -> list[str]:
     """The command's report: what was converted, and every skipped tensor, counted and listed
     (optimizer state by kind -- one entry per weight -- the others by name)."""
+    transposed = len(result.transposed)
+    size = result.bytes_written
     lines = [
         f"converted {len(result.converted)} tensors"
-        + (
-            f" ({len(result.transposed)} kernels transposed from TensorFlow's [in, out])"
-            if result.transposed
-            else ""
-        )  # fmt: skip
-        + f" into {result.out_dir / 'model.safetensors'} ({result.bytes_written / 1e6:.1f} MB) "
-        "and config.json; the decoder is tied to the word embeddings",
+        + (f" ({transposed} kernels transposed from TensorFlow's [in, out])" if transposed else "")
+        + f" into {result.out_dir / 'model.safetensors'} "
+        + (f"({size / 1e6:.1f} MB)" if size >= 1e6 else f"({size:,} bytes)")
+        + " and config.json; the decoder is tied to the word embeddings",
     ]
-    slots = {k: v for k, v in result.skipped.items() if k.startswith("optimizer")}
-    if slots:
-        counts = ", ".join(f"{k.split('(')[1].rstrip(')')} {len(v)}" for k, v in slots.items())
-        lines.append(f"skipped {sum(map(len, slots.values()))} optimizer state tensors ({counts})")
-        for kind, names in slots.items():
-            lines.append(f"  {kind}: {', '.join(names)}")
-    for kind in ("global_step", "other"):
-        names = result.skipped.get(kind, [])
-        if names:
-            lines.append(f"skipped {len(names)} {kind}: {', '.join(names)}")
+    state = result.skipped.optimizer_state
+    if state:
+        counts = ", ".join(f"{slot} {len(names)}" for slot, names in state.items())
+        lines.append(f"skipped {sum(map(len, state.values()))} optimizer state tensors ({counts}):")
+        lines += [f"  {slot}: {', '.join(names)}" for slot, names in state.items()]
+    if result.skipped.global_step:
+        lines.append("skipped global_step")
+    if result.skipped.other:
+        lines.append(
+            f"skipped {len(result.skipped.other)} other: {', '.join(result.skipped.other)}"
+        )
     if result.ignored_config_keys:
         lines.append(
             f"bert_config.json keys with no place in config.json: {result.ignored_config_keys}"

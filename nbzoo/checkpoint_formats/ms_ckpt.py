@@ -17,8 +17,9 @@ proto2)::
 ``save_checkpoint`` writes one ``Value`` per parameter, ``tag`` its name, ``tensor_content`` its
 values flattened in C order, little endian (``asnumpy().reshape(-1).tostring()``); later releases
 split a large tensor into consecutive ``Value`` s with the same tag, which ``load_checkpoint``
-concatenates -- so does this reader. The file holds no checksum. Parsed with
-:mod:`nbzoo.checkpoint_formats.protowire` over an ``mmap``: one tensor's bytes at a time.
+concatenates -- so does this reader. The file holds no checksum. The message is walked with
+:mod:`nbzoo.checkpoint_formats.protowire` over an ``mmap`` (only the fields' headers are touched),
+and each tensor's bytes are read from the file when asked for: one tensor in memory at a time.
 """
 
 from __future__ import annotations
@@ -73,7 +74,7 @@ class Entry:
 
     @property
     def dtype_name(self) -> str:
-        return self.dtype
+        return self.dtype.lower()  # numpy's spelling: float32, uint8, ...
 
 
 class Checkpoint:
@@ -85,8 +86,8 @@ class Checkpoint:
             raise FormatError(f"{self.path}: not found")
         if self.path.stat().st_size == 0:
             raise FormatError(f"{self.path}: empty, not a MindSpore checkpoint")
-        with open(self.path, "rb") as f:
-            self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        self._file = open(self.path, "rb")  # noqa: SIM115 -- closed by close()
+        self._map = mmap.mmap(self._file.fileno(), 0, access=mmap.ACCESS_READ)
         try:
             self.entries = self._index()
         except FormatError:
@@ -95,6 +96,7 @@ class Checkpoint:
 
     def close(self) -> None:
         self._map.close()
+        self._file.close()
 
     def __enter__(self):
         return self
@@ -197,10 +199,13 @@ class Checkpoint:
             raise FormatError(
                 f"{self.path}: parameter {entry.name}: {entry.dtype} is not read here"
             )
+        # read from the file, not the map: mapped pages would stay in this process's memory
         raw = bytearray(sum(stop - begin for begin, stop in entry.pieces))
-        at = 0
+        view, at = memoryview(raw), 0
         for begin, stop in entry.pieces:
-            raw[at : at + stop - begin] = self._map[begin:stop]
+            self._file.seek(begin)
+            if self._file.readinto(view[at : at + stop - begin]) != stop - begin:
+                raise FormatError(f"{self.path}: parameter {entry.name}: the file ends inside it")
             at += stop - begin
         return np.frombuffer(raw, code).reshape(entry.shape)
 

@@ -154,10 +154,15 @@ class _TableWriter:
         self.f.write(footer + struct.pack("<Q", TABLE_MAGIC))
 
 
-def _bundle_entry(dtype: int, shape, offset: int, data: bytes) -> bytes:
-    dims = b"".join(_sub(2, _uint(1, d)) for d in shape)  # TensorShapeProto.dim {size}
+def _little_endian(array: np.ndarray) -> np.ndarray:
+    """C order, little endian: the bytes both formats store (no copy when already so)."""
+    return np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<"))
+
+
+def _bundle_entry(dtype: int, data: np.ndarray, offset: int) -> bytes:
+    dims = b"".join(_sub(2, _uint(1, d)) for d in data.shape)  # TensorShapeProto.dim {size}
     fixed32 = _key(6, 5) + struct.pack("<I", _mask(crc32c.crc32c(data)))
-    return _uint(1, dtype) + _sub(2, dims) + _uint(4, offset) + _uint(5, len(data)) + fixed32
+    return _uint(1, dtype) + _sub(2, dims) + _uint(4, offset) + _uint(5, data.nbytes) + fixed32
 
 
 def write_tf1_checkpoint(
@@ -181,10 +186,10 @@ def write_tf1_checkpoint(
 
         def add(name: str, array: np.ndarray, dtype: int) -> None:
             nonlocal offset
-            data = np.ascontiguousarray(array).astype(array.dtype.newbyteorder("<")).tobytes()
-            entries[name] = _bundle_entry(dtype, array.shape, offset, data)
-            f.write(data)
-            offset += len(data)
+            data = _little_endian(array)
+            entries[name] = _bundle_entry(dtype, data, offset)
+            f.write(data.data)
+            offset += data.nbytes
 
         for i, row in enumerate(rows):
             array = _array(state[row.hf])
@@ -235,9 +240,9 @@ def write_mindspore_checkpoint(model, path: str | os.PathLike, thor_state: bool 
     with open(tmp, "wb") as f:
 
         def add(name: str, array: np.ndarray) -> None:
-            data = np.ascontiguousarray(array).astype(array.dtype.newbyteorder("<")).tobytes()
-            f.write(_ms_value_header(name, array, len(data)))
-            f.write(data)
+            data = _little_endian(array)
+            f.write(_ms_value_header(name, array, data.nbytes))
+            f.write(data.data)
 
         for row in rows:
             add(row.mindspore, _array(state[row.hf]))
