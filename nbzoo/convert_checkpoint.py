@@ -248,6 +248,10 @@ def open_source(src: str | os.PathLike) -> _Source:
     path = Path(src)
     if path.is_file():
         return _MindSpore(path)
+    if path.is_dir():
+        prefixes = sorted(str(p)[: -len(".index")] for p in path.glob("*.index"))
+        hint = f"; its TensorFlow checkpoint prefixes: {', '.join(prefixes)}" if prefixes else ""
+        raise ConversionError(f"{path}: a folder; SRC is a checkpoint prefix or file{hint}")
     raise ConversionError(
         f"{path}: no such checkpoint -- neither a TensorFlow 1 prefix ({path}.index not found) "
         "nor a MindSpore .ckpt file"

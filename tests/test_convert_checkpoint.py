@@ -242,6 +242,11 @@ def test_a_missing_shard_and_a_missing_prefix_are_named(tmp_path, model, capsys)
     assert f"{src}.data-00001-of-00002: missing (it holds tensor " in err
     err = cli_error(capsys, tmp_path / "model.ckpt-1", tmp_path / "out", write_config(tmp_path))
     assert "model.ckpt-1" in err and "no such checkpoint" in err
+    err = cli_error(capsys, tmp_path, tmp_path / "out", write_config(tmp_path))
+    assert (
+        f"a folder; SRC is a checkpoint prefix or file; its TensorFlow checkpoint prefixes: {src}"
+        in err
+    )
 
 
 def test_a_truncated_index_names_the_file_and_the_last_tensor_it_still_holds(
