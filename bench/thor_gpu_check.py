@@ -71,6 +71,7 @@ def check_config(
         "stats_every": cfg.stats_every if not tiny else 5,
         "checkpoint_dir": "",
         "checkpoint_every": 0,
+        "init_checkpoint": "",  # random weights: a device check, not the seed's start
         "grid": {
             "thor": [{"lr": 0.006464, "damping": 0.007035}],
             "sgd": [{"lr": 0.006464}],

@@ -27,6 +27,7 @@ from transformers import BertConfig, BertForPreTraining
 from transformers.initialization import no_init_weights
 
 from nbzoo import packing, paths, progress
+from nbzoo.checkpoint_formats import tf_bundle
 from nbzoo.data import mlperf
 from nbzoo.device import Runtime
 from nbzoo.optim.thor import THOR, PolySchedule
@@ -267,18 +268,44 @@ def initial_model(cfg: Any) -> BertForPreTraining:
     return build_model(cfg.model_config, cfg.seed)
 
 
+# Where the seed's starting point is published: MLPerf v0.7 BERT phase 2 starts from the reference
+# phase-1 checkpoint, which MindSpore's model zoo converts to its .ckpt (tf2ms) for bert_thor.
+PHASE1_SOURCE = (
+    "MLPerf publishes the seed's starting point, the BERT phase-1 checkpoint, with the BERT input "
+    "files: tf1_ckpt/model.ckpt-28252.index and .data-00000-of-00001 beside bert_config.json "
+    '(mlcommons/training: retired_benchmarks/bert/README.md, "Location of the input files"; '
+    "language_model/tensorflow/bert/README.md before July 2025)"
+)
+
+
+def convert_command(src: str, out: str | Path) -> str:
+    return (
+        f"python -m nbzoo.convert_checkpoint {src} {paths.shown(out)} "
+        "--config DOWNLOAD/bert_config.json"
+    )
+
+
 def checkpoint_file(path: str | Path) -> Path:
     """The safetensors file of ``init_checkpoint``: the file itself, or a folder's
-    model.safetensors."""
+    model.safetensors. A missing one, or a TensorFlow / MindSpore checkpoint, is refused with
+    where the phase-1 checkpoint is published and the command that converts it."""
     path = paths.resolve(path)
     file = path / "model.safetensors" if path.is_dir() else path
-    if not file.exists() or file.suffix != ".safetensors":
-        raise FileNotFoundError(
-            f"{file}: init_checkpoint must be a .safetensors file of BertForPreTraining weights or "
-            "a folder holding model.safetensors (a run's checkpoint_dir/<run>/last); "
-            "MindSpore .ckpt files are not read"
+    if file.is_file() and file.suffix == ".safetensors":
+        return file
+    if tf_bundle.is_bundle(path) or (path.is_file() and path.suffix == ".ckpt"):
+        kind = "TensorFlow 1" if tf_bundle.is_bundle(path) else "MindSpore"
+        raise ValueError(
+            f"{path}: a {kind} checkpoint; init_checkpoint reads BertForPreTraining weights in "
+            f"safetensors: convert it first with {convert_command(str(path), 'OUT_DIR')} and set "
+            "init_checkpoint to OUT_DIR"
         )
-    return file
+    raise FileNotFoundError(
+        f"{file}: not found. init_checkpoint is a .safetensors file of BertForPreTraining weights "
+        "or a folder holding model.safetensors: a run's checkpoint_dir/<run>/last, or a converted "
+        f"checkpoint. {PHASE1_SOURCE}; convert it with "
+        f"{convert_command('DOWNLOAD/tf1_ckpt/model.ckpt-28252', path)}"
+    )
 
 
 @torch.no_grad()
@@ -288,7 +315,8 @@ def load_checkpoint(path: str | Path, model: BertForPreTraining) -> None:
     transformers' ``save_pretrained`` layout or a training checkpoint of this notebook
     (``checkpoint_dir/<run>/last``). The decoder shares the word embeddings, so a file without it
     is complete. Every weight of ``model`` must be in the file (checked from the header before
-    anything is read). MindSpore's ``.ckpt`` (the seed's format) is not read: convert it first."""
+    anything is read). TensorFlow 1 and MindSpore checkpoints (the seed's formats) are converted
+    first by :mod:`nbzoo.convert_checkpoint`."""
     from safetensors import safe_open
 
     file = checkpoint_file(path)
@@ -469,7 +497,10 @@ def load_data(cfg: Any, world_size: int = 1):
 
 def prepare_data(cfg: Any) -> list[Path]:
     """Write the sample shards (``data_source = "generate"``) or check the given ones (``"local"``);
-    return the shard paths in name order."""
+    return the shard paths in name order. ``init_checkpoint`` is checked first: the notebook's
+    first step that reads its inputs."""
+    if cfg.get("init_checkpoint"):
+        checkpoint_file(cfg.init_checkpoint)  # a missing start fails here, before the data work
     folder = paths.resolve(cfg.data_dir)
     if cfg.data_source == "generate":
         spec = mlperf.SampleSpec(**cfg.sample_spec)

@@ -392,7 +392,10 @@ def test_a_pretraining_checkpoint_of_another_shape_is_refused_with_its_path(tmp_
     cfg = config("06_bert_thor")
     with pytest.raises(ValueError, match="other.safetensors: not this model_config's"):
         pretraining.initial_model(changed(cfg, init_checkpoint=str(path)))
-    with pytest.raises(FileNotFoundError, match="MindSpore .ckpt files are not read"):
+    with pytest.raises(FileNotFoundError, match="model.ckpt-28252 .*--config"):
+        pretraining.initial_model(changed(cfg, init_checkpoint=str(tmp_path / "missing")))
+    (tmp_path / "bert.ckpt").write_bytes(b"MindSpore")
+    with pytest.raises(ValueError, match="bert.ckpt: a MindSpore checkpoint; .* convert it first"):
         pretraining.initial_model(changed(cfg, init_checkpoint=str(tmp_path / "bert.ckpt")))
 
 
