@@ -17,6 +17,12 @@ deprecated upstream and not installable here; hence this module. Two choices dif
 the masters are the parameters' own fp32 values (apex copies them back from the fp16 cast, losing
 their low bits once), and evaluation, checkpoints and the model ``fit`` hands back use the fp32
 masters, so that an evaluation-only run of a checkpoint reproduces a run's figures exactly.
+
+``compute_dtype=torch.float32`` keeps everything above but the fp16 arithmetic: the model's
+parameters are still the fp16 copies (its gradients fp16, scaled, overflowing as O2's do), and each
+forward computes with fp32 copies of them, made at the forward's start. It is what a CPU without
+fast fp16 matrix products runs for a preset's O2 (nbzoo.device.choose_precision): O2's code at
+fp32's speed. The fp16 copies hold O2's rounding of the weights; the activations are fp32.
 """
 
 from __future__ import annotations
@@ -53,10 +59,20 @@ class MasterWeights:
     fp16 copies that train; see the module's docstring.
 
     Build it while the model's parameters are the optimizer's (fp32), then :meth:`use_fp16`.
-    A parameter tied to several modules gets one fp16 copy, so ties survive."""
+    A parameter tied to several modules gets one fp16 copy, so ties survive. ``compute_dtype``
+    float32: the fp16 model computes with fp32 copies of its weights (see the module's
+    docstring)."""
 
-    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        compute_dtype: torch.dtype | None = None,
+    ):
+        if compute_dtype not in (None, HALF, torch.float32):
+            raise ValueError(f"compute_dtype must be float16 or float32, got {compute_dtype}")
         self.model = model
+        self.upcast = compute_dtype == torch.float32
         optimized = {p for group in optimizer.param_groups for p in group["params"]}
         wrong = sorted({str(p.dtype) for p in optimized if p.dtype != torch.float32})
         if wrong:
@@ -97,13 +113,28 @@ class MasterWeights:
         self.masters_to_model()
         for module, name, p in self._slots:
             module._parameters[name] = self._half[p]
-        for module, name, b in self._buffers:
-            module._buffers[name] = b.to(HALF)
-        self._hooks = [
-            self.model.register_forward_pre_hook(_cast_inputs, with_kwargs=True),
-            self.model.register_forward_hook(_cast_outputs),
-        ]
+        if self.upcast:
+            # buffers, inputs and outputs stay fp32; the weights are upcast at each forward
+            self._hooks = [self.model.register_forward_pre_hook(self._upcast_weights)]
+        else:
+            for module, name, b in self._buffers:
+                module._buffers[name] = b.to(HALF)
+            self._hooks = [
+                self.model.register_forward_pre_hook(_cast_inputs, with_kwargs=True),
+                self.model.register_forward_hook(_cast_outputs),
+            ]
         self.fp16 = True
+
+    def _upcast_weights(self, module, args) -> None:
+        """Put fp32 copies of the fp16 parameters where the model reads its weights, in the
+        autograd graph (their gradients reach the fp16 parameters, in fp16). They stay after the
+        forward, for a backward that re-runs layers (reversible ones, activation checkpointing) to
+        read the same values, until :meth:`grads_to_masters` puts the fp16 parameters back.
+        torch.func.functional_call swaps tensors in the same way but puts the parameters back
+        when the forward returns, before such a backward."""
+        upcast = {half: half.float() for half in self._half.values()}
+        for owner, name, p in self._slots:
+            owner._parameters[name] = upcast[self._half[p]]
 
     def use_masters(self) -> None:
         """Put the fp32 masters (and the original buffers) back into the model."""
@@ -131,7 +162,12 @@ class MasterWeights:
 
     @torch.no_grad()
     def grads_to_masters(self) -> None:
-        """Move the fp16 gradients into the masters' ``.grad`` as fp32 (still scaled)."""
+        """Move the fp16 gradients into the masters' ``.grad`` as fp32 (still scaled). The
+        backward is over: with ``compute_dtype`` float32 the model holds its fp16 parameters
+        again until the next forward."""
+        if self.upcast and self.fp16:
+            for module, name, p in self._slots:
+                module._parameters[name] = self._half[p]
         for master, half in self.pairs:
             if half.grad is None:
                 master.grad = None

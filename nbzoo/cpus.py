@@ -20,3 +20,24 @@ def share() -> int:
     if given.isdigit() and int(given) > 0:
         return int(given)
     return count()
+
+
+def cpuinfo(path: str | os.PathLike = "/proc/cpuinfo") -> tuple[str, set[str]]:
+    """The first CPU's ``model name`` and feature flags (x86 ``flags``, ARM ``Features``) from
+    ``/proc/cpuinfo``; ``("", set())`` where it cannot be read (not Linux)."""
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            text = f.read()
+    except OSError:
+        return "", set()
+    model, flags = "", None
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        key = key.strip()
+        if key == "model name" and not model:
+            model = value.strip()
+        elif key in ("flags", "Features") and flags is None:
+            flags = set(value.split())
+        if model and flags is not None:
+            break
+    return model, flags or set()

@@ -350,7 +350,9 @@ def fit(
                 flush=True,
             )
 
-    masters = MasterWeights(model, optimizer) if rt.master_weights else None
+    masters = (
+        MasterWeights(model, optimizer, rt.master_compute_dtype) if rt.master_weights else None
+    )
     if masters:
         masters.use_fp16()
     try:

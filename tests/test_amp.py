@@ -50,7 +50,8 @@ def test_o2_trains_an_fp16_model_while_the_optimizer_steps_fp32_masters():
     assert all(p is m for p, m in zip(model.parameters(), masters, strict=True))
 
 
-def test_o2_masters_accumulate_updates_below_fp16_resolution():
+@pytest.mark.parametrize("precision", ["O2", device.O2_FP32_COMPUTE])
+def test_o2_masters_accumulate_updates_below_fp16_resolution(precision):
     """Each step moves the weights by 1e-4, under half of fp16's spacing at 1.0 (2**-10 ≈ 9.8e-4):
     an fp16 weight alone would never move; the fp32 masters add the steps up."""
     torch.manual_seed(0)
@@ -62,7 +63,7 @@ def test_o2_masters_accumulate_updates_below_fp16_resolution():
     def constant_gradient(m, batch):  # d loss / d w = 1 exactly
         return m(batch["x"]).sum()
 
-    rt = device.Runtime("cpu", "O2", loss_scale=False)
+    rt = device.Runtime("cpu", precision, loss_scale=False)
     fit(
         layer, rows, torch.optim.SGD(layer.parameters(), lr=1e-4), rt,
         TrainConfig(epochs=1, batch_size=1), loss_fn=constant_gradient,
@@ -99,8 +100,9 @@ def test_o2_casts_inputs_to_fp16_and_outputs_to_fp32():
     assert model(torch.randn(4, 3)).dtype == torch.float32
 
 
-def test_o2_checkpoints_hold_the_fp32_masters_and_resume_exactly(tmp_path):
-    rt = device.Runtime("cpu", "O2")
+@pytest.mark.parametrize("precision", ["O2", device.O2_FP32_COMPUTE])
+def test_o2_checkpoints_hold_the_fp32_masters_and_resume_exactly(tmp_path, precision):
+    rt = device.Runtime("cpu", precision)
 
     def run(max_steps, folder):
         model = model_()
@@ -123,6 +125,56 @@ def test_o2_checkpoints_hold_the_fp32_masters_and_resume_exactly(tmp_path):
         torch.testing.assert_close(p, q, atol=0, rtol=0)
 
 
+def test_o2_fp32_compute_computes_in_fp32_with_the_fp16_weights_and_fp16_gradients():
+    model = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    masters = amp.MasterWeights(model, optimizer, compute_dtype=torch.float32)
+    master_weight = model.weight
+    masters.use_fp16()
+    seen = {}
+
+    def look(module, args, out):
+        seen.update(x=args[0].dtype, w=module.weight.dtype, out=out.dtype)
+        seen["weight"] = module.weight.detach().clone()
+
+    model.register_forward_hook(look)
+    model(torch.randn(4, 3)).sum().backward()
+    assert (seen["x"], seen["w"], seen["out"]) == (torch.float32,) * 3
+    # the values it computes with are the fp16 weights, upcast
+    assert torch.equal(seen["weight"], master_weight.detach().half().float())
+    assert not torch.equal(seen["weight"], master_weight.detach())
+    assert {half.grad.dtype for _, half in masters.pairs} == {torch.float16}
+    masters.grads_to_masters()
+    assert {m.grad.dtype for m in masters.masters} == {torch.float32}
+    masters.use_masters()
+    assert model.weight is master_weight
+
+
+def test_o2_fp32_compute_keeps_the_fp32_weights_for_a_backward_that_reruns_a_layer():
+    """Activation checkpointing (and Reformer's reversible layers) run a layer's forward again
+    inside the backward: it reads the same fp32 weights as the forward did."""
+
+    class Checkpointed(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = torch.nn.Linear(6, 6)
+            self.head = torch.nn.Linear(6, 2)
+
+        def forward(self, x):
+            x = torch.utils.checkpoint.checkpoint(self.inner, x, use_reentrant=False)
+            return self.head(torch.tanh(x))
+
+    torch.manual_seed(0)
+    model = Checkpointed()
+    rt = device.Runtime("cpu", device.O2_FP32_COMPUTE)
+    result = fit(
+        model, data(32), torch.optim.SGD(model.parameters(), lr=0.1), rt,
+        TrainConfig(epochs=1, batch_size=16), loss_fn=loss_fn,
+    )  # fmt: skip
+    assert result.steps == 2 and all(h["loss"] == h["loss"] for h in result.history)
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+
+
 def test_o2_is_refused_with_thor():
     from nbzoo.optim.thor import THOR
 
@@ -142,7 +194,7 @@ def test_o1_autocasts_to_fp16_on_the_cpu_and_scales_the_loss():
     assert scaler.is_enabled() and scaler.get_scale() == 2.0**16
 
 
-@pytest.mark.parametrize("precision", ["fp16", "O2"])
+@pytest.mark.parametrize("precision", ["fp16", "O2", device.O2_FP32_COMPUTE])
 def test_an_overflow_skips_the_step_and_lowers_the_scale(precision):
     """Dynamic loss scaling: a step whose gradients overflow changes no weight and halves the
     scale; the steps around it train normally."""
@@ -181,6 +233,10 @@ def test_no_loss_scaling_when_the_seed_turns_it_off():
     assert not device.Runtime("cpu", "bf16").grad_scaler().is_enabled()
     assert not device.Runtime("cpu", "fp32").grad_scaler().is_enabled()
     assert device.Runtime("cpu", "O2").grad_scaler().is_enabled()
+    assert device.Runtime("cpu", device.O2_FP32_COMPUTE).grad_scaler().is_enabled()
+    # where a CPU took a faster path for O2 or fp16, the loss is scaled as the level asks
+    for path, asked in ((device.O2_FP32_COMPUTE, "O2"), ("bf16", "fp16"), ("fp32", "fp16")):
+        assert device.Runtime("cpu", path, precision_asked=asked).grad_scaler().is_enabled()
 
 
 @pytest.mark.parametrize("loss_scale", [True, False])

@@ -122,3 +122,101 @@ def test_a_broken_torch_npu_does_not_break_import_torch(tmp_path):
     assert plain.returncode != 0 and "CANN" in plain.stderr  # what users hit without the guard
     assert guarded.returncode == 0, guarded.stderr
     assert guarded.stdout.split() == ["cpu", "False"]
+
+
+# /proc/cpuinfo flags of the CPUs this project's machines come with (the AVX-512 part of them)
+AVX2_ONLY = {"avx", "avx2", "fma"}
+EPYC_AVX512_BF16 = AVX2_ONLY | {"avx512f", "avx512bw", "avx512_vnni", "avx512_bf16"}
+AVX512_FP16 = EPYC_AVX512_BF16 | {"avx512_fp16"}
+AMX = EPYC_AVX512_BF16 | {"amx_tile", "amx_bf16", "amx_int8", "amx_fp16"}
+PER_KIND = {"cuda": "O1", "npu": "O2", "cpu": "O2"}
+
+
+def half(flags, capability="AVX512", onednn_isa=""):
+    return device.cpu_half_formats(flags, capability, onednn_isa)
+
+
+@pytest.mark.parametrize(
+    ("flags", "capability", "fast"),
+    [
+        (AVX2_ONLY, "AVX2", set()),
+        (EPYC_AVX512_BF16, "AVX512", {"bf16"}),
+        (EPYC_AVX512_BF16, "AVX2", set()),  # ATEN_CPU_CAPABILITY=avx2 on that CPU
+        (AVX512_FP16, "AVX512", {"fp16", "bf16"}),
+        (AMX, "AVX512", {"fp16", "bf16"}),
+        (set(), "DEFAULT", set()),  # no /proc/cpuinfo
+    ],
+)
+def test_the_fast_half_formats_are_read_from_the_cpu_flags_and_torchs_capability(
+    flags, capability, fast
+):
+    assert half(flags, capability).fast == fast
+
+
+def test_onednn_capped_below_avx512_computes_no_half_format_fast():
+    assert half(AMX, onednn_isa="AVX2").fast == frozenset()
+    assert half(AMX, onednn_isa="AVX512_CORE_AMX").fast == {"fp16", "bf16"}
+
+
+@pytest.mark.parametrize(
+    ("flags", "capability", "level", "path"),
+    [
+        (AVX2_ONLY, "AVX2", "O2", device.O2_FP32_COMPUTE),
+        (AVX2_ONLY, "AVX2", "fp16", "fp32"),
+        (AVX2_ONLY, "AVX2", "bf16", "fp32"),
+        (EPYC_AVX512_BF16, "AVX512", "O2", device.O2_FP32_COMPUTE),
+        (EPYC_AVX512_BF16, "AVX512", "O1", "bf16"),
+        (EPYC_AVX512_BF16, "AVX512", "fp16", "bf16"),
+        (EPYC_AVX512_BF16, "AVX512", "bf16", "bf16"),
+        (EPYC_AVX512_BF16, "AVX512", "auto", "fp32"),
+        (AVX512_FP16, "AVX512", "O2", "O2"),
+        (AMX, "AVX512", "fp16", "fp16"),
+        (AMX, "AVX512", "O2", "O2"),
+    ],
+)
+def test_a_presets_cpu_entry_takes_the_nearest_path_the_cpu_computes_fast(
+    flags, capability, level, path
+):
+    chosen = device.choose_precision({"cuda": "O1", "cpu": level}, "cpu", half(flags, capability))
+    assert chosen.path == path
+    assert (chosen.why == "") == (chosen.path == chosen.asked)
+
+
+def test_the_reason_names_the_missing_instructions_and_how_to_ask_for_the_level():
+    chosen = device.choose_precision(PER_KIND, "cpu", half(EPYC_AVX512_BF16))
+    assert chosen.asked == "O2" and chosen.path == device.O2_FP32_COMPUTE
+    assert "fp16: none of avx512_fp16 / amx_fp16" in chosen.why
+    assert "precision='O2'" in chosen.why
+
+
+@pytest.mark.parametrize("level", ["O2", "O1", "fp16", "bf16"])
+def test_one_level_is_honoured_as_asked_on_any_cpu(level):
+    chosen = device.choose_precision(level, "cpu", half(AVX2_ONLY, "AVX2"))
+    assert chosen.path == device.APEX_LEVELS.get(level, level) and chosen.why == ""
+
+
+def test_an_accelerators_entry_is_never_changed_by_the_cpu():
+    slow = half(AVX2_ONLY, "AVX2")
+    assert device.choose_precision(PER_KIND, "npu", slow).path == "O2"
+    assert device.choose_precision(PER_KIND, "cuda", slow).path == "fp16"
+
+
+def test_setup_says_which_path_it_took_and_why(monkeypatch, capsys):
+    avx2_only = half(AVX2_ONLY, "AVX2")
+    monkeypatch.setattr(device, "cpu_half_formats", lambda: avx2_only)
+    rt = device.setup("cpu", {"cpu": "fp16", "cuda": "fp16"}, 0)
+    assert (rt.precision, rt.level) == ("fp32", "fp16")
+    assert rt.grad_scaler().is_enabled()  # the loss is scaled as the fp16 level asks
+    out = capsys.readouterr().out
+    assert out.startswith("precision: the preset's fp16 for a CPU") and "took fp32 (" in out
+    record = device.precision_record(rt)
+    assert (record["asked"], record["took"]) == ("fp16", "fp32") and record["why"]
+
+
+def test_aten_cpu_capability_avx2_mimics_a_cpu_without_fast_half_formats():
+    result = run_python(
+        "from nbzoo import device; print(sorted(device.cpu_half_formats().fast))",
+        env={"ATEN_CPU_CAPABILITY": "avx2"},
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["[]"]
