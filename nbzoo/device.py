@@ -203,9 +203,7 @@ def choose_precision(
     return Precision(level, path, why)
 
 
-def resolve_precision(
-    name: str | Mapping[str, str], kind: str, half: CpuHalf | None = None
-) -> str:
+def resolve_precision(name: str | Mapping[str, str], kind: str, half: CpuHalf | None = None) -> str:
     """The path :func:`choose_precision` takes."""
     return choose_precision(name, kind, half).path
 

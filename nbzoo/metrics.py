@@ -187,7 +187,8 @@ def write_results(
     bad = {k: v for k, v in metrics.items() if not isinstance(v, int | float | np.number)}
     if bad:
         raise TypeError(f"metrics must be a flat dict of numbers; not numbers: {bad}")
-    from nbzoo.device import accelerator_name
+    from nbzoo.data.download import fetched
+    from nbzoo.device import accelerator_name, precision_record
 
     record = {
         "notebook": stem,
@@ -195,6 +196,8 @@ def write_results(
         "device": rt.kind,
         "device_name": accelerator_name(rt),
         "precision": rt.precision,
+        "precision_path": precision_record(rt),
+        "downloaded": fetched(),  # by nbzoo.data.download in this process
         "devices": rt.world_size,
         "metrics": {k: float(v) for k, v in metrics.items()},
         "reference": dict(reference),

@@ -137,6 +137,17 @@ def download_roberta_base(model_path: Path, url: str) -> Path:
     return model_path
 
 
+def fetch_model(cfg: Any) -> Path | None:
+    """The fairseq ``model.pt`` that ``model_name`` names, downloaded from ``model_url`` when it
+    is missing; None for the models built in code and for ``init_checkpoint`` runs."""
+    if cfg.get("init_checkpoint") or cfg.model_name in (TINY, BASE_CONFIG):
+        return None
+    model_path = paths.resolve(cfg.model_name)
+    if not model_path.exists() and cfg.model_url:
+        download_roberta_base(model_path, cfg.model_url)
+    return model_path
+
+
 def build_model(cfg: Any, dictionary: fairseq.Dictionary, num_classes: int) -> torch.nn.Module:
     """A tiny RoBERTa from ``model_config`` (demo), roberta.base's architecture with random weights
     (perf), a fairseq ``model.pt`` converted to transformers (full; classifier freshly made), or,
@@ -164,9 +175,7 @@ def build_model(cfg: Any, dictionary: fairseq.Dictionary, num_classes: int) -> t
             }
         )
         return RobertaForSequenceClassification(config)
-    model_path = paths.resolve(cfg.model_name)
-    if not model_path.exists() and cfg.model_url:
-        download_roberta_base(model_path, cfg.model_url)
+    model_path = fetch_model(cfg)
     converted = convert_fairseq.convert(
         model_path,
         task="sequence-classification",
@@ -317,6 +326,7 @@ def train(
     if not launch.needed(cfg, rt):
         return finetune(cfg, rt, data_folder, splits)
     splits = splits or load_splits(data_folder, cfg.max_positions)
+    fetch_model(cfg)  # here, once: the ranks would each download it into the same file
     record = launch.run(
         "nbzoo.sentence_prediction:train_on_rank",
         cfg,

@@ -449,3 +449,70 @@ def mlperf_shards(
 
     spec = mlperf.SampleSpec(vocab_size=1000, seq_length=512, max_predictions=76)
     return mlperf.generate_sample_shards(folder, num_samples, samples_per_shard, spec, seed=seed)
+
+
+# ----------------------------------------------------------------------------- downloads
+
+
+def glue_archive(tsv_dir: str | os.PathLike, task: str, dest: str | os.PathLike) -> Path:
+    """GLUE's task archive (``SST-2.zip``: ``SST-2/train.tsv``, ``dev.tsv``, ``test.tsv``) of the
+    TSVs in ``tsv_dir/<TASK>/``, the layout GLUE's download script and nbzoo's unpack."""
+    import zipfile
+
+    from nbzoo.data import glue
+
+    folder = glue.TASK_DIRS[task]
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
+    with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        for split in glue.SPLITS:
+            zf.write(Path(tsv_dir) / folder / f"{split}.tsv", f"{folder}/{split}.tsv")
+    os.replace(tmp, dest)
+    return dest
+
+
+def roberta_base_archive(model_pt: str | os.PathLike, dict_txt: str | os.PathLike,
+                         dest: str | os.PathLike) -> Path:  # fmt: skip
+    """fairseq's ``roberta.base.tar.gz``: ``roberta.base/model.pt``, ``dict.txt`` and ``NOTE``.
+    gzip level 1: random weights do not compress, and level 9 would spend half a minute trying."""
+    import tarfile
+
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
+    note = (
+        b"nbzoo stand-in of fairseq's roberta.base: roberta.base's architecture, random weights\n"
+    )
+    with tarfile.open(tmp, "w:gz", compresslevel=1) as tar:
+        tar.add(model_pt, "roberta.base/model.pt")
+        tar.add(dict_txt, "roberta.base/dict.txt")
+        info = tarfile.TarInfo("roberta.base/NOTE")
+        info.size = len(note)
+        tar.addfile(info, io.BytesIO(note))
+    os.replace(tmp, dest)
+    return dest
+
+
+def bert_large_foreign_checkpoints(
+    folder: str | os.PathLike, seed: int = 0, config=BERT_LARGE_UNCASED
+) -> tuple[dict[str, Path], Any]:
+    """A random BERT-Large (``BertForPreTraining``) in the two formats the seed's starting
+    checkpoint comes in: MLPerf's download (``bert_config.json`` and the TensorFlow 1 bundle
+    ``tf1_ckpt/model.ckpt-28252``, with Adam slots and ``global_step``) and MindSpore's ``.ckpt``
+    (the BERT model zoo's names, with THOR state), for the rehearsal to convert as a lab converts
+    the real one. Returns the paths and the model (the weights both conversions must give back)."""
+    from transformers import BertConfig, BertForPreTraining
+
+    from nbzoo.checkpoint_formats import standins as foreign
+
+    folder = Path(folder)
+    model = random_model(BertForPreTraining, BertConfig(**config), seed)
+    paths = {
+        "config": foreign.write_bert_config(model.config, folder / "bert_config.json"),
+        "tf1": foreign.write_tf1_checkpoint(model, folder / "tf1_ckpt" / "model.ckpt-28252"),
+        "mindspore": foreign.write_mindspore_checkpoint(
+            model, folder / "mindspore" / "bert_large_thor.ckpt"
+        ),
+    }
+    return paths, model

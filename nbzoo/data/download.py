@@ -8,6 +8,18 @@ nothing may be an HTML page). An interrupted download resumes from the ``.part``
 start where the partial file ends (``Content-Range``), a ``416`` must say the file is exactly as
 long as the partial one; otherwise the partial file is dropped and the download starts again.
 
+Two environment variables reroute a download without changing what is checked:
+
+* ``NBZOO_MIRROR``: a base URL that serves the published URLs' files under ``<host><path>``
+  (``$NBZOO_MIRROR/dl.fbaipublicfiles.com/glue/data/SST-2.zip``), e.g. a lab's own mirror, or the
+  local server of ``make rehearse``;
+* ``NBZOO_CHECKSUMS``: a file of ``<sha256> <size> <url>`` lines whose checksums replace the
+  published ones for those URLs (a mirror of re-packed archives; the rehearsal's stand-ins). Each
+  download says which checksum it verified against.
+
+Every download of a process is listed by :func:`fetched` (what, from where, how it was verified),
+which the results records carry as ``downloaded``.
+
 Uses urllib from the standard library: the verification is the point, and no client library
 checks ``Content-Range`` against the requested offset for us.
 """
@@ -22,9 +34,11 @@ import re
 import shutil
 import tarfile
 import urllib.error
+import urllib.parse
 import urllib.request
 import zipfile
 from pathlib import Path
+from typing import Any
 
 from tqdm.auto import tqdm
 
@@ -32,8 +46,55 @@ CHUNK = 1 << 20
 _CONTENT_RANGE = re.compile(r"^bytes\s+(?:(\d+)-(\d+)|\*)/(\d+|\*)$")
 
 
+MIRROR_ENV, CHECKSUMS_ENV = "NBZOO_MIRROR", "NBZOO_CHECKSUMS"
+_FETCHED: list[dict[str, Any]] = []
+
+
 class DownloadError(RuntimeError):
     pass
+
+
+def fetched() -> list[dict[str, Any]]:
+    """Every download of this process so far (also the ones found already in place, verified):
+    the published URL, the URL it came from, the file, its length and sha256, how it was
+    verified."""
+    return [dict(entry) for entry in _FETCHED]
+
+
+def mirrored(url: str) -> str:
+    """``url`` as ``NBZOO_MIRROR`` serves it (``<mirror>/<host><path>``), or ``url`` itself."""
+    mirror = os.environ.get(MIRROR_ENV, "").rstrip("/")
+    if not mirror:
+        return url
+    parts = urllib.parse.urlsplit(url)
+    return f"{mirror}/{parts.netloc}{parts.path}" + (f"?{parts.query}" if parts.query else "")
+
+
+def checksum_overrides(path: str | os.PathLike | None = None) -> dict[str, tuple[str, int]]:
+    """The ``NBZOO_CHECKSUMS`` file's ``url -> (sha256, size)`` (empty where it is not set)."""
+    path = path or os.environ.get(CHECKSUMS_ENV, "")
+    if not path:
+        return {}
+    table = {}
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except OSError as exc:
+        raise DownloadError(f"{CHECKSUMS_ENV}={path}: cannot read it ({exc.strerror})") from None
+    for n, line in enumerate(lines, 1):
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        fields = line.split()
+        if (
+            len(fields) != 3
+            or not re.fullmatch(r"[0-9a-f]{64}", fields[0])
+            or not fields[1].isdigit()
+        ):
+            raise DownloadError(
+                f"{path}, line {n}: expected '<sha256> <size> <url>' (64 lowercase hex digits, "
+                f"a byte count, the published URL), got {line.strip()!r}"
+            )
+        table[fields[2]] = (fields[0], int(fields[1]))
+    return table
 
 
 class _Restart(Exception):
@@ -191,10 +252,21 @@ def download(
     partial file, an interrupted transfer keeps it for the next run to resume.
     """
     dest = Path(dest)
+    published, source = url, mirrored(url)
+    checksum_from = "the published sha256" if sha256 is not None else None
+    if published in (overrides := checksum_overrides()):
+        sha256, size = overrides[published]
+        checksum_from = f"the sha256 of {os.environ[CHECKSUMS_ENV]} ({CHECKSUMS_ENV})"
     if dest.exists() and _check_existing(dest, url, sha256):
+        _log(
+            published, None, dest, checksum_from or "no checksum published: the file found in place"
+        )
         return dest
     if os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("NBZOO_OFFLINE") == "1":
         raise DownloadError(_offline_message(url, dest, "offline mode is set"))
+    if source != published:
+        print(f"{dest.name}: downloading {published} from {source} ({MIRROR_ENV})", flush=True)
+    url = source
     dest.parent.mkdir(parents=True, exist_ok=True)
     part = dest.with_name(dest.name + ".part")
     if part.exists() and size is not None and part.stat().st_size > size:
@@ -236,7 +308,24 @@ def download(
     if problem := format_problem(part, dest.name):
         raise reject(f"the download {problem}")
     os.replace(part, dest)
+    _log(published, source, dest, checksum_from or "no checksum published: its length as stated")
     return dest
+
+
+def _log(url: str, source: str | None, dest: Path, verified: str) -> None:
+    """Add a download to :func:`fetched`; ``source`` None: the file was in place already."""
+    if verified.startswith("the "):
+        verified = f"sha256 equal to {verified}"
+    _FETCHED.append(
+        {
+            "url": url,
+            "from": source,
+            "file": str(dest),
+            "bytes": dest.stat().st_size,
+            "sha256": sha256_of(dest),
+            "verified": verified + ", format checked",
+        }
+    )
 
 
 def extract_zip(archive: str | os.PathLike, into: str | os.PathLike) -> Path:
