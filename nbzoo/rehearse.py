@@ -59,10 +59,11 @@ REHEARSAL_DEVICES = 2  # full_8p on two processes: the smallest count that runs 
 ORDER = tuple(fidelity.notebooks())  # every notebook with a seed, in the seeds' record order
 
 # Sizes of the stand-in data (sample counts: the only thing they change is how long a run takes).
-GLUE_SIZES = {"train": 8, "dev": 8, "test": 4}
+# GLUE: 4 training sentences are one step per epoch at 01's batch of 4 (8p: 2 x 2); 8 dev sentences
+GLUE_SIZES = {"train": 4, "dev": 8, "test": 4}
 CORPUS_SIZES = {"train": 200, "test": 120}  # ~4 blocks of 4096 tokens to train on, 2 to test
-# 05's blocks are 512 tokens: 120 test documents would be 20 blocks to evaluate, 24 are 4
-LONGFORMER_CORPUS_SIZES = {"train": 200, "test": 24}
+# 05's blocks are 512 tokens: 120 test documents would be 20 blocks to evaluate, 12 are 2
+LONGFORMER_CORPUS_SIZES = {"train": 200, "test": 12}
 MLPERF_SAMPLES, MLPERF_PER_SHARD = 8, 4  # eval 1 + 2 steps x batch 1 x 2 processes, 2 shards
 TOKENIZER_TEXTS = 2000  # generated sentences the SentencePiece / BPE vocabularies are learnt on
 
@@ -196,9 +197,12 @@ def build_standins(root: Path, with_bert_large: bool, log=print) -> Standins:
              lambda: phase1_checkpoint(s, log))
         )  # fmt: skip
     for name, build in steps:
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), cpu_seconds()
         build()
-        log(f"  stand-in {name}: {time.perf_counter() - start:.1f} s")
+        log(
+            f"  stand-in {name}: {time.perf_counter() - start:.1f} s wall, "
+            f"{cpu_seconds() - cpu:.1f} CPU s"
+        )
     return s
 
 
@@ -251,7 +255,8 @@ def phase1_checkpoint(s: Standins, log=print) -> dict[str, Any]:
         done = subprocess.run(command, capture_output=True, text=True)
         if done.returncode != 0:
             raise RehearsalError(f"{' '.join(command)} failed:\n{done.stderr.strip()}")
-        log(f"    {' '.join(command[1:])}: {done.stdout.splitlines()[0]}")
+        converted = [line for line in done.stdout.splitlines() if line.startswith("converted")]
+        log(f"    {kind}: {(converted or ['(no summary)'])[0]}")
     files = [o / "model.safetensors" for o in outputs.values()]
     compared = {
         "sources": {k: str(written[k]) for k in outputs},
@@ -348,11 +353,12 @@ def overrides(stem: str, preset: str, s: Standins, work: Path) -> dict[str, tupl
                 "location: 01's rehearsed SST-2 checkpoint",
             ),
             "work_dir": (str(artifacts(work, stem)), "location: the rehearsal's own folder"),
-            "max_samples": (6, "sample count: 6 dev sentences instead of all"),
+            "max_samples": (4, "sample count: 4 dev sentences instead of all"),
             "batch_sizes": (
-                [32],
-                "batch size: the sweep at the seed's batch 32 (and, through the ATC shapes, 64) "
-                "instead of 1 to 64 (CPU time)",
+                [4],
+                "batch size: the sweep's grid at batch 4 instead of 1 to 64 (CPU time); the seed's "
+                "ATC shapes (batch 64 at seq 16 / 32, 32 at seq 64 / 128) still run, padded as "
+                "ais_bench pads",
             ),
             "bench_batch_size": (4, "batch size: the speed-up measured on batches of 4"),
             "bench_batches": (1, "steps: one batch per timing round"),
@@ -389,8 +395,8 @@ def overrides(stem: str, preset: str, s: Standins, work: Path) -> dict[str, tupl
         "05_longformer_mlm": {
             "data_dir": (
                 str(s.longformer_corpus),
-                "location: the stand-in corpus/ + lf_token/ (sample count: 24 test documents, "
-                "4 blocks of 512 tokens to evaluate)",
+                "location: the stand-in corpus/ + lf_token/ (sample count: 12 test documents, "
+                "2 blocks of 512 tokens to evaluate)",
             ),
             "checkpoint_dir": (out, "location: the rehearsal's own folder"),
             "batch_size": (1, "batch size: one 512-token block per step (CPU time)"),
@@ -418,6 +424,12 @@ def overrides(stem: str, preset: str, s: Standins, work: Path) -> dict[str, tupl
         },
     }
     values = dict(table[stem])
+    if preset == "full_8p" and stem == "04_reformer_mlm":
+        values["scaling_seq_lens"] = (
+            [1024],
+            "sample count: the side measurement at the preset's shortest length (full's run "
+            "measures it at two: the notebook's code is the same on 2 processes)",
+        )
     if preset == "full_8p" and stem in EIGHT_DEVICE_STEPS:
         values["max_steps"] = (
             EIGHT_DEVICE_STEPS[stem],

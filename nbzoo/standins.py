@@ -475,7 +475,8 @@ def glue_archive(tsv_dir: str | os.PathLike, task: str, dest: str | os.PathLike)
 def roberta_base_archive(model_pt: str | os.PathLike, dict_txt: str | os.PathLike,
                          dest: str | os.PathLike) -> Path:  # fmt: skip
     """fairseq's ``roberta.base.tar.gz``: ``roberta.base/model.pt``, ``dict.txt`` and ``NOTE``.
-    gzip level 1: random weights do not compress, and level 9 would spend half a minute trying."""
+    gzip level 0 (stored blocks, still the gzip format the reader unpacks): random weights do not
+    compress, and deflate would spend half a minute of CPU trying."""
     import tarfile
 
     dest = Path(dest)
@@ -484,7 +485,7 @@ def roberta_base_archive(model_pt: str | os.PathLike, dict_txt: str | os.PathLik
     note = (
         b"nbzoo stand-in of fairseq's roberta.base: roberta.base's architecture, random weights\n"
     )
-    with tarfile.open(tmp, "w:gz", compresslevel=1) as tar:
+    with tarfile.open(tmp, "w:gz", compresslevel=0) as tar:
         tar.add(model_pt, "roberta.base/model.pt")
         tar.add(dict_txt, "roberta.base/dict.txt")
         info = tarfile.TarInfo("roberta.base/NOTE")
