@@ -64,8 +64,9 @@ format: install
 notebooks: install
 	$(BIN)/nbzoo demo --in-place
 
-# Every notebook's full (and full_8p) preset end to end on the CPU, on stand-in checkpoints and data
-# in the seeds' formats (nbzoo/rehearse.py says what it overrides and why); results/rehearse/*.json.
+# Every notebook's full (and full_8p) preset end to end on the CPU through its own code paths: stand-in
+# checkpoints and data in the seeds' formats, downloaded from a mirror of the download hosts on
+# 127.0.0.1 (nbzoo/rehearse.py says what it overrides and why); results/rehearse/*.json.
 rehearse: install
 	$(BIN)/python -m nbzoo.rehearse
 
