@@ -710,13 +710,14 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     summary: dict[str, Any] = {"cpu": cpu_description(), "runs": {}, "checks": {}}
     done = s.root / "built"
-    identity = standins_identity()
+    with_bert_large = "06_bert_thor" in stems
+    identity = standins_identity() + (" with BERT-Large" if with_bert_large else "")
     if not (args.keep_standins and done.exists() and done.read_text().strip() == identity):
         print(f"building stand-ins in {s.root}", flush=True)
         done.unlink(missing_ok=True)
         shutil.rmtree(s.mirror, ignore_errors=True)  # the rehearsal's own mirror of before
         c0 = cpu_seconds()
-        build_standins(s.root, "06_bert_thor" in stems, log=lambda m: print(m, flush=True))
+        build_standins(s.root, with_bert_large, log=lambda m: print(m, flush=True))
         done.write_text(identity + "\n")
         summary["standins"] = {
             "wall_seconds": round(time.perf_counter() - start, 1),

@@ -145,7 +145,8 @@ def test_a_corrupted_download_is_refused_and_leaves_nothing(glue_standins, tmp_p
     s = glue_standins
     with local_mirror.Mirror(s.mirror) as mirror:
         refused = rehearse.checksum_refusal(s, mirror, tmp_path / "work")
-    assert "does not match" in refused["refused"]
+    assert "does not match the sha256 of" in refused["refused"]
+    assert f"{s.checksums} (NBZOO_CHECKSUMS)" in refused["refused"]
     assert not any((tmp_path / "work" / "checksum_check").iterdir())
     # the same file, not corrupted, is accepted
     with (

@@ -299,7 +299,7 @@ def download(
         raise reject(f"{got} bytes received, {expected} expected")
     if sha256 is not None:
         if (digest := sha256_of(part)) != sha256:
-            raise reject(f"sha256 {digest} does not match the published {sha256}")
+            raise reject(f"sha256 {digest} does not match {checksum_from}, {sha256}")
     elif expected is None:
         raise reject(
             "the server stated no length and no checksum is published, so a complete file "
