@@ -30,7 +30,7 @@ from nbzoo import packing, paths, progress
 from nbzoo.data import mlperf
 from nbzoo.device import Runtime
 from nbzoo.optim.thor import THOR, PolySchedule
-from nbzoo.train import TrainConfig, config_hash, fit, global_mean
+from nbzoo.train import TrainConfig, config_hash, fit
 
 STEM = "06_bert_thor"
 OPTIMIZERS = ("thor", "sgd", "adamw")
@@ -82,19 +82,46 @@ def forward_heads(model: BertForPreTraining, batch: dict[str, torch.Tensor]):
     return model.cls.predictions(hidden), model.cls.seq_relationship(out.pooler_output)
 
 
-def pretraining_loss(model: BertForPreTraining, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """MLPerf's loss: weighted masked-LM cross-entropy + next-sentence cross-entropy."""
+def pretraining_terms(model: BertForPreTraining, batch: dict[str, torch.Tensor]):
+    """MLPerf's two loss terms: the ``masked_lm_weights``-weighted mean masked-LM cross-entropy
+    (``mlm``, over the batch's masked tokens) and the mean next-sentence cross-entropy (``nsp``,
+    over its samples)."""
     scores, nsp = forward_heads(model, batch)
     weights = batch["masked_lm_weights"].float()
     per_token = nn.functional.cross_entropy(
         scores.float().flatten(0, 1), batch["masked_lm_ids"].flatten(), reduction="none"
     )
-    mlm = global_mean((per_token * weights.flatten()).sum(), weights.sum() + 1e-5)
-    return mlm + nn.functional.cross_entropy(nsp.float(), batch["next_sentence_labels"].flatten())
+    mlm = (per_token * weights.flatten()).sum() / (weights.sum() + 1e-5)
+    return {
+        "mlm": mlm,
+        "nsp": nn.functional.cross_entropy(nsp.float(), batch["next_sentence_labels"].flatten()),
+    }
 
 
-def packed_pretraining_loss(model: BertForPreTraining, batch: dict[str, torch.Tensor]):
-    """:func:`pretraining_loss` of a batch from ``packing.MLPerfPackedCollator``: the samples
+def pretraining_loss(model: BertForPreTraining, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """MLPerf's loss: weighted masked-LM cross-entropy + next-sentence cross-entropy."""
+    terms = pretraining_terms(model, batch)
+    return terms["mlm"] + terms["nsp"]
+
+
+def loss_counts(batch: dict[str, torch.Tensor]) -> dict[str, float]:
+    """What each term of the loss averages over (for the training loop's weighting of the
+    micro-batches of a step, :func:`nbzoo.train.step_shares`): the masked-LM weights' sum and the
+    samples."""
+    return {
+        "mlm": float(batch["masked_lm_weights"].float().sum()),
+        "nsp": len(batch["next_sentence_labels"]),
+    }
+
+
+def loss_terms(model: nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The training loop's ``loss_fn``: :class:`PretrainingModel`'s (or DDP's around it) terms."""
+    out = model(**batch)
+    return {"mlm": out["mlm"], "nsp": out["nsp"]}
+
+
+def packed_pretraining_terms(model: BertForPreTraining, batch: dict[str, torch.Tensor]):
+    """:func:`pretraining_terms` of a batch from ``packing.MLPerfPackedCollator``: the samples
     side by side in rows, attention block-diagonal, positions restarting per sample, NSP on each
     sample's [CLS]. The same weighted masked-LM mean and NSP mean as the padded batch's."""
     mask = packing.attention_mask_for(
@@ -115,21 +142,26 @@ def packed_pretraining_loss(model: BertForPreTraining, batch: dict[str, torch.Te
         scores.float(), batch["masked_lm_ids"], reduction="none"
     )
     mlm = (per_token * weights).sum() / (weights.sum() + 1e-5)
-    return mlm + nn.functional.cross_entropy(nsp.float(), batch["next_sentence_labels"])
+    return {
+        "mlm": mlm,
+        "nsp": nn.functional.cross_entropy(nsp.float(), batch["next_sentence_labels"]),
+    }
 
 
 class PretrainingModel(nn.Module):
-    """``BertForPreTraining`` whose forward takes an MLPerf batch and returns MLPerf's loss, so that
-    the training loop (and DistributedDataParallel, which must see the forward) calls it directly."""
+    """``BertForPreTraining`` whose forward takes an MLPerf batch and returns MLPerf's loss and its
+    two terms, so that the training loop (and DistributedDataParallel, which must see the forward)
+    calls it directly."""
 
     def __init__(self, bert: BertForPreTraining):
         super().__init__()
         self.bert_pretraining = bert
 
     def forward(self, **batch: torch.Tensor) -> dict[str, torch.Tensor]:
-        if packing.is_packed(batch):
-            return {"loss": packed_pretraining_loss(self.bert_pretraining, batch)}
-        return {"loss": pretraining_loss(self.bert_pretraining, batch)}
+        terms = (packed_pretraining_terms if packing.is_packed(batch) else pretraining_terms)(
+            self.bert_pretraining, batch
+        )
+        return {"loss": terms["mlm"] + terms["nsp"], **terms}
 
 
 @torch.no_grad()
@@ -368,9 +400,12 @@ def train(
     checkpoint_dir = None
     if cfg.checkpoint_dir:
         checkpoint_dir = paths.resolve(cfg.checkpoint_dir) / f"{kind}-lr{lr:g}-d{damping or 0:g}"
+    grad_accum = cfg.get("grad_accum", 1)
+    global_batch = cfg.batch_size * rt.world_size * grad_accum
     tc = TrainConfig(
-        epochs=max(1, math.ceil(cfg.max_steps * cfg.batch_size * rt.world_size / len(train_data))),
+        epochs=max(1, math.ceil(cfg.max_steps * global_batch / len(train_data))),
         batch_size=cfg.batch_size,
+        grad_accum=grad_accum,
         max_steps=cfg.max_steps,
         eval_every=cfg.eval_every,
         checkpoint_dir=checkpoint_dir,
@@ -386,6 +421,7 @@ def train(
             cfg.max_steps,
             cfg.batch_size,
             rt.world_size,
+            grad_accum,
             cfg.get("init_checkpoint", ""),
         ),
     )
@@ -403,6 +439,8 @@ def train(
             collate_fn=collate_for(kind, cfg),
             scheduler=sched,
             eval_fn=eval_fn,
+            loss_fn=loss_terms,
+            loss_counts=loss_counts,
         )
     finally:
         if isinstance(opt, THOR):

@@ -40,7 +40,7 @@ from nbzoo.data.fairseq_glue import (
 )
 from nbzoo.data.gpt2_bpe import RobertaEncoder, download_gpt2_bpe, train_bpe
 from nbzoo.device import Runtime
-from nbzoo.train import TrainConfig, TrainResult, config_hash, fit, predict
+from nbzoo.train import TrainConfig, TrainResult, config_hash, fit, predict, steps_per_epoch
 
 TINY = "tiny"  # a RoBERTa built from ``model_config`` and trained from scratch (the demo)
 BASE_CONFIG = "roberta-base-config"  # roberta.base's architecture, random weights (perf preset)
@@ -249,10 +249,11 @@ def finetune(
     torch.manual_seed(cfg.seed)
     model = build_model(cfg, train.dictionary, len(train.class_names)).to(rt.device)
     plan = batch_plan(cfg, train)
+    grad_accum = cfg.get("grad_accum", 1)
     per_epoch = (
-        len(plan(0, rt.rank, rt.world_size))
+        -(-len(plan(0, rt.rank, rt.world_size)) // grad_accum)
         if plan
-        else -(-len(train) // (cfg.batch_size * rt.world_size))
+        else steps_per_epoch(len(train), cfg.batch_size, rt.world_size, grad_accum)
     )
     steps = cfg.epochs * per_epoch
     if cfg.max_steps:
@@ -261,6 +262,7 @@ def finetune(
     train_cfg = TrainConfig(
         epochs=cfg.epochs,
         batch_size=cfg.batch_size,
+        grad_accum=grad_accum,
         max_steps=cfg.max_steps or None,
         max_grad_norm=cfg.clip_norm or None,
         checkpoint_dir=paths.resolve(cfg.checkpoint_dir) / "training"

@@ -198,6 +198,7 @@ class _Use:
     has_bias_col: bool  # the group folds a bias: this use's column space has one more coordinate
     rows: int = 0  # N (tokens) accumulated this step
     seqs: int = 0  # b (sequences) accumulated this step
+    calls: int = 0  # forwards accumulated this step: its micro-batches (grad_accum)
 
 
 class _Group:
@@ -429,6 +430,7 @@ class THOR(torch.optim.Optimizer):
             tick = time.perf_counter()
             x = args[0]
             use.seqs += x.shape[0] if x.dim() > 1 else 1
+            use.calls += 1
             if use.kind == "linear":
                 a = x.detach().reshape(-1, x.shape[-1]).to(use.col.value.dtype)
                 if use.has_bias_col:
@@ -478,8 +480,14 @@ class THOR(torch.optim.Optimizer):
             for u in g.uses:
                 if u.rows == 0:
                     continue
-                self._batch = u.seqs
-                scale_g = u.seqs**2 / u.rows  # b² / N: per-sequence gradients, averaged over rows
+                # LayerNorm's rule divides by the per-device batch (MindSpore's batch_size): the
+                # sequences of one micro-batch, so that grad_accum k on one device and k devices
+                # take the same step
+                self._batch = max(1, round(u.seqs / u.calls))
+                # b² / N: per-sequence gradients, averaged over rows. With grad_accum the step's
+                # loss is the mean over the sequences of all its micro-batches (each micro-batch
+                # weighted by its share), so b counts them all.
+                scale_g = u.seqs**2 / u.rows
                 if u.kind == "linear":
                     scales = {"row": ("mul", scale_g), "col": ("div", u.rows)}
                 else:
@@ -496,7 +504,7 @@ class THOR(torch.optim.Optimizer):
                         f.value.copy_(value)
                         f.initialized = True
                 u.row.sum = u.col.sum = None
-                u.rows = u.seqs = 0
+                u.rows = u.seqs = u.calls = 0
         self._scale = None
         self.timings["statistics"] += time.perf_counter() - tick
 
