@@ -105,7 +105,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     # the grid, through the same torchrun entry point the notebook uses for devices > 1
     tick = time.perf_counter()
-    launched = launch.run("nbzoo.optimizer_comparison:grid_on_rank", {**cfg, "devices": 1}, out / "torchrun")
+    launched = launch.run(
+        "nbzoo.optimizer_comparison:grid_on_rank", {**cfg, "devices": 1}, out / "torchrun"
+    )
     runs = [pretraining.Run(**r) for r in launched["runs"]]
     record["torchrun_seconds"] = time.perf_counter() - tick
     record["runs"] = []

@@ -29,7 +29,7 @@ from transformers.initialization import no_init_weights
 from nbzoo import packing, paths, progress
 from nbzoo.data import mlperf
 from nbzoo.device import Runtime
-from nbzoo.optim.thor import THOR, PolySchedule
+from nbzoo.optim.thor import THOR, VARIANTS, PolySchedule
 from nbzoo.train import TrainConfig, config_hash, fit
 
 STEM = "06_bert_thor"
@@ -228,6 +228,7 @@ def make_optimizer(kind: str, model: nn.Module, lr: float, damping: float | None
             precondition=kind == "thor",
             first_order=cfg.thor_first_order,
             layernorm=cfg.thor_layernorm,
+            **thor_variant(cfg),
         )
         return opt, None
     if kind == "adamw":
@@ -247,6 +248,22 @@ def make_optimizer(kind: str, model: nn.Module, lr: float, damping: float | None
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: lr_schedule(step) / lr)
         return opt, sched
     raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}; got {kind!r}")
+
+
+THOR_VARIANTS = tuple(VARIANTS)  # "mindspore" (the seed's code, THOR's default) | "nbzoo"
+EVAL_SPLITS = ("in_training", "held_out")
+
+
+def thor_variant(cfg: Any) -> dict[str, Any]:
+    """THOR's structural choices for ``cfg.thor_variant`` (:data:`nbzoo.optim.thor.VARIANTS`):
+    ``"mindspore"`` -- MindSpore's bert_thor, the seed's code: each refresh step's own statistics,
+    biases first-order, the tied embedding under the embedding's factors; ``"nbzoo"`` -- running
+    statistics every ``stats_every`` steps (decay ``stat_decay``), biases folded into A, the tied
+    embedding as a sum of two Kronecker products."""
+    name = cfg.get("thor_variant", "mindspore")
+    if name not in VARIANTS:
+        raise ValueError(f"thor_variant must be one of {', '.join(VARIANTS)}; got {name!r}")
+    return dict(VARIANTS[name])
 
 
 @dataclass
@@ -382,6 +399,14 @@ def collate_for(kind: str, cfg: Any):
     return mlperf.collate
 
 
+def epochs_read(cfg: Any, world_size: int, samples: int) -> int:
+    """Passes over the ``samples`` training samples that ``max_steps`` optimizer steps of the global
+    batch (batch_size × world_size × grad_accum) take: 1 for the seed's 3000 steps of 96 of its
+    9,600,000 samples (config.py's epoch_size 1)."""
+    global_batch = cfg.batch_size * world_size * cfg.get("grad_accum", 1)
+    return max(1, math.ceil(cfg.max_steps * global_batch / samples))
+
+
 def train(
     kind: str,
     lr: float,
@@ -401,9 +426,8 @@ def train(
     if cfg.checkpoint_dir:
         checkpoint_dir = paths.resolve(cfg.checkpoint_dir) / f"{kind}-lr{lr:g}-d{damping or 0:g}"
     grad_accum = cfg.get("grad_accum", 1)
-    global_batch = cfg.batch_size * rt.world_size * grad_accum
     tc = TrainConfig(
-        epochs=max(1, math.ceil(cfg.max_steps * global_batch / len(train_data))),
+        epochs=epochs_read(cfg, rt.world_size, len(train_data)),
         batch_size=cfg.batch_size,
         grad_accum=grad_accum,
         max_steps=cfg.max_steps,
@@ -496,12 +520,21 @@ def return_freed_memory() -> bool:
 
 
 def load_data(cfg: Any, world_size: int = 1):
-    """(train, eval) datasets from ``cfg.data_dir``: eval = the first ``eval_samples`` samples."""
+    """(train, eval) datasets from ``cfg.data_dir``: eval = the first ``eval_samples`` samples.
+
+    ``eval_split = "in_training"`` (the seed's): training reads every sample, those first ones
+    too (``train_samples`` of them from the first; 0: all) -- the seed trains on all 9,600,000
+    and evaluates on the first 10,000. ``"held_out"``: training starts after them, so the
+    evaluation is on samples the run never trained on."""
+    split = cfg.get("eval_split", "in_training")
+    if split not in EVAL_SPLITS:
+        raise ValueError(f"eval_split must be one of {', '.join(EVAL_SPLITS)}; got {split!r}")
     folder = paths.resolve(cfg.data_dir)
     in_memory = cfg.preset == "demo"
     eval_data = mlperf.eval_split(folder, cfg.eval_samples, in_memory=in_memory)
     limit = cfg.train_samples or None
-    train_data = mlperf.train_split(folder, cfg.eval_samples, limit, in_memory=in_memory)
+    skip = cfg.eval_samples if split == "held_out" else 0
+    train_data = mlperf.train_split(folder, skip, limit, in_memory=in_memory)
     return train_data, eval_data
 
 

@@ -132,6 +132,16 @@ def test_bert_thor_full_8p_is_the_seeds_run_of_eight_devices_with_batch_12_each(
     assert eight.batch_size * eight.devices == 96
 
 
+def test_the_seeds_3000_steps_of_96_samples_stay_inside_one_epoch():
+    """config.py's epoch_size 1: the reported run reads 288,000 of the 9,600,000 MLPerf samples,
+    once, on 8 devices or on one with grad_accum 8."""
+    for preset in ("full_8p", "full_8p_on_1"):
+        cfg = config("06_bert_thor", preset)
+        assert cfg.max_steps * launch.global_batch(cfg) == 288_000
+        assert pretraining.epochs_read(cfg, cfg.devices, 9_600_000) == 1
+    assert pretraining.epochs_read(config("06_bert_thor", "full"), 1, 9_600_000) == 1
+
+
 def test_the_global_batch_counts_devices_machines_and_accumulated_micro_batches():
     cfg = {"batch_size": 12, "devices": 8, "nnodes": 2, "grad_accum": 3}
     assert launch.global_batch(cfg) == 12 * 8 * 2 * 3
