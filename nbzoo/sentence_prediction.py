@@ -211,8 +211,8 @@ def schedule_updates(cfg: Any, run_updates: int) -> tuple[int, int]:
     steps as fairseq counts updates: ``warmup_updates`` / ``total_num_update`` where the preset
     gives them (fairseq's sst_2 recipe: 1256 / 20935, whatever the epochs and devices), else
     ``warmup_ratio`` of this run's own ``run_updates``."""
-    total = cfg.get("total_num_update") or run_updates
-    warmup = cfg.get("warmup_updates") or round(cfg.warmup_ratio * total)
+    total = getattr(cfg, "total_num_update", 0) or run_updates
+    warmup = getattr(cfg, "warmup_updates", 0) or round(cfg.warmup_ratio * total)
     return warmup, total
 
 
