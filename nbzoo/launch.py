@@ -9,8 +9,8 @@ epoch's permutation across ranks and wraps the model in DistributedDataParallel,
 :func:`nbzoo.device.setup` joins the process group (gloo on a CPU, nccl on CUDA, hccl on an
 NPU). ``batch_size`` stays per device, so the global batch is ``batch_size × devices × nnodes ×
 grad_accum`` (:func:`global_batch`), as in the seeds' 8-device scripts with ``grad_accum`` 1; a
-machine with fewer devices reaches the same global batch with a larger ``grad_accum``. Rank 0 writes the checkpoint and a JSON record of the run,
-which :func:`run` returns to the notebook.
+machine with fewer devices reaches the same global batch with a larger ``grad_accum``. Rank 0
+writes the checkpoint and a JSON record of the run, which :func:`run` returns to the notebook.
 
 Run in the notebook's process, not torchrun's: the notebook keeps its plots and widgets, and
 the ranks are separate processes as on a real 8-device machine. On a machine with
@@ -86,29 +86,6 @@ class Launch:
         ]
 
 
-def global_batch(cfg: Mapping[str, Any]) -> int:
-    """Samples per optimizer step: ``batch_size × devices × nnodes × grad_accum`` (at most that
-    many where batches are cut by tokens, as 03's ``max_tokens``)."""
-    return (
-        int(cfg["batch_size"])
-        * int(cfg.get("devices") or 1)
-        * int(cfg.get("nnodes") or 1)
-        * int(cfg.get("grad_accum") or 1)
-    )
-
-
-def batch_line(cfg: Mapping[str, Any]) -> str:
-    """The sentence a notebook prints: ``global batch 96 = 12 per device × 1 device × 1 machine ×
-    grad_accum 8``."""
-    devices, nnodes = int(cfg.get("devices") or 1), int(cfg.get("nnodes") or 1)
-    accum = int(cfg.get("grad_accum") or 1)
-    return (
-        f"global batch {global_batch(cfg)} = {cfg['batch_size']} per device × {devices} "
-        f"device{'s' if devices > 1 else ''} × {nnodes} machine{'s' if nnodes > 1 else ''} × "
-        f"grad_accum {accum}"
-    )
-
-
 def identity(cfg: Mapping[str, Any]) -> dict[str, Any]:
     """The part of a config that identifies a training run (for ``TrainConfig.run_id``): without
     where node 0 listens, which machine this is, or ``mode``, so that a run resumes whatever port
@@ -116,6 +93,15 @@ def identity(cfg: Mapping[str, Any]) -> dict[str, Any]:
     return {
         k: v for k, v in cfg.items() if k not in ("node_rank", "master_addr", "master_port", "mode")
     }
+
+
+def global_batch(cfg: Mapping[str, Any]) -> int:
+    """Samples per optimizer step: the per-device batch × devices × machines × micro-batches."""
+    return (
+        int(cfg["batch_size"])
+        * Launch.from_config(cfg).world_size
+        * int(cfg.get("grad_accum") or 1)
+    )
 
 
 def check_mode(cfg: Mapping[str, Any]) -> str:
@@ -138,6 +124,18 @@ def recorded_runtime(rt, cfg: Mapping[str, Any]):
     training ran on (the notebook's own process is one of one)."""
     world = Launch.from_config(cfg).world_size if cfg.get("mode", "train") == "train" else 1
     return dataclasses.replace(rt, world_size=max(rt.world_size, world))
+
+
+def batch_line(cfg: Mapping[str, Any]) -> str:
+    """The sentence a notebook prints: ``global batch 96 = 12 per device × 1 device × 1 machine ×
+    grad_accum 8``."""
+    devices, nnodes = int(cfg.get("devices") or 1), int(cfg.get("nnodes") or 1)
+    accum = int(cfg.get("grad_accum") or 1)
+    return (
+        f"global batch {global_batch(cfg)} = {cfg['batch_size']} per device × {devices} "
+        f"device{'s' if devices > 1 else ''} × {nnodes} machine{'s' if nnodes > 1 else ''} × "
+        f"grad_accum {accum}"
+    )
 
 
 def command(entry: str, config_path: Path, out_path: Path, launch: Launch) -> list[str]:
