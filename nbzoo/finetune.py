@@ -28,7 +28,7 @@ from nbzoo import launch, lesson, metrics, packing, paths, verdicts
 from nbzoo.data import glue
 from nbzoo.device import Runtime
 from nbzoo.text import word_tokenizer
-from nbzoo.train import TrainConfig, TrainResult, config_hash, fit, predict
+from nbzoo.train import TrainConfig, TrainResult, config_hash, fit, predict, steps_per_epoch
 
 TINY = (
     "tiny"  # model_name of the demo: an ALBERT built from ``model_config`` and trained from scratch
@@ -153,7 +153,8 @@ def finetune_glue(
     dev_set = glue.EncodedGlue(data["dev"], tokenizer, cfg.max_seq_length)
     torch.manual_seed(cfg.seed)
     model = build_model(task, cfg, tokenizer).to(rt.device)
-    steps = cfg.epochs * -(-len(train_set) // (cfg.batch_size * rt.world_size))
+    grad_accum = cfg.get("grad_accum", 1)  # notebook 02 fine-tunes without the knob
+    steps = cfg.epochs * steps_per_epoch(len(train_set), cfg.batch_size, rt.world_size, grad_accum)
     optimizer, scheduler = make_optimizer(model, cfg, steps)
 
     def evaluate(m: torch.nn.Module) -> dict[str, float]:
@@ -164,6 +165,7 @@ def finetune_glue(
     train_cfg = TrainConfig(
         epochs=cfg.epochs,
         batch_size=cfg.batch_size,
+        grad_accum=grad_accum,
         max_steps=cfg.max_steps or None,
         max_grad_norm=1.0,
         checkpoint_dir=folder / "training",

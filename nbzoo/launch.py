@@ -7,9 +7,10 @@ arguments. Every rank runs the backend's training entry point (``module:function
 ``function(cfg, rt, **kwargs)``) on its shard of the data: :func:`nbzoo.train.fit` shards each
 epoch's permutation across ranks and wraps the model in DistributedDataParallel, and
 :func:`nbzoo.device.setup` joins the process group (gloo on a CPU, nccl on CUDA, hccl on an
-NPU). ``batch_size`` stays per device, so the global batch is ``batch_size × devices × nnodes``,
-as in the seeds' 8-device scripts. Rank 0 writes the checkpoint and a JSON record of the run,
-which :func:`run` returns to the notebook.
+NPU). ``batch_size`` stays per device, so the global batch is ``batch_size × devices × nnodes ×
+grad_accum`` (:func:`global_batch`), as in the seeds' 8-device scripts with ``grad_accum`` 1; a
+machine with fewer devices reaches the same global batch with a larger ``grad_accum``. Rank 0
+writes the checkpoint and a JSON record of the run, which :func:`run` returns to the notebook.
 
 Run in the notebook's process, not torchrun's: the notebook keeps its plots and widgets, and
 the ranks are separate processes as on a real 8-device machine. On a machine with
@@ -125,6 +126,18 @@ def recorded_runtime(rt, cfg: Mapping[str, Any]):
     return dataclasses.replace(rt, world_size=max(rt.world_size, world))
 
 
+def batch_line(cfg: Mapping[str, Any]) -> str:
+    """The sentence a notebook prints: ``global batch 96 = 12 per device × 1 device × 1 machine ×
+    grad_accum 8``."""
+    devices, nnodes = int(cfg.get("devices") or 1), int(cfg.get("nnodes") or 1)
+    accum = int(cfg.get("grad_accum") or 1)
+    return (
+        f"global batch {global_batch(cfg)} = {cfg['batch_size']} per device × {devices} "
+        f"device{'s' if devices > 1 else ''} × {nnodes} machine{'s' if nnodes > 1 else ''} × "
+        f"grad_accum {accum}"
+    )
+
+
 def command(entry: str, config_path: Path, out_path: Path, launch: Launch) -> list[str]:
     return [
         sys.executable,
@@ -153,8 +166,7 @@ def run(
     cmd = command(entry, config_path, out_path, launch)
     print(
         f"launching {launch.world_size} processes ({launch.devices} on this machine, node "
-        f"{launch.node_rank} of {launch.nnodes}), global batch = per-device batch x "
-        f"{launch.world_size}:\n  {shlex.join(cmd)}",
+        f"{launch.node_rank} of {launch.nnodes}), {batch_line(cfg)}:\n  {shlex.join(cmd)}",
         flush=True,
     )
     tail: list[str] = []

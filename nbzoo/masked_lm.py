@@ -19,7 +19,7 @@ from transformers import get_linear_schedule_with_warmup
 from nbzoo import launch, longseq, metrics, patching, paths
 from nbzoo.data import corpus
 from nbzoo.device import Runtime
-from nbzoo.train import TrainConfig, TrainResult, config_hash, fit, global_mean
+from nbzoo.train import TrainConfig, TrainResult, config_hash, fit, steps_per_epoch
 
 KINDS = ("reformer", "longformer")
 # The runtime patches each model trains under (the notebook applies them; so does every rank).
@@ -116,14 +116,11 @@ def test_batches(kind: str, cfg: Any, tokenizer, test_set) -> list[dict[str, tor
     return corpus.masked_batches(test_set, collator, cfg.eval_batch_size)
 
 
-def masked_lm_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Cross-entropy over the masked tokens, averaged over the global batch's masked tokens
-    (:func:`nbzoo.train.global_mean`): under torchrun the ranks hold different numbers of them."""
-    labels = batch["labels"]
-    logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
-    keep = labels != metrics.IGNORE_INDEX
-    total = torch.nn.functional.cross_entropy(logits[keep].float(), labels[keep], reduction="sum")
-    return global_mean(total, keep.sum().to(total.dtype))
+def masked_tokens(batch: dict[str, torch.Tensor]) -> int:
+    """What the masked-LM loss averages over: the batch's masked (labelled) tokens. The training
+    loop weighs each micro-batch of a step by its share of them, so that the loss of a step is the
+    mean over all the global batch's masked tokens whatever the devices and grad_accum."""
+    return int((batch["labels"] != metrics.IGNORE_INDEX).sum())
 
 
 def final_dir(cfg: Any) -> Path:
@@ -179,7 +176,9 @@ def train(
         )
         load_weights(model, final_dir(cfg))
         return TrainResult(**record["result"])
-    steps = cfg.epochs * -(-len(data.train_set) // (cfg.batch_size * rt.world_size))
+    steps = cfg.epochs * steps_per_epoch(
+        len(data.train_set), cfg.batch_size, rt.world_size, cfg.get("grad_accum", 1)
+    )
     if cfg.max_steps:
         steps = min(steps, cfg.max_steps)
     optimizer = torch.optim.AdamW(
@@ -189,6 +188,7 @@ def train(
     train_cfg = TrainConfig(
         epochs=cfg.epochs,
         batch_size=cfg.batch_size,
+        grad_accum=cfg.get("grad_accum", 1),
         max_steps=cfg.max_steps or None,
         max_grad_norm=1.0,
         checkpoint_dir=paths.resolve(cfg.checkpoint_dir) / "training",
@@ -196,7 +196,8 @@ def train(
         seed=cfg.seed,
         run_id=config_hash(launch.identity(cfg), len(data.train_set), patching.active()),
         desc=f"{kind} mlm",
-        collate_global_batch=True,  # the masks are drawn as one process with the global batch would
+        # the masks are drawn as one process collating the step's whole global batch would draw them
+        collate_global_batch=True,
         # Reformer's reversible layers run their own backward passes, and transformers' Reformer
         # never uses lm_head.bias in its forward (the decoder holds its own)
         ddp_static_graph=kind == "reformer",
@@ -215,8 +216,7 @@ def train(
         collate_fn=train_collator(kind, cfg, data.tokenizer),
         scheduler=scheduler,
         eval_fn=evaluate,
-        # one process: the model's own loss (the demo's arithmetic); torchrun: the global mean
-        loss_fn=masked_lm_loss if rt.distributed else None,
+        loss_counts=masked_tokens,  # the model's own loss: a mean over the masked tokens
     )
     if rt.is_main:
         save_weights(model, final_dir(cfg), result)

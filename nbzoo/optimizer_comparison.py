@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from nbzoo import cpus, fidelity, launch, paths, pretraining
+from nbzoo import cpus, fidelity, launch, metrics, paths, pretraining
 from nbzoo.data import mlperf
 from nbzoo.device import Runtime
 from nbzoo.optim.thor import THOR
@@ -115,6 +115,39 @@ def run_grid(cfg: Any, rt: Runtime, train_data: Sequence, eval_data: Sequence) -
                 flush=True,
             )
     return [r for r in runs if r is not None]
+
+
+def thor_variant_runs(
+    cfg: Any, rt: Runtime, train_data: Sequence, eval_data: Sequence, variant: str
+) -> list[Run]:
+    """THOR's points of ``cfg.grid`` trained under ``thor_variant = variant`` (the other
+    optimizers do not depend on it), from the same weights and batches as the grid."""
+    other = type(cfg)({**cfg, "thor_variant": variant, "grid": {"thor": cfg.grid["thor"]}})
+    return run_grid(other, rt, train_data, eval_data)
+
+
+def masked_tokens_evaluated(eval_data: Sequence) -> int:
+    """The masked tokens the MLM accuracy is computed over (the n of its standard error)."""
+    return int((np.asarray(eval_data.arrays()["masked_lm_weights"]) > 0).sum())
+
+
+def thor_variant_table(runs: dict[str, list[Run]], masked_tokens: int) -> list[dict[str, Any]]:
+    """Per THOR variant, its grid's best point: final MLM accuracy with its standard error (the
+    binomial one, √(p(1-p)/n) over the ``masked_tokens`` evaluated), for the notebook's table."""
+    rows = []
+    for variant, variant_runs in runs.items():
+        best = best_runs(variant_runs)["thor"]
+        p = best.final_accuracy
+        rows.append(
+            {
+                "thor_variant": variant,
+                "best grid point": best.label,
+                "final MLM accuracy": p,
+                "standard error": metrics.proportion_standard_error(p, masked_tokens),
+                "masked tokens evaluated": masked_tokens,
+            }
+        )
+    return rows
 
 
 def best_runs(runs: list[Run]) -> dict[str, Run]:

@@ -30,8 +30,8 @@ from nbzoo import packing, paths, progress
 from nbzoo.checkpoint_formats import tf_bundle
 from nbzoo.data import mlperf
 from nbzoo.device import Runtime
-from nbzoo.optim.thor import THOR, PolySchedule
-from nbzoo.train import TrainConfig, config_hash, fit, global_mean
+from nbzoo.optim.thor import THOR, VARIANTS, PolySchedule
+from nbzoo.train import TrainConfig, config_hash, fit
 
 STEM = "06_bert_thor"
 OPTIMIZERS = ("thor", "sgd", "adamw")
@@ -83,19 +83,46 @@ def forward_heads(model: BertForPreTraining, batch: dict[str, torch.Tensor]):
     return model.cls.predictions(hidden), model.cls.seq_relationship(out.pooler_output)
 
 
-def pretraining_loss(model: BertForPreTraining, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """MLPerf's loss: weighted masked-LM cross-entropy + next-sentence cross-entropy."""
+def pretraining_terms(model: BertForPreTraining, batch: dict[str, torch.Tensor]):
+    """MLPerf's two loss terms: the ``masked_lm_weights``-weighted mean masked-LM cross-entropy
+    (``mlm``, over the batch's masked tokens) and the mean next-sentence cross-entropy (``nsp``,
+    over its samples)."""
     scores, nsp = forward_heads(model, batch)
     weights = batch["masked_lm_weights"].float()
     per_token = nn.functional.cross_entropy(
         scores.float().flatten(0, 1), batch["masked_lm_ids"].flatten(), reduction="none"
     )
-    mlm = global_mean((per_token * weights.flatten()).sum(), weights.sum() + 1e-5)
-    return mlm + nn.functional.cross_entropy(nsp.float(), batch["next_sentence_labels"].flatten())
+    mlm = (per_token * weights.flatten()).sum() / (weights.sum() + 1e-5)
+    return {
+        "mlm": mlm,
+        "nsp": nn.functional.cross_entropy(nsp.float(), batch["next_sentence_labels"].flatten()),
+    }
 
 
-def packed_pretraining_loss(model: BertForPreTraining, batch: dict[str, torch.Tensor]):
-    """:func:`pretraining_loss` of a batch from ``packing.MLPerfPackedCollator``: the samples
+def pretraining_loss(model: BertForPreTraining, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """MLPerf's loss: weighted masked-LM cross-entropy + next-sentence cross-entropy."""
+    terms = pretraining_terms(model, batch)
+    return terms["mlm"] + terms["nsp"]
+
+
+def loss_counts(batch: dict[str, torch.Tensor]) -> dict[str, float]:
+    """What each term of the loss averages over (for the training loop's weighting of the
+    micro-batches of a step, :func:`nbzoo.train.step_shares`): the masked-LM weights' sum and the
+    samples."""
+    return {
+        "mlm": float(batch["masked_lm_weights"].float().sum()),
+        "nsp": len(batch["next_sentence_labels"]),
+    }
+
+
+def loss_terms(model: nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The training loop's ``loss_fn``: :class:`PretrainingModel`'s (or DDP's around it) terms."""
+    out = model(**batch)
+    return {"mlm": out["mlm"], "nsp": out["nsp"]}
+
+
+def packed_pretraining_terms(model: BertForPreTraining, batch: dict[str, torch.Tensor]):
+    """:func:`pretraining_terms` of a batch from ``packing.MLPerfPackedCollator``: the samples
     side by side in rows, attention block-diagonal, positions restarting per sample, NSP on each
     sample's [CLS]. The same weighted masked-LM mean and NSP mean as the padded batch's."""
     mask = packing.attention_mask_for(
@@ -116,21 +143,26 @@ def packed_pretraining_loss(model: BertForPreTraining, batch: dict[str, torch.Te
         scores.float(), batch["masked_lm_ids"], reduction="none"
     )
     mlm = (per_token * weights).sum() / (weights.sum() + 1e-5)
-    return mlm + nn.functional.cross_entropy(nsp.float(), batch["next_sentence_labels"])
+    return {
+        "mlm": mlm,
+        "nsp": nn.functional.cross_entropy(nsp.float(), batch["next_sentence_labels"]),
+    }
 
 
 class PretrainingModel(nn.Module):
-    """``BertForPreTraining`` whose forward takes an MLPerf batch and returns MLPerf's loss, so that
-    the training loop (and DistributedDataParallel, which must see the forward) calls it directly."""
+    """``BertForPreTraining`` whose forward takes an MLPerf batch and returns MLPerf's loss and its
+    two terms, so that the training loop (and DistributedDataParallel, which must see the forward)
+    calls it directly."""
 
     def __init__(self, bert: BertForPreTraining):
         super().__init__()
         self.bert_pretraining = bert
 
     def forward(self, **batch: torch.Tensor) -> dict[str, torch.Tensor]:
-        if packing.is_packed(batch):
-            return {"loss": packed_pretraining_loss(self.bert_pretraining, batch)}
-        return {"loss": pretraining_loss(self.bert_pretraining, batch)}
+        terms = (packed_pretraining_terms if packing.is_packed(batch) else pretraining_terms)(
+            self.bert_pretraining, batch
+        )
+        return {"loss": terms["mlm"] + terms["nsp"], **terms}
 
 
 @torch.no_grad()
@@ -197,6 +229,7 @@ def make_optimizer(kind: str, model: nn.Module, lr: float, damping: float | None
             precondition=kind == "thor",
             first_order=cfg.thor_first_order,
             layernorm=cfg.thor_layernorm,
+            **thor_variant(cfg),
         )
         return opt, None
     if kind == "adamw":
@@ -216,6 +249,22 @@ def make_optimizer(kind: str, model: nn.Module, lr: float, damping: float | None
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: lr_schedule(step) / lr)
         return opt, sched
     raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}; got {kind!r}")
+
+
+THOR_VARIANTS = tuple(VARIANTS)  # "mindspore" (the seed's code, THOR's default) | "nbzoo"
+EVAL_SPLITS = ("in_training", "held_out")
+
+
+def thor_variant(cfg: Any) -> dict[str, Any]:
+    """THOR's structural choices for ``cfg.thor_variant`` (:data:`nbzoo.optim.thor.VARIANTS`):
+    ``"mindspore"`` -- MindSpore's bert_thor, the seed's code: each refresh step's own statistics,
+    biases first-order, the tied embedding under the embedding's factors; ``"nbzoo"`` -- running
+    statistics every ``stats_every`` steps (decay ``stat_decay``), biases folded into A, the tied
+    embedding as a sum of two Kronecker products."""
+    name = cfg.get("thor_variant", "mindspore")
+    if name not in VARIANTS:
+        raise ValueError(f"thor_variant must be one of {', '.join(VARIANTS)}; got {name!r}")
+    return dict(VARIANTS[name])
 
 
 @dataclass
@@ -378,6 +427,14 @@ def collate_for(kind: str, cfg: Any):
     return mlperf.collate
 
 
+def epochs_read(cfg: Any, world_size: int, samples: int) -> int:
+    """Passes over the ``samples`` training samples that ``max_steps`` optimizer steps of the global
+    batch (batch_size × world_size × grad_accum) take: 1 for the seed's 3000 steps of 96 of its
+    9,600,000 samples (config.py's epoch_size 1)."""
+    global_batch = cfg.batch_size * world_size * cfg.get("grad_accum", 1)
+    return max(1, math.ceil(cfg.max_steps * global_batch / samples))
+
+
 def train(
     kind: str,
     lr: float,
@@ -396,9 +453,11 @@ def train(
     checkpoint_dir = None
     if cfg.checkpoint_dir:
         checkpoint_dir = paths.resolve(cfg.checkpoint_dir) / f"{kind}-lr{lr:g}-d{damping or 0:g}"
+    grad_accum = cfg.get("grad_accum", 1)
     tc = TrainConfig(
-        epochs=max(1, math.ceil(cfg.max_steps * cfg.batch_size * rt.world_size / len(train_data))),
+        epochs=epochs_read(cfg, rt.world_size, len(train_data)),
         batch_size=cfg.batch_size,
+        grad_accum=grad_accum,
         max_steps=cfg.max_steps,
         eval_every=cfg.eval_every,
         checkpoint_dir=checkpoint_dir,
@@ -414,6 +473,7 @@ def train(
             cfg.max_steps,
             cfg.batch_size,
             rt.world_size,
+            grad_accum,
             cfg.get("init_checkpoint", ""),
         ),
     )
@@ -431,6 +491,8 @@ def train(
             collate_fn=collate_for(kind, cfg),
             scheduler=sched,
             eval_fn=eval_fn,
+            loss_fn=loss_terms,
+            loss_counts=loss_counts,
         )
     finally:
         if isinstance(opt, THOR):
@@ -486,12 +548,21 @@ def return_freed_memory() -> bool:
 
 
 def load_data(cfg: Any, world_size: int = 1):
-    """(train, eval) datasets from ``cfg.data_dir``: eval = the first ``eval_samples`` samples."""
+    """(train, eval) datasets from ``cfg.data_dir``: eval = the first ``eval_samples`` samples.
+
+    ``eval_split = "in_training"`` (the seed's): training reads every sample, those first ones
+    too (``train_samples`` of them from the first; 0: all) -- the seed trains on all 9,600,000
+    and evaluates on the first 10,000. ``"held_out"``: training starts after them, so the
+    evaluation is on samples the run never trained on."""
+    split = cfg.get("eval_split", "in_training")
+    if split not in EVAL_SPLITS:
+        raise ValueError(f"eval_split must be one of {', '.join(EVAL_SPLITS)}; got {split!r}")
     folder = paths.resolve(cfg.data_dir)
     in_memory = cfg.preset == "demo"
     eval_data = mlperf.eval_split(folder, cfg.eval_samples, in_memory=in_memory)
     limit = cfg.train_samples or None
-    train_data = mlperf.train_split(folder, cfg.eval_samples, limit, in_memory=in_memory)
+    skip = cfg.eval_samples if split == "held_out" else 0
+    train_data = mlperf.train_split(folder, skip, limit, in_memory=in_memory)
     return train_data, eval_data
 
 

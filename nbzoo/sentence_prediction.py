@@ -6,9 +6,11 @@ the seed's ``train_eval_8p.sh``); the configuration is its resolved preset
 (``nbzoo.presets.resolve("03_roberta_sst2", ...)``). fairseq's recipe
 (``examples/roberta/config/finetuning/sst_2.yaml``): Adam with betas (0.9, 0.98), eps 1e-6 and
 decoupled weight decay 0.1 on every parameter (fairseq's Adam is AdamW), lr 1e-5 with linear
-warm-up over 6% of the updates then polynomial (power 1) decay to 0, batches of at most 32
-sentences and 4400 tokens (``--max-tokens``, batched as fairseq does), dropout 0.1,
-``<s>`` prepended to every sentence, max 512 positions, 10 epochs.
+warm-up over 1256 updates then polynomial (power 1) decay to 0 at update 20935 (``warmup_updates``,
+``total_num_update``: counted in updates, whatever the epochs; README.glue.md computes them for 10
+epochs of 32 sentences, 6% warm-up), ``max_update`` 20935, batches of at most 32 sentences and 4400
+tokens (``--max-tokens``, batched as fairseq does), dropout 0.1, ``<s>`` prepended to every
+sentence, max 512 positions, 10 epochs.
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ from nbzoo.data.fairseq_glue import (
 )
 from nbzoo.data.gpt2_bpe import RobertaEncoder, download_gpt2_bpe, train_bpe
 from nbzoo.device import Runtime
-from nbzoo.train import TrainConfig, TrainResult, config_hash, fit, predict
+from nbzoo.train import TrainConfig, TrainResult, config_hash, fit, predict, steps_per_epoch
 
 TINY = "tiny"  # a RoBERTa built from ``model_config`` and trained from scratch (the demo)
 BASE_CONFIG = "roberta-base-config"  # roberta.base's architecture, random weights (perf preset)
@@ -205,8 +207,19 @@ def load_checkpoint(
     return model
 
 
-def make_optimizer(model: torch.nn.Module, cfg: Any, total_steps: int):
-    """fairseq's Adam (decoupled weight decay on all parameters) + polynomial decay with warm-up."""
+def schedule_updates(cfg: Any, run_updates: int) -> tuple[int, int]:
+    """(warm-up updates, decay length in updates) of the polynomial schedule, counted in optimizer
+    steps as fairseq counts updates: ``warmup_updates`` / ``total_num_update`` where the preset
+    gives them (fairseq's sst_2 recipe: 1256 / 20935, whatever the epochs and devices), else
+    ``warmup_ratio`` of this run's own ``run_updates``."""
+    total = getattr(cfg, "total_num_update", 0) or run_updates
+    warmup = getattr(cfg, "warmup_updates", 0) or round(cfg.warmup_ratio * total)
+    return warmup, total
+
+
+def make_optimizer(model: torch.nn.Module, cfg: Any, run_updates: int):
+    """fairseq's Adam (decoupled weight decay on all parameters) + polynomial decay with warm-up
+    (:func:`schedule_updates`; after the decay the learning rate stays at 0, as fairseq's)."""
     optimizer = torch.optim.AdamW(
         model.parameters(),
         lr=cfg.learning_rate,
@@ -214,8 +227,9 @@ def make_optimizer(model: torch.nn.Module, cfg: Any, total_steps: int):
         eps=cfg.adam_eps,
         weight_decay=cfg.weight_decay,
     )
+    warmup, total = schedule_updates(cfg, run_updates)
     scheduler = get_polynomial_decay_schedule_with_warmup(
-        optimizer, round(cfg.warmup_ratio * total_steps), total_steps, lr_end=0.0, power=1.0
+        optimizer, warmup, total, lr_end=0.0, power=1.0
     )
     return optimizer, scheduler
 
@@ -250,10 +264,11 @@ def finetune(
     torch.manual_seed(cfg.seed)
     model = build_model(cfg, train.dictionary, len(train.class_names)).to(rt.device)
     plan = batch_plan(cfg, train)
+    grad_accum = cfg.get("grad_accum", 1)
     per_epoch = (
-        len(plan(0, rt.rank, rt.world_size))
+        -(-len(plan(0, rt.rank, rt.world_size)) // grad_accum)
         if plan
-        else -(-len(train) // (cfg.batch_size * rt.world_size))
+        else steps_per_epoch(len(train), cfg.batch_size, rt.world_size, grad_accum)
     )
     steps = cfg.epochs * per_epoch
     if cfg.max_steps:
@@ -262,6 +277,7 @@ def finetune(
     train_cfg = TrainConfig(
         epochs=cfg.epochs,
         batch_size=cfg.batch_size,
+        grad_accum=grad_accum,
         max_steps=cfg.max_steps or None,
         max_grad_norm=cfg.clip_norm or None,
         checkpoint_dir=paths.resolve(cfg.checkpoint_dir) / "training"

@@ -7,8 +7,9 @@ enough to read in a tutorial. The Trainer's internals change between transformer
 seeds replaced trainer.py by hand for that reason); a 200-line loop over plain torch does not.
 
 What it does: AMP through the Runtime (autocast, a dynamic loss scale for fp16, and for apex's O2
-an fp16 model over fp32 master weights, :mod:`nbzoo.amp`), gradient accumulation,
-gradient clipping, evaluation each epoch (and every ``eval_every`` steps), atomic checkpoints
+an fp16 model over fp32 master weights, :mod:`nbzoo.amp`), gradient accumulation (the global batch
+of an optimizer step is ``batch_size × world_size × grad_accum``, its loss the mean over the whole
+of it: see :func:`step_shares`), gradient clipping, evaluation each epoch (and every ``eval_every`` steps), atomic checkpoints
 (model weights as safetensors, the rest with torch.save) with exact resume, a ``tqdm.auto``
 progress bar, loss history and samples/s. Under torchrun (``WORLD_SIZE>1``) it wraps the model in
 DistributedDataParallel and shards every epoch's permutation across ranks.
@@ -40,6 +41,10 @@ from nbzoo.device import Runtime
 
 Batch = dict[str, Any]
 Callback = Callable[[int, float, "TrainState"], None]
+# A loss: one mean, or a mean per term (``{"mlm": ..., "nsp": ...}``) when the terms average over
+# different things (masked tokens, sentences); and what each mean is over, counted in a batch.
+Loss = torch.Tensor | Mapping[str, torch.Tensor]
+Counts = float | Mapping[str, float]
 
 
 @dataclass
@@ -47,7 +52,7 @@ class TrainConfig:
     epochs: int = 1
     batch_size: int = 32  # per device, per micro-batch
     max_steps: int | None = None  # stop after this many optimizer steps in total
-    grad_accum: int = 1
+    grad_accum: int = 1  # micro-batches per optimizer step (per process)
     max_grad_norm: float | None = None
     eval_every: int | None = None  # optimizer steps; evaluation also runs at every epoch end
     checkpoint_dir: str | os.PathLike | None = None
@@ -117,6 +122,13 @@ def epoch_batches(
         order = (order * world_size)[: per_rank * world_size]
         order = order[rank::world_size]
     return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+def steps_per_epoch(samples: int, batch_size: int, world_size: int = 1, grad_accum: int = 1) -> int:
+    """Optimizer steps in one epoch of ``samples`` (what :func:`fit` takes with
+    :func:`epoch_batches`): ⌈samples / (batch_size × world_size × grad_accum)⌉, for the
+    learning-rate schedules, which count optimizer steps."""
+    return math.ceil(samples / (batch_size * world_size * grad_accum))
 
 
 def _rng_state() -> dict[str, Any]:
@@ -272,7 +284,7 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer, scheduler, sc
     return TrainState(**blob["state"])
 
 
-def _forward_loss(model, batch: Batch, loss_fn) -> torch.Tensor:
+def _forward_loss(model, batch: Batch, loss_fn) -> Loss:
     if loss_fn is not None:
         return loss_fn(model, batch)
     out = model(**batch)
@@ -280,6 +292,54 @@ def _forward_loss(model, batch: Batch, loss_fn) -> torch.Tensor:
     if loss is None:
         raise ValueError("the model returned no loss: pass labels in the batch or give loss_fn")
     return loss
+
+
+def batch_rows(batch: Batch) -> int:
+    """What a loss without ``loss_counts`` averages over: the batch's sentences -- one label each
+    (``labels``, also in packed batches, where the rows hold several sentences), else the rows of
+    its first tensor."""
+    labels = batch.get("labels")
+    if torch.is_tensor(labels) and labels.dim() >= 1:
+        return len(labels)
+    return len(next(v for v in batch.values() if torch.is_tensor(v)))
+
+
+def _as_terms(value: Any, name: str) -> dict[str, Any]:
+    return dict(value) if isinstance(value, Mapping) else {name: value}
+
+
+def step_shares(
+    counts: Sequence[Mapping[str, float]], world_size: int = 1, device: Any = "cpu"
+) -> list[dict[str, float]]:
+    """How much each micro-batch of an optimizer step weighs in the step's loss.
+
+    A loss term is a mean over items (sentences, masked tokens) and the micro-batches of a step
+    (this rank's, and every rank's under torchrun) hold different numbers of them: the last batch
+    of an epoch is short, fairseq's --max-tokens batches vary, the masks fall where they fall. The
+    step's loss is the mean over *all* the step's items, which is Σᵢ meanᵢ · nᵢ / N with N the
+    items of the whole step summed over its micro-batches and ranks -- not the mean of the
+    micro-batches' means. So micro-batch i's term gets the weight nᵢ / N (``counts`` give each
+    micro-batch's nᵢ per term; N is summed here, over the ranks with one all-reduce). One process
+    with grad_accum k and k processes with one micro-batch each, or one process with a k times
+    larger batch, then take the same step (up to float rounding); with one micro-batch on one
+    process every weight is exactly 1."""
+    keys = list(counts[0]) if counts else []
+    totals = [float(sum(c[k] for c in counts)) for k in keys]
+    if world_size > 1:
+        totals = sum_over_ranks(totals, device)
+    return [
+        {k: (float(c[k]) / total if total else 0.0) for k, total in zip(keys, totals, strict=True)}
+        for c in counts
+    ]
+
+
+def _share_of(terms: Mapping[str, torch.Tensor], shares: Mapping[str, float]) -> torch.Tensor:
+    """Σ over the terms of meanₜ · weightₜ (a term with no items in this micro-batch is left out;
+    with none at all, the first term times 0, so that every rank still runs its backward)."""
+    parts = [terms[k] * w for k, w in shares.items() if w]
+    if not parts:
+        return next(iter(terms.values())) * 0.0
+    return parts[0] if len(parts) == 1 else sum(parts[1:], parts[0])
 
 
 def _evaluate(model, eval_fn, state: TrainState, masters: MasterWeights | None = None) -> None:
@@ -302,11 +362,18 @@ def fit(
     collate_fn: Callable[[list], Batch] | None = None,
     scheduler: Any = None,
     eval_fn: Callable[[torch.nn.Module], dict[str, float]] | None = None,
-    loss_fn: Callable[[torch.nn.Module, Batch], torch.Tensor] | None = None,
+    loss_fn: Callable[[torch.nn.Module, Batch], Loss] | None = None,
     callbacks: Iterable[Callback] = (),
     batch_plan: Callable[[int, int, int], list[list[int]]] | None = None,
+    loss_counts: Callable[[Batch], Counts] | None = None,
 ) -> TrainResult:
     """Train ``model`` (already on ``rt.device``) and return its history.
+
+    ``loss_fn(model, batch)`` returns the batch's loss, a mean (default: the model's own ``loss``),
+    or a mean per term as a dict; ``loss_counts(batch)`` what each mean is over, counted in the
+    batch (a number, or a dict with the same keys; default: :func:`batch_rows`). An optimizer step
+    over several micro-batches (``grad_accum``, several ranks) weighs each by its share of those
+    items (:func:`step_shares`), so that its loss is the mean over the whole global batch.
 
     ``scheduler`` is stepped once per optimizer step. ``callbacks`` run after every optimizer step
     as ``cb(step, loss, state)``. ``batch_plan(epoch, rank, world_size)``, when given, returns
@@ -356,7 +423,7 @@ def fit(
     try:
         return _train(
             model, train_dataset, optimizer, rt, cfg, collate_fn, scheduler, eval_fn, loss_fn,
-            list(callbacks), scaler, state, resumed_from, masters, batch_plan,
+            list(callbacks), scaler, state, resumed_from, masters, batch_plan, loss_counts,
         )  # fmt: skip
     finally:
         if masters:
@@ -366,7 +433,7 @@ def fit(
 def _train(
     model, train_dataset, optimizer, rt, cfg, collate_fn, scheduler, eval_fn, loss_fn,
     callbacks, scaler, state: TrainState, resumed_from, masters: MasterWeights | None,
-    batch_plan: Callable[[int, int, int], list[list[int]]],
+    batch_plan: Callable[[int, int, int], list[list[int]]], loss_counts,
 ) -> TrainResult:  # fmt: skip
     """:func:`fit`'s loop, from a loaded (or new) state; the model already in its precision."""
 
@@ -402,42 +469,33 @@ def _train(
     done = state.step >= total_steps
     while not done and state.epoch < cfg.epochs:
         batches = batch_plan(state.epoch, rt.rank, rt.world_size)
-        micro_losses: list[float] = []
-        tick = time.perf_counter()
-        step_samples = 0
         every_rank = None
-        if cfg.collate_global_batch and rt.distributed:
-            every_rank = [
-                epoch_batches(
-                    len(train_dataset), cfg.batch_size, cfg.seed, state.epoch, r, rt.world_size
-                )
-                for r in range(rt.world_size)
-            ]
+        if cfg.collate_global_batch and (rt.distributed or cfg.grad_accum > 1):
+            every_rank = [batch_plan(state.epoch, r, rt.world_size) for r in range(rt.world_size)]
+        tick = time.perf_counter()
         while state.batch_in_epoch < len(batches):
-            i = state.batch_in_epoch
-            if every_rank is None:
-                batch = rt.to_device(collate_fn([train_dataset[j] for j in batches[i]]))
-            else:
-                rows = [j for group in zip(*(b[i] for b in every_rank), strict=True) for j in group]
-                whole = collate_fn([train_dataset[j] for j in rows])
-                batch = rt.to_device(
-                    {
-                        k: v[rt.rank :: rt.world_size] if torch.is_tensor(v) else v
-                        for k, v in whole.items()
-                    }
-                )
-            boundary = (i + 1) % cfg.grad_accum == 0 or i + 1 == len(batches)
-            sync = boundary or not rt.distributed
-            ctx = net.no_sync() if not sync else _nullcontext()
-            with ctx:
-                with rt.autocast():
-                    loss = _forward_loss(net, batch, loss_fn)
-                scaler.scale(loss / cfg.grad_accum).backward()
-            micro_losses.append(float(loss.detach()))
-            step_samples += len(batches[i]) * rt.world_size
-            state.batch_in_epoch += 1
-            if not boundary:
-                continue
+            # one optimizer step: the micro-batches up to the next multiple of grad_accum
+            first = state.batch_in_epoch
+            step = range(first, min((first // cfg.grad_accum + 1) * cfg.grad_accum, len(batches)))
+            micro = _collate_step(train_dataset, batches, every_rank, step, collate_fn, rt)
+            counts = [
+                _as_terms(loss_counts(b) if loss_counts else batch_rows(b), "loss") for b in micro
+            ]
+            shares = step_shares(counts, rt.world_size, rt.device)
+            step_loss = 0.0
+            for n, (batch, share) in enumerate(zip(micro, shares, strict=True)):
+                last = n == len(micro) - 1
+                ctx = net.no_sync() if rt.distributed and not last else _nullcontext()
+                with ctx:
+                    with rt.autocast():
+                        terms = _as_terms(_forward_loss(net, rt.to_device(batch), loss_fn), "loss")
+                    part = _share_of(terms, share)
+                    # DistributedDataParallel averages the ranks' gradients: times world_size,
+                    # their sum is the gradient of the global batch's mean
+                    scaler.scale(part * rt.world_size).backward()
+                step_loss += float(part.detach())
+                state.batch_in_epoch += 1
+            step_samples = sum(len(batches[i]) for i in step) * rt.world_size
             if masters:
                 masters.grads_to_masters()
             if cfg.max_grad_norm is not None:
@@ -456,9 +514,8 @@ def _train(
             state.step += 1
             state.samples += step_samples
             state.train_seconds += seconds
-            step_loss = sum(micro_losses) / len(micro_losses)
-            if rt.distributed:  # the mean over the ranks: the global batch's loss
-                step_loss = mean_over_ranks(step_loss, rt.device)
+            if rt.distributed:  # the ranks' shares: the global batch's loss
+                step_loss = sum_over_ranks([step_loss], rt.device)[0]
             state.history.append(
                 {
                     "step": state.step,
@@ -468,7 +525,6 @@ def _train(
                     "seconds": seconds,
                 }
             )
-            micro_losses, step_samples = [], 0
             bar.update(1)
             if state.step % cfg.log_every == 0:
                 bar.set_postfix(loss=f"{step_loss:.4f}", epoch=state.epoch, refresh=False)
@@ -508,33 +564,54 @@ def _train(
     )
 
 
-def mean_over_ranks(value: float, device: torch.device | str = "cpu") -> float:
-    """The mean of a number over the ranks of a torchrun job (the number itself without one).
-    ``device``: where the process group's backend reduces (nccl / hccl: the accelerator)."""
+def sum_over_ranks(values: Sequence[float], device: torch.device | str = "cpu") -> list[float]:
+    """Numbers summed over the ranks of a torchrun job (the numbers themselves without one), in
+    one all-reduce. ``device``: where the process group's backend reduces (nccl / hccl: the
+    accelerator, in float32; gloo on a CPU: float64)."""
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()):
-        return value
+        return [float(v) for v in values]
     dtype = torch.float64 if torch.device(device).type == "cpu" else torch.float32
-    t = torch.tensor([value], dtype=dtype, device=device)
+    t = torch.tensor([float(v) for v in values], dtype=dtype, device=device)
     dist.all_reduce(t)
-    return float(t) / dist.get_world_size()
+    return [float(v) for v in t.cpu()]
 
 
-def global_mean(total: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
-    """``total / count`` for a loss averaged over a varying number of items per batch (masked
-    tokens): under torchrun the count is summed over the ranks, and the rank's term scaled by the
-    world size, so that DistributedDataParallel's mean of the ranks' gradients is the gradient of
-    the global batch's mean -- what one process would compute on the whole global batch. (DDP's
-    default, each rank's own mean then the mean of those, weighs a rank's tokens by how few it
-    has.) Without torchrun: ``total / count``."""
-    import torch.distributed as dist
+def _collate_step(
+    dataset: Sequence,
+    batches: list[list[int]],
+    every_rank: list[list[list[int]]] | None,
+    step: range,
+    collate_fn: Callable[[list], Batch],
+    rt: Runtime,
+) -> list[Batch]:
+    """This rank's micro-batches of one optimizer step, collated on the host.
 
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return total / count
-    every = count.detach().clone()
-    dist.all_reduce(every)
-    return total * dist.get_world_size() / every
+    With ``every_rank`` (``TrainConfig.collate_global_batch``) the whole global batch of the step
+    -- every micro-batch of every rank, in the order of the epoch's permutation -- is collated in
+    one call on every rank and each keeps its own rows: a collator drawing random masks then draws
+    them as one process collating the global batch would, whatever the split into ranks and
+    micro-batches (rank r's micro-batch i holds rows r, r + world_size, ... of the step's i-th
+    slice, as :func:`epoch_batches` shards the permutation)."""
+    if every_rank is None:
+        return [collate_fn([dataset[j] for j in batches[i]]) for i in step]
+    world = rt.world_size
+    slices = [
+        [j for group in zip(*(b[i] for b in every_rank), strict=True) for j in group] for i in step
+    ]
+    whole = collate_fn([dataset[j] for rows in slices for j in rows])
+    micro, start = [], 0
+    for rows in slices:
+        end = start + len(rows)
+        micro.append(
+            {
+                k: v[start:end][rt.rank :: world].contiguous() if torch.is_tensor(v) else v
+                for k, v in whole.items()
+            }
+        )
+        start = end
+    return micro
 
 
 class _nullcontext:

@@ -40,7 +40,7 @@ def one_line_error(proc, code=2):
     [
         (
             ["run", "01_albert_glue", "--preset", "nope"],
-            "unknown preset 'nope' for 01_albert_glue; choose one of: demo, full, full_8p, perf",
+            "unknown preset 'nope' for 01_albert_glue; choose one of: demo, full, full_8p, full_8p_on_1, perf",
         ),
         (
             ["run", "01_albert_glue", "-p", "no_such_knob=1"],

@@ -16,6 +16,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 SPEC = mlperf.SampleSpec(vocab_size=40, seq_length=24, max_predictions=4)
+SPEC_DEMO_PREDICTIONS = 5  # the demo preset's sample_spec max_predictions
 
 
 TINY_BERT = {
@@ -164,6 +165,26 @@ def test_eval_split_is_the_first_samples_in_shard_order_and_train_the_rest(tmp_p
     (tmp_path / "part-00000-of-00007.tfrecord").write_bytes(b"")
     with pytest.raises(mlperf.TFRecordError, match="disagree on the shard count"):
         mlperf.list_shards(tmp_path)
+
+
+def test_the_seeds_evaluation_samples_are_trained_on_too_and_held_out_is_an_option(tmp_path):
+    """The seed trains on all 9,600,000 samples and evaluates on the first 10,000 of them
+    (eval_split = in_training); held_out leaves those out of training."""
+    from nbzoo import presets, pretraining
+
+    mlperf.generate_sample_shards(tmp_path, 50, 12, SPEC, seed=3)
+    cfg = presets.Config(preset="full", data_dir=str(tmp_path), eval_samples=20, train_samples=0)
+    seed_train, seed_eval = pretraining.load_data(
+        presets.Config({**cfg, "eval_split": "in_training"})
+    )
+    assert len(seed_train) == 50 and len(seed_eval) == 20
+    np.testing.assert_array_equal(seed_train[0]["input_ids"], seed_eval[0]["input_ids"])
+    held = presets.Config({**cfg, "eval_split": "held_out"})
+    held_train, held_eval = pretraining.load_data(held)
+    assert len(held_train) == 30 and len(held_eval) == 20
+    np.testing.assert_array_equal(held_train[0]["input_ids"], seed_train[20]["input_ids"])
+    with pytest.raises(ValueError, match="eval_split must be one of in_training, held_out"):
+        pretraining.load_data(presets.Config({**cfg, "eval_split": "test"}))
 
 
 def test_a_gap_in_a_shard_set_is_refused_naming_the_missing_shard(tmp_path):
@@ -387,6 +408,30 @@ def test_thor_variants_bench_runs_the_sgd_grid_and_the_variants(tmp_path):
     assert all(0.0 <= v["final_accuracy"] <= 1.0 and v["median_ms_per_step"] > 0 for v in variants)
     table = bench.markdown(result)
     assert table.count("\n| ") == 4  # header + SGD + two variants
+
+
+def test_thor_variant_effect_bench_trains_the_thor_grid_both_ways(tmp_path):
+    bench = bench_script("thor_variant_effect")
+    small = {
+        "data_dir": str(tmp_path / "shards"),
+        "num_samples": 240,
+        "samples_per_shard": 120,
+        "eval_samples": 40,
+        "max_steps": 4,
+        "eval_every": 2,
+        "eval_batch_size": 40,
+        "grid_workers": 1,
+        "grid": {"thor": [{"lr": 0.02, "damping": 0.007035}], "sgd": [{"lr": 0.1}]},
+    }
+    result = bench.measure("demo", small)
+    rows = {r["thor_variant"]: r for r in result["rows"]}
+    assert set(rows) == {"mindspore", "nbzoo"}
+    for row in rows.values():
+        p, n = row["final MLM accuracy"], row["masked tokens evaluated"]
+        assert 0 < n <= 40 * SPEC_DEMO_PREDICTIONS
+        assert row["standard error"] == pytest.approx((p * (1 - p) / n) ** 0.5)
+        assert row["best grid point"] == "thor lr 0.02, damping 0.007035"
+    assert bench.markdown(result).count("\n| ") == 3  # header + two variants
 
 
 def test_thor_gpu_check_runs_the_full_preset_path_through_torchrun(tmp_path):

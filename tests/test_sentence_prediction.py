@@ -59,6 +59,26 @@ def test_schedule_is_fairseqs_polynomial_decay_with_warmup():
         scheduler.step()
 
 
+def test_the_full_presets_schedule_counts_fairseqs_updates_whatever_the_epochs():
+    """fairseq's SST-2 recipe: warm-up 1256 updates, decay to 0 at update 20935, the same on the
+    1-epoch row (about 2,100 updates, ending early in the decay) and the 10-epoch 8p row."""
+    model = torch.nn.Linear(3, 3)
+    for preset in ("full", "full_8p", "full_8p_on_1"):
+        cfg = presets.Config(presets.load("03_roberta_sst2")[preset])
+        assert sp.schedule_updates(cfg, run_updates=2105) == (1256, 20935)
+        optimizer, scheduler = sp.make_optimizer(model, cfg, 2105)
+        lrs = []
+        for _ in range(20935 + 2):
+            lrs.append(optimizer.param_groups[0]["lr"])
+            optimizer.step()
+            scheduler.step()
+        assert lrs[1256] == pytest.approx(1e-5) and max(lrs) == lrs[1256]
+        assert lrs[2105] == pytest.approx(1e-5 * (1 - (2105 - 1256) / (20935 - 1256)))
+        assert lrs[20935] == 0.0
+    demo = presets.Config(presets.load("03_roberta_sst2")["demo"])
+    assert sp.schedule_updates(demo, run_updates=300) == (18, 300)  # warmup_ratio 0.06
+
+
 def test_demo_pipeline_binarizes_trains_and_predicts(tmp_path):
     cfg = demo_cfg(tmp_path)
     folder = sp.prepare_data(cfg)

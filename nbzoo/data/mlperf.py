@@ -356,10 +356,9 @@ def train_split(
     limit: int | None = None,
     in_memory: bool = False,
 ) -> PretrainingShards:
-    """Training samples: everything after the evaluation samples (at most ``limit`` of them).
-
-    The seed evaluates on samples of its training set; we leave them out of training so the
-    evaluation is held out (10,000 of 9.6M samples: no material change to the full run)."""
+    """Training samples from sample ``skip`` on (at most ``limit`` of them): ``skip = 0`` is the
+    seed's training set, all samples, its evaluation samples included; ``skip = samples`` of
+    :func:`eval_split` leaves the evaluation samples out of training (a held-out evaluation)."""
     return PretrainingShards(
         folder, skip, None if limit is None else skip + limit, in_memory=in_memory
     )
