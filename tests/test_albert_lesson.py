@@ -65,6 +65,10 @@ def test_too_few_rounds_are_not_compared_at_all():
     table = albert_lesson.benchmark_table(few)
     assert set(table["against PyTorch"].iloc[1:]) == {"not compared (2 rounds)"}
     assert "not compared" in albert_lesson.load_sentence(few)
+    one = bench_of({k: v[:1] for k, v in SEPARATED.items()})
+    assert (
+        albert_lesson.benchmark_table(one)["against PyTorch"].iloc[-1] == "not compared (1 round)"
+    )
 
 
 def test_the_benchmark_figure_is_readable_and_names_its_shape():

@@ -99,7 +99,7 @@ def load_sentence(bench: albert.Benchmark) -> str:
     load = max(bench.load_before[0], bench.load_after[0])
     if bench.rounds < MIN_ROUNDS:
         return (
-            f"{bench.rounds} round(s) give no spread to judge a difference by: the models are "
+            f"{_rounds(bench.rounds)} give no spread to judge a difference by: the models are "
             f"not compared (set bench_rounds to {MIN_ROUNDS} or more)."
         )
     if load < 0.5 * cores:
@@ -155,10 +155,14 @@ def benchmark_table(bench: albert.Benchmark):
                 "× PyTorch IQR": f"{r1:.2f}–{r3:.2f}",
                 "against PyTorch": _short(verdicts.compare(estimate, base), estimate.name)
                 if bench.rounds >= MIN_ROUNDS
-                else f"not compared ({bench.rounds} rounds)",
+                else f"not compared ({_rounds(bench.rounds)})",
             }
         rows.append(row)
     return pd.DataFrame(rows).set_index("model")
+
+
+def _rounds(n: int) -> str:
+    return f"{n} round" + ("s" if n != 1 else "")
 
 
 def _short(verdict: verdicts.Verdict, name: str) -> str:
@@ -590,7 +594,7 @@ def summary_lines(
         f"The fused graph against the plain one: {opt_vs_plain.text}.",
     ]
     if bench.rounds < MIN_ROUNDS:
-        timings = [f"The benchmark ran {bench.rounds} round(s): too few to compare the models."]
+        timings = [f"The benchmark ran {_rounds(bench.rounds)}: too few to compare the models."]
     return [
         f"{n_sentences} dev sentences went into the seed's per-sample `.npy` layout; the fine-tuned "
         f"ALBERT was exported to ONNX, simplified and optimized ({fused}), and every fp32 graph "
