@@ -55,8 +55,8 @@ SMALLER = {
         "batch_sizes": [1, 8],
         "bench_seq_length": 32,
         "bench_batch_size": 8,
-        "bench_batches": 2,
-        "bench_rounds": 1,
+        "bench_batches": 1,
+        "bench_rounds": 5,
         "max_samples": 64,
         "static_shapes": [[32, 1]],
     }
@@ -241,9 +241,12 @@ def _wait_for(page, predicate: str, timeout_s: float, what: str):
         raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}") from exc
 
 
-# True when every code cell shows an execution count, or as soon as a traceback appears.
+# True when every code cell shows an execution count, or as soon as a traceback appears. A cell
+# whose input is collapsed (the lessons' parameters cell) also holds the placeholder's prompt,
+# which stays empty: it is left out.
 ALL_CELLS_RAN = """() => {
-  const prompts = [...document.querySelectorAll('.jp-CodeCell .jp-InputPrompt')]
+  const prompts = [...document.querySelectorAll(
+      '.jp-CodeCell .jp-InputPrompt:not(.jp-Placeholder-prompt)')]
     .map(e => e.textContent.trim());
   const traceback = [...document.querySelectorAll('.jp-OutputArea-output')]
     .some(e => e.textContent.includes('Traceback'));
