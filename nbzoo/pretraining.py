@@ -26,7 +26,7 @@ from torch import nn
 from transformers import BertConfig, BertForPreTraining
 from transformers.initialization import no_init_weights
 
-from nbzoo import packing, paths, progress
+from nbzoo import packing, paths, progress, weights
 from nbzoo.data import mlperf
 from nbzoo.device import Runtime
 from nbzoo.optim.thor import THOR, PolySchedule
@@ -292,6 +292,7 @@ def load_checkpoint(path: str | Path, model: BertForPreTraining) -> None:
     from safetensors import safe_open
 
     file = checkpoint_file(path)
+    weights.read_safetensors_keys(file)  # a truncated file: named, with what is wrong
     expected = model.state_dict(keep_vars=True)  # the model's own tensors, to copy into
     with safe_open(str(file), framework="pt") as f:
         names = {k.removeprefix("bert_pretraining."): k for k in f.keys()}
@@ -315,6 +316,7 @@ def load_checkpoint(path: str | Path, model: BertForPreTraining) -> None:
             )
         for key, tensor in expected.items():
             tensor.copy_(f.get_tensor(names[key]))
+    weights.check_finite(model, file)
 
 
 def evaluate_checkpoint(cfg: Any, rt: Runtime, eval_data: Sequence) -> dict[str, float]:
@@ -461,9 +463,13 @@ def load_data(cfg: Any, world_size: int = 1):
     """(train, eval) datasets from ``cfg.data_dir``: eval = the first ``eval_samples`` samples."""
     folder = paths.resolve(cfg.data_dir)
     in_memory = cfg.preset == "demo"
-    eval_data = mlperf.eval_split(folder, cfg.eval_samples, in_memory=in_memory)
+    model = {**BERT_LARGE, **cfg.model_config}
+    limits = mlperf.Limits(
+        model["vocab_size"], model["type_vocab_size"], model["max_position_embeddings"]
+    )
+    eval_data = mlperf.eval_split(folder, cfg.eval_samples, in_memory, limits)
     limit = cfg.train_samples or None
-    train_data = mlperf.train_split(folder, cfg.eval_samples, limit, in_memory=in_memory)
+    train_data = mlperf.train_split(folder, cfg.eval_samples, limit, in_memory, limits)
     return train_data, eval_data
 
 
