@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from nbzoo import cpus, fidelity, launch, paths, pretraining
+from nbzoo import cpus, fidelity, launch, lifeline, paths, pretraining
 from nbzoo.data import mlperf
 from nbzoo.device import Runtime
 from nbzoo.optim.thor import THOR
@@ -75,6 +75,7 @@ def grid_workers(cfg: Any, rt: Runtime) -> int:
 
 
 def _worker_threads(threads: int) -> None:  # a grid worker, on a CPU
+    lifeline.die_with_parent()  # a kernel killed mid-grid takes its workers with it
     return_freed_memory()
     if threads:
         torch.set_num_threads(threads)

@@ -354,7 +354,7 @@ def _free_port() -> int:
 
 
 def test_a_second_machine_without_node_0_says_what_it_waits_for_and_gives_up(tmp_path):
-    port = _free_port()
+    port, work = _free_port(), tmp_path / f"rdzv-{uuid.uuid4().hex}"
     code = f"""
 import time
 from nbzoo import launch, presets
@@ -362,14 +362,17 @@ cfg = presets.Config(device="cpu", precision="fp32", seed=0, nnodes=2, node_rank
                      master_addr="127.0.0.1", master_port={port}, rendezvous_timeout=2)
 start = time.monotonic()
 try:
-    launch.run("tests.jobs.sleep_job:sleep", cfg, {str(tmp_path / "work")!r}, seconds=1)
+    launch.run("tests.jobs.sleep_job:sleep", cfg, {str(work)!r}, seconds=1)
 except launch.RendezvousError as exc:
     print("GAVE UP:", exc)
 print(f"after {{time.monotonic() - start:.0f}} s")
 """
     # before: torchrun retried for 600 s in silence (the subprocess's timeout ends the test)
-    done = run_python(code, timeout=120)
-    out = done.stdout
+    try:
+        out = run_python(code, timeout=120).stdout
+    finally:
+        for pid in processes_of(work.name):  # what a failed run leaves: ours, by marker
+            os.kill(pid, signal.SIGKILL)
     waiting = (
         f"node 1 of 2: connecting to node 0 at 127.0.0.1:{port} (master_addr:master_port), "
         "up to 2 s (rendezvous_timeout)"
