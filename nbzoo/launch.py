@@ -309,7 +309,8 @@ def main(argv: list[str] | None = None) -> None:
     from nbzoo import device as nbdevice
     from nbzoo.presets import Config
 
-    lifeline.die_with_parent()  # torchrun gone (killed): this rank goes too
+    # torchrun gone (killed): this rank goes too
+    lifeline.die_with_parent(parent=lifeline.parent_from_environment())
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) != 3:
         raise SystemExit("usage: python -m nbzoo.launch MODULE:FUNCTION CONFIG.json RECORD.json")

@@ -42,20 +42,25 @@ _PR_SET_PDEATHSIG = 1  # linux/prctl.h
 GRACE_SECONDS = 5.0  # torchrun's SIGTERM handler stops its ranks within this (they do no cleanup)
 
 
-def die_with_parent(sig: int = signal.SIGKILL) -> bool:
+def die_with_parent(sig: int = signal.SIGKILL, parent: int | None = None) -> bool:
     """Ask the kernel to send ``sig`` to this process when its parent exits; True where it could.
-    A parent that is already gone (its pid in :data:`PARENT_ENV` is no longer our parent)
-    gets ``sig`` sent at once."""
+    With ``parent`` (the pid the parent had when it started us): if that is no longer our parent,
+    it died before we asked, and ``sig`` comes at once."""
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         if libc.prctl(_PR_SET_PDEATHSIG, int(sig), 0, 0, 0) != 0:
             return False
     except (OSError, AttributeError):  # not Linux
         return False
-    expected = os.environ.get(PARENT_ENV, "")
-    if expected.isdigit() and os.getppid() != int(expected):
+    if parent is not None and os.getppid() != parent:
         os.kill(os.getpid(), sig)
     return True
+
+
+def parent_from_environment() -> int | None:
+    """The pid :func:`child_environment` named as the one to die with, if any."""
+    value = os.environ.get(PARENT_ENV, "")
+    return int(value) if value.isdigit() else None
 
 
 def child_environment(env: dict[str, str] | None = None) -> dict[str, str]:
@@ -109,8 +114,8 @@ def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if not argv:
         raise SystemExit("usage: python -m nbzoo.lifeline MODULE [ARGS...]")
-    die_with_parent(signal.SIGTERM)
-    os.environ[PARENT_ENV] = str(os.getpid())
+    die_with_parent(signal.SIGTERM, parent_from_environment())
+    os.environ[PARENT_ENV] = str(os.getpid())  # torchrun's ranks die with torchrun
     sys.argv = [argv[0], *argv[1:]]
     runpy.run_module(argv[0], run_name="__main__", alter_sys=True)
 
