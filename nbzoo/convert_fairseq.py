@@ -113,6 +113,10 @@ class Placeholder:
         return f"<placeholder for {self.qualname}>"
 
 
+class RefusedGlobal(pickle.UnpicklingError):
+    """A pickle that names a global outside the allowed list (never loaded)."""
+
+
 class RestrictedUnpickler(pickle.Unpickler):
     allowed = _allowed_globals()
 
@@ -122,7 +126,7 @@ class RestrictedUnpickler(pickle.Unpickler):
             return self.allowed[qualname]
         if module.split(".")[0] in INERT_MODULES:
             return type(name, (Placeholder,), {"qualname": qualname, "__module__": __name__})
-        raise pickle.UnpicklingError(
+        raise RefusedGlobal(
             f"refusing to unpickle the global {qualname}: only tensors, OrderedDict, "
             "argparse.Namespace, numpy scalars/arrays and inert fairseq/omegaconf objects are loaded"
         )
@@ -160,10 +164,19 @@ def load_checkpoint(path: str | os.PathLike) -> FairseqCheckpoint:
         state = torch.load(
             path, map_location="cpu", pickle_module=restricted_pickle, weights_only=False
         )
-    except pickle.UnpicklingError as exc:
+    except RefusedGlobal as exc:
         raise CheckpointError(f"{path}: {exc}") from None
-    except (RuntimeError, EOFError, OSError) as exc:
-        raise CheckpointError(f"{path}: not a readable torch checkpoint ({exc})") from None
+    except OSError as exc:
+        raise CheckpointError(f"{path}: cannot be read ({exc.strerror or exc})") from None
+    except Exception as exc:  # noqa: BLE001
+        # Bytes that are not a torch checkpoint fail anywhere in torch's zip reader or in the
+        # unpickler, with any of a dozen exception types (UnpicklingError, ValueError "unsupported
+        # pickle protocol", EOFError, KeyError, struct.error, ...): all of them mean the same.
+        why = "".join(c if c.isprintable() else "?" for c in str(exc))  # bytes of the file, often
+        why = why if len(why) <= 100 else why[:100] + "..."
+        raise CheckpointError(
+            f"{path} is not a fairseq checkpoint ({type(exc).__name__}: {why})"
+        ) from None
     if not isinstance(state, dict) or not isinstance(state.get("model"), dict):
         got = sorted(state) if isinstance(state, dict) else type(state).__name__
         raise CheckpointError(
@@ -421,6 +434,10 @@ def convert(
     ``roberta.base``), the classifier is freshly initialised, as fairseq's
     ``register_classification_head`` does before fine-tuning.
     """
+    if num_labels is not None and (
+        isinstance(num_labels, bool) or not isinstance(num_labels, int) or num_labels < 1
+    ):
+        raise CheckpointError(f"num_labels must be an integer >= 1, got {num_labels!r}")
     ckpt = checkpoint if isinstance(checkpoint, FairseqCheckpoint) else load_checkpoint(checkpoint)
     sd = upgrade_state_dict(ckpt.model)
     if num_labels is None:
@@ -511,6 +528,16 @@ def convert_to_safetensors(
     return converted
 
 
+def _at_least_one(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
+    return value
+
+
 def main(argv: list[str] | None = None) -> int:
     """``python -m nbzoo.convert_fairseq model.pt OUT_DIR [--task masked-lm] [--num-labels N]``"""
     parser = argparse.ArgumentParser(
@@ -519,8 +546,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("checkpoint")
     parser.add_argument("output_dir")
     parser.add_argument("--task", choices=TASKS, default="sequence-classification")
-    parser.add_argument("--num-labels", type=int, default=None)
+    parser.add_argument("--num-labels", type=_at_least_one, default=None)
     parser.add_argument("--head", default=None, help="classification head name in the checkpoint")
+
+    def one_line_error(message: str) -> None:  # argparse's usage block hides the one line
+        print(f"error: {message}", file=sys.stderr)
+        raise SystemExit(2)
+
+    parser.error = one_line_error  # type: ignore[method-assign]
     args = parser.parse_args(argv)
     try:
         converted = convert_to_safetensors(

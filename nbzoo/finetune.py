@@ -24,7 +24,7 @@ from transformers import (
     get_linear_schedule_with_warmup,
 )
 
-from nbzoo import launch, lesson, metrics, packing, paths, verdicts
+from nbzoo import launch, lesson, metrics, packing, paths, verdicts, weights
 from nbzoo.data import glue
 from nbzoo.device import Runtime
 from nbzoo.text import word_tokenizer
@@ -81,13 +81,19 @@ def num_labels(task: str) -> int:
     return 2 if task == "sst2" else 1
 
 
+HEADS = {"sst2": "SST-2 classifier (2 labels)", "stsb": "STS-B regression head (1 output)"}
+
+
 def build_model(task: str, cfg: Any, tokenizer) -> torch.nn.Module:
     """The tiny ALBERT (``model_name = "tiny"``), the pretrained model ``model_name``, or, with
     ``init_checkpoint``, a fine-tuned checkpoint to continue from."""
     if cfg.get("init_checkpoint"):
-        return AutoModelForSequenceClassification.from_pretrained(
-            task_checkpoint(cfg.init_checkpoint, task), num_labels=num_labels(task)
+        folder = task_checkpoint(cfg.init_checkpoint, task)
+        model, _ = weights.pretrained(
+            AutoModelForSequenceClassification, folder, num_labels=num_labels(task)
         )
+        weights.check_finite(model, folder)
+        return model
     if cfg.model_name == TINY:
         config = AlbertConfig(
             vocab_size=len(tokenizer),
@@ -206,7 +212,7 @@ def train(
         return finetune_glue(task, cfg, rt, data)
     folder = checkpoint_path(cfg, task)
     record = launch.run("nbzoo.finetune:train_on_rank", cfg, folder / "launch", task=task)
-    model, tokenizer = load_finetuned(folder, rt.device)
+    model, tokenizer = load_finetuned(folder, rt.device, task)
     return Finetuned(
         task, model, tokenizer, TrainResult(**record["result"]), record["metrics"], folder
     )
@@ -227,7 +233,7 @@ def evaluate(
     training history comes from the run's record beside the checkpoint (empty without one)."""
     folder = task_checkpoint(cfg.get("init_checkpoint") or paths.resolve(cfg.checkpoint_dir), task)
     data = data or read_data(task, cfg)
-    model, tokenizer = load_finetuned(folder, rt.device)
+    model, tokenizer = load_finetuned(folder, rt.device, task)
     dev_set = glue.EncodedGlue(data["dev"], tokenizer, cfg.max_seq_length)
     outputs, labels = predict(model, dev_set, rt, batch_size=128)
     scores = task_metrics(task, outputs, labels)
@@ -238,15 +244,26 @@ def evaluate(
     return Finetuned(task, model, tokenizer, result, scores, folder)
 
 
-def load_finetuned(path: str | Path, device: torch.device | str = "cpu"):
-    """A checkpoint written by :func:`finetune_glue`: (model in eval mode, tokenizer)."""
+def load_finetuned(path: str | Path, device: torch.device | str = "cpu", task: str = "sst2"):
+    """A checkpoint of ``task`` written by :func:`finetune_glue`: (model in eval mode, tokenizer).
+    A checkpoint without the task's head (a pretrained model: transformers would add one at
+    random), with another task's head, or with NaN weights is refused, naming what it lacks."""
     path = Path(path)
     if not (path / "config.json").exists():
         raise FileNotFoundError(
             f"{path}: no fine-tuned checkpoint here (config.json missing); run 01_albert_glue first"
         )
-    model = AutoModelForSequenceClassification.from_pretrained(path).to(device).eval()
-    return model, AutoTokenizer.from_pretrained(path)
+    model, info = weights.pretrained(AutoModelForSequenceClassification, path)
+    wanted = f"a checkpoint fine-tuned on {task} (01_albert_glue saves it as checkpoint_dir/{task})"
+    weights.check_head(path, info["missing_keys"], {"classifier.": HEADS[task]}, f"use {wanted}")
+    if model.config.num_labels != num_labels(task):
+        held = next((HEADS[t] for t in HEADS if num_labels(t) == model.config.num_labels), None)
+        raise weights.UnusableCheckpoint(
+            f"{path}: its head has {model.config.num_labels} outputs"
+            f"{f' (the {held})' if held else ''}, but {task} needs the {HEADS[task]}: use {wanted}"
+        )
+    weights.check_finite(model, path)
+    return model.to(device).eval(), AutoTokenizer.from_pretrained(path)
 
 
 # --- the lesson's views of a run (notebook 01) ------------------------------------------------------

@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_model, save_model
 from transformers import get_linear_schedule_with_warmup
 
-from nbzoo import launch, longseq, metrics, patching, paths
+from nbzoo import launch, longseq, metrics, patching, paths, weights
 from nbzoo.data import corpus
 from nbzoo.device import Runtime
 from nbzoo.train import TrainConfig, TrainResult, config_hash, fit, steps_per_epoch
@@ -148,10 +148,18 @@ def load_weights(model: torch.nn.Module, path: str | os.PathLike) -> TrainResult
             f"{file}: no weights here; init_checkpoint must name a trained run's final/ folder "
             "(checkpoint_dir/final, written by mode=train) or its model.safetensors"
         )
-    try:
-        load_model(model, str(file), device=str(next(model.parameters()).device))
-    except RuntimeError as exc:
-        raise ValueError(f"{file}: does not fit this model's architecture: {exc}") from None
+    weights.read_safetensors_keys(file)  # a truncated file: named, with what is wrong
+    missing, unexpected = load_model(
+        model, str(file), strict=False, device=str(next(model.parameters()).device)
+    )
+    purpose = "init_checkpoint must be a masked-LM run's final/ folder (checkpoint_dir/final)"
+    weights.check_head(file, missing, {"lm_head.": "masked-LM head (lm_head)"}, purpose)
+    if missing or unexpected:
+        raise weights.UnusableCheckpoint(
+            f"{file}: does not fit this model's architecture: missing {sorted(missing)[:5]}, "
+            f"unexpected {sorted(unexpected)[:5]}"
+        )
+    weights.check_finite(model, file)
     record = file.parent / RECORD
     if record.exists():
         return TrainResult(**launch.read_record(record)["result"])

@@ -112,6 +112,58 @@ def learning_check(
     }
 
 
+# --- thresholds on measured proportions ------------------------------------------------------------
+
+# How sure a check must be that a proportion is below its threshold before it fails: one false
+# alarm in a thousand runs of a model that meets it exactly (and fewer for one that does better).
+PROPORTION_CONFIDENCE = 0.999
+
+
+def proportion_at_least(
+    metric: str,
+    successes: int,
+    n: int,
+    threshold: float,
+    confidence: float = PROPORTION_CONFIDENCE,
+) -> dict[str, Any]:
+    """One row of a check that a proportion measured on ``n`` items (``successes`` of them: e.g.
+    int8 predictions that agree with fp32) is at least ``threshold``, judged for its ``n``.
+
+    The check fails only when the items show, at ``confidence``, that the true proportion is
+    below ``threshold``: when the one-sided exact (Clopper-Pearson) upper confidence bound of
+    ``successes / n`` is below it -- equivalently when a binomial test of "proportion =
+    threshold" against "less" has a p-value under ``1 - confidence``. The raw ``successes / n
+    >= threshold`` is not a sound check on a small set: at 0.99 on 64 items, one item decides
+    it, and a model whose true agreement is exactly 0.99 fails it in 47% of runs. Asking the
+    reverse (the lower bound above the threshold) demands more than a small set can show: even
+    64 of 64 gives a 99.9% lower bound of 0.898. ``shown`` says whether it does show it.
+
+    The row: ``this run`` (successes / n), ``n``, ``wanted`` (the threshold), the bound,
+    ``met`` (no evidence below the threshold: what a notebook asserts) and ``shown``."""
+    from scipy import stats
+
+    if not (isinstance(n, int | np.integer) and n > 0 and 0 <= successes <= n):
+        raise ValueError(f"{metric}: need 0 <= successes <= n and n >= 1; got {successes} of {n}")
+    if not 0 < threshold < 1 or not 0 < confidence < 1:
+        raise ValueError(f"{metric}: threshold and confidence must lie in (0, 1)")
+    successes, n = int(successes), int(n)
+    below = stats.binomtest(successes, n, threshold, alternative="less")
+    upper = float(below.proportion_ci(confidence_level=confidence, method="exact").high)
+    above = stats.binomtest(successes, n, threshold, alternative="greater")
+    lower = float(above.proportion_ci(confidence_level=confidence, method="exact").low)
+    level = f"{100 * confidence:g}%"
+    return {
+        "metric": metric,
+        "this run": successes / n,
+        "n": n,
+        "wanted": f">= {threshold:g}",
+        f"upper bound ({level})": upper,
+        "met": bool(upper >= threshold),
+        f"lower bound ({level})": lower,
+        "shown": bool(lower >= threshold),
+    }
+
+
 def samples_per_second(samples: int, seconds: float) -> float:
     return float(samples / seconds) if seconds > 0 else float("nan")
 

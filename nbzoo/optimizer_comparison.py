@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import multiprocessing
+import os
 import time
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -22,7 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from nbzoo import cpus, fidelity, launch, metrics, paths, pretraining
+from nbzoo import cpus, fidelity, launch, lifeline, metrics, paths, pretraining
 from nbzoo.data import mlperf
 from nbzoo.device import Runtime
 from nbzoo.optim.thor import THOR
@@ -74,7 +75,8 @@ def grid_workers(cfg: Any, rt: Runtime) -> int:
     return max(1, cpus.share() // max(1, int(cfg.get("threads") or 1)))
 
 
-def _worker_threads(threads: int) -> None:  # a grid worker, on a CPU
+def _worker_threads(threads: int, parent: int) -> None:  # a grid worker, on a CPU
+    lifeline.die_with_parent(parent=parent)  # a kernel killed mid-grid takes its workers along
     return_freed_memory()
     if threads:
         torch.set_num_threads(threads)
@@ -99,7 +101,10 @@ def run_grid(cfg: Any, rt: Runtime, train_data: Sequence, eval_data: Sequence) -
     context = multiprocessing.get_context("spawn")
     print(f"training {len(points)} grid points, {workers} at a time (one process each)", flush=True)
     with ProcessPoolExecutor(
-        workers, mp_context=context, initializer=_worker_threads, initargs=(cfg.get("threads"),)
+        workers,
+        mp_context=context,
+        initializer=_worker_threads,
+        initargs=(cfg.get("threads"), os.getpid()),
     ) as pool:
         futures = {
             pool.submit(pretraining.train, kind, lr, damping, cfg, rt, train_data, eval_data): i

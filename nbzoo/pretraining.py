@@ -26,7 +26,7 @@ from torch import nn
 from transformers import BertConfig, BertForPreTraining
 from transformers.initialization import no_init_weights
 
-from nbzoo import packing, paths, progress
+from nbzoo import packing, paths, progress, weights
 from nbzoo.checkpoint_formats import tf_bundle
 from nbzoo.data import mlperf
 from nbzoo.device import Runtime
@@ -369,6 +369,7 @@ def load_checkpoint(path: str | Path, model: BertForPreTraining) -> None:
     from safetensors import safe_open
 
     file = checkpoint_file(path)
+    weights.read_safetensors_keys(file)  # a truncated file: named, with what is wrong
     expected = model.state_dict(keep_vars=True)  # the model's own tensors, to copy into
     with safe_open(str(file), framework="pt") as f:
         names = {k.removeprefix("bert_pretraining."): k for k in f.keys()}
@@ -392,6 +393,7 @@ def load_checkpoint(path: str | Path, model: BertForPreTraining) -> None:
             )
         for key, tensor in expected.items():
             tensor.copy_(f.get_tensor(names[key]))
+    weights.check_finite(model, file)
 
 
 def evaluate_checkpoint(cfg: Any, rt: Runtime, eval_data: Sequence) -> dict[str, float]:
@@ -559,10 +561,14 @@ def load_data(cfg: Any, world_size: int = 1):
         raise ValueError(f"eval_split must be one of {', '.join(EVAL_SPLITS)}; got {split!r}")
     folder = paths.resolve(cfg.data_dir)
     in_memory = cfg.preset == "demo"
-    eval_data = mlperf.eval_split(folder, cfg.eval_samples, in_memory=in_memory)
+    model = {**BERT_LARGE, **cfg.model_config}
+    limits = mlperf.Limits(
+        model["vocab_size"], model["type_vocab_size"], model["max_position_embeddings"]
+    )
+    eval_data = mlperf.eval_split(folder, cfg.eval_samples, in_memory, limits)
     limit = cfg.train_samples or None
     skip = cfg.eval_samples if split == "held_out" else 0
-    train_data = mlperf.train_split(folder, skip, limit, in_memory=in_memory)
+    train_data = mlperf.train_split(folder, skip, limit, in_memory, limits)
     return train_data, eval_data
 
 

@@ -458,5 +458,19 @@ def main(argv: list[str] | None = None) -> int:
     return 1 if problems or failed else 0
 
 
+def stoppable_main(argv: list[str] | None = None) -> int:
+    """:func:`main` as ``make rehearse`` runs it: SIGTERM (``timeout``, ``kill``) and Ctrl-C stop
+    the rehearsal in one line, the running notebook's kernel shut down and with it every process
+    it started (nbzoo.lifeline), instead of leaving torchrun and its ranks behind."""
+    from nbzoo import cli, lifeline
+
+    try:
+        with lifeline.signals_as_interrupt():
+            return main(argv)
+    except KeyboardInterrupt as exc:
+        print(f"rehearsal: {cli.stopped_by(exc)}", file=sys.stderr, flush=True)
+        return cli.exit_status(exc)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(stoppable_main())

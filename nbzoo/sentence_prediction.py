@@ -31,7 +31,7 @@ from transformers import (
     get_polynomial_decay_schedule_with_warmup,
 )
 
-from nbzoo import convert_fairseq, launch, lesson, metrics, packing, paths, verdicts
+from nbzoo import convert_fairseq, launch, lesson, metrics, packing, paths, verdicts, weights
 from nbzoo.data import fairseq, glue, sources
 from nbzoo.data.download import DownloadError, download
 from nbzoo.data.fairseq_batching import EpochBatches
@@ -184,26 +184,54 @@ def build_model(cfg: Any, dictionary: fairseq.Dictionary, num_classes: int) -> t
     return converted.model
 
 
+HEAD = "sentence-classification head"
+# where each format keeps it: transformers' RobertaForSequenceClassification, fairseq's model.pt
+HEAD_KEYS = {"classifier.": HEAD}
+FAIRSEQ_HEAD = f"classification_heads.{convert_fairseq.DEFAULT_HEAD}"
+
+
 def load_checkpoint(
-    folder: str | os.PathLike, dictionary: fairseq.Dictionary, **overrides: Any
+    folder: str | os.PathLike,
+    dictionary: fairseq.Dictionary,
+    num_classes: int | None = None,
+    **overrides: Any,
 ) -> torch.nn.Module:
-    """A fine-tuned classifier saved by :func:`finetune` (``checkpoint_dir/hf``), checked against
-    the data's dictionary."""
+    """A fine-tuned classifier: the save_pretrained folder :func:`finetune` writes
+    (``checkpoint_dir/hf``) or a fairseq ``model.pt`` fine-tuned on the task (the seed's
+    ``train_eval_8p.sh`` evaluates those), checked against the data's dictionary. With
+    ``num_classes`` (``mode = eval``) the classifier must be in the checkpoint with that many
+    outputs and every weight finite: a checkpoint without it would be scored with a classifier
+    initialised at random."""
     folder = paths.resolve(folder)
-    if not (folder / "config.json").exists():
-        raise FileNotFoundError(
-            f"{folder}: no fine-tuned checkpoint here (config.json missing); expected the "
-            "save_pretrained folder 03 writes to checkpoint_dir/hf"
-        )
     if "dropout" in overrides:
         dropout = overrides.pop("dropout")
         overrides.update(hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout)
-    model = RobertaForSequenceClassification.from_pretrained(folder, **overrides)
+    if folder.is_file():  # a fairseq checkpoint
+        converted = convert_fairseq.convert(folder, num_labels=num_classes, **overrides)
+        model, missing = converted.model, converted.initialized_keys
+        heads = {"classifier.": f"{HEAD} ({FAIRSEQ_HEAD}.*)"}
+    else:
+        if not (folder / "config.json").exists():
+            raise FileNotFoundError(
+                f"{folder}: no fine-tuned checkpoint here (config.json missing); expected the "
+                "save_pretrained folder 03 writes to checkpoint_dir/hf, or a fairseq model.pt"
+            )
+        model, info = weights.pretrained(RobertaForSequenceClassification, folder, **overrides)
+        missing, heads = info["missing_keys"], HEAD_KEYS
     if model.config.vocab_size != len(dictionary):
         raise ValueError(
             f"{folder}: embeddings for {model.config.vocab_size} symbols, but the data's "
             f"dictionary (+<mask>) has {len(dictionary)}: evaluate on the data it was trained on"
         )
+    if num_classes is not None:
+        purpose = "mode = eval scores a checkpoint fine-tuned on this task (checkpoint_dir/hf)"
+        weights.check_head(folder, missing, heads, purpose)
+        if model.config.num_labels != num_classes:
+            raise weights.UnusableCheckpoint(
+                f"{folder}: its classifier has {model.config.num_labels} outputs, but the data "
+                f"has {num_classes} classes: evaluate on the task it was fine-tuned on"
+            )
+        weights.check_finite(model, folder)
     return model
 
 
@@ -367,7 +395,8 @@ def evaluate(
     record beside the checkpoint (empty without one)."""
     splits = splits or load_splits(data_folder, cfg.max_positions)
     folder = paths.resolve(cfg.get("init_checkpoint") or hf_checkpoint(cfg))
-    model = load_checkpoint(folder, splits["train"].dictionary).to(rt.device)
+    train = splits["train"]
+    model = load_checkpoint(folder, train.dictionary, len(train.class_names)).to(rt.device)
     score = accuracy(model, splits["valid"], rt)
     result = TrainResult([], [], 0, 0, 0.0, None)
     if (folder / RECORD).exists():

@@ -35,7 +35,7 @@ import torch
 from safetensors.torch import load_model, save_model
 from torch.utils.data import default_collate
 
-from nbzoo import progress
+from nbzoo import progress, weights
 from nbzoo.amp import MasterWeights
 from nbzoo.device import Runtime
 
@@ -84,6 +84,11 @@ class TrainState:
     run_id: str = ""
     history: list[dict[str, float]] = field(default_factory=list)
     evals: list[dict[str, float]] = field(default_factory=list)
+
+
+class Diverged(FloatingPointError):
+    """The training loss (or the weights) became NaN or infinite: the run stops there, before
+    that step is evaluated or checkpointed, so that nothing downstream reports or resumes it."""
 
 
 @dataclass
@@ -275,6 +280,7 @@ def checkpoint_run_id(path: Path) -> str:
 
 def load_checkpoint(path: Path, model: torch.nn.Module, optimizer, scheduler, scaler) -> TrainState:
     load_model(model, str(path / "model.safetensors"), device=str(next(model.parameters()).device))
+    weights.check_finite(model, path / "model.safetensors")
     blob = torch.load(path / "trainer_state.pt", map_location="cpu", weights_only=True)
     optimizer.load_state_dict(blob["optimizer"])
     if scheduler is not None and blob["scheduler"] is not None:
@@ -439,6 +445,12 @@ def _train(
 
     def checkpoint() -> None:
         with masters.fp32() if masters else contextlib.nullcontext():
+            if (bad := weights.first_non_finite(model.state_dict().items())) is not None:
+                raise Diverged(
+                    f"{cfg.desc}: weight {bad[0]} holds {bad[1]} NaN or infinite values after "
+                    f"step {state.step}; no checkpoint written ({cfg.checkpoint_dir} keeps its "
+                    "last finite one)"
+                )
             save_checkpoint(cfg.checkpoint_dir, model, optimizer, scheduler, scaler, state)
 
     net = model
@@ -516,6 +528,15 @@ def _train(
             state.train_seconds += seconds
             if rt.distributed:  # the ranks' shares: the global batch's loss
                 step_loss = sum_over_ranks([step_loss], rt.device)[0]
+            if not math.isfinite(step_loss):  # the same on every rank: they all stop here
+                bar.close()
+                lr = optimizer.param_groups[0]["lr"]
+                raise Diverged(
+                    f"{cfg.desc}: the training loss is {step_loss} at step {state.step} (epoch "
+                    f"{state.epoch}, learning rate {lr:g}, precision {rt.precision}): training "
+                    "diverged; nothing of this step was evaluated or checkpointed. Lower the "
+                    "learning rate or train in fp32."
+                )
             state.history.append(
                 {
                     "step": state.step,

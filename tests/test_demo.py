@@ -148,7 +148,9 @@ def test_each_outcome_reports_the_cpu_time_its_processes_used(tmp_path):
         threads=1, report=lines.append,
     )  # fmt: skip
     cpu = {o.stem: o.cpu_seconds for o in outcomes}
-    assert cpu["01_albert_glue"] >= 0.3 > cpu["03_roberta_sst2"] - 0.25
+    # the spinning child used 0.3 s of CPU on top of the interpreter's start, which both pay;
+    # how long that start takes depends on the machine, so it is not bounded here
+    assert cpu["01_albert_glue"] >= 0.3 and cpu["03_roberta_sst2"] < cpu["01_albert_glue"]
     assert all(o.seconds >= 0.3 for o in outcomes)
     assert any("01_albert_glue done in" in line and "s CPU)" in line for line in lines)
 

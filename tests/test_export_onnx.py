@@ -234,6 +234,27 @@ def test_ort_int8_kernels_are_named_in_mlas_order():
     assert quantize.ort_int8_kernel({"asimd", "asimddp"}).startswith("ARM dotprod")
 
 
+@pytest.mark.parametrize("reduce_range", [True, False], ids=["avx2-only", "vnni"])
+def test_int8_stays_close_with_the_weights_either_kind_of_cpu_quantizes_to(
+    model, stages, tmp_path, reduce_range
+):
+    """quantize_dynamic picks 7-bit weights on a CPU without an int8 dot product (AVX2, AVX-512
+    without VNNI: vpmaddubsw would saturate 8-bit ones) and 8-bit ones with VNNI / AMX. ONNX
+    Runtime has no switch to run another CPU's kernels, but without saturation either kernel
+    sums the same int8 products exactly in int32: the model each kind of CPU quantizes is the
+    model it runs. Both are tried here, so that this test passes on every CPU of the fleet."""
+    from nbzoo.export import quantize
+
+    int8 = quantize.quantize_dynamic(
+        stages.paths["onnx"], tmp_path / "int8.onnx", reduce_range=reduce_range
+    )
+    feats = features(32, 12, seed=3)
+    with torch.no_grad():
+        ref = model(**{k: torch.from_numpy(v) for k, v in feats.items()}).logits.numpy()
+    diff = onnx_export.parity_check(model, int8, feats)
+    assert 0 < diff < 0.1 * np.ptp(ref)
+
+
 def test_int8_instruction_sets_are_read_from_cpuinfo(tmp_path):
     from nbzoo.export import quantize
 

@@ -78,6 +78,7 @@ def test_several_machines_pass_the_rendezvous_of_node_zero():
         "--node_rank=1",
         "--master_addr=10.0.0.5",
         "--master_port=29400",
+        "--rdzv_conf=timeout=300",  # rendezvous_timeout's default: the machines wait 5 minutes
     ]
 
 

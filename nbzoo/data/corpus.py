@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from transformers import DataCollatorForLanguageModeling
 
-from nbzoo.data import sources, utf8
+from nbzoo.data import sources, unknown_tokens, utf8
 
 SPLITS = ("train", "test")
 SPECIAL_TOKENS = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]  # RoBERTa's ids 0..4
@@ -352,7 +352,12 @@ def prepare_data(
                 f"seed's own vocabulary and do not train one in its place; {sources.CORPUS_HOWTO}"
             )
         tokenizer = load_tokenizer(lay.tokenizer_dir)
-    return tokenizer, {split: read_corpus(root, split) for split in SPLITS}
+    docs = {split: read_corpus(root, split) for split in SPLITS}
+    if data_source == "local":  # a generated corpus has the tokenizer learnt on it
+        unknown_tokens.tokenizer_rate(
+            tokenizer, docs["train"], lay.tokenizer_dir, lay.split_path("train")
+        )
+    return tokenizer, docs
 
 
 # ----------------------------------------------------------------------------- blocks

@@ -118,6 +118,7 @@ class Dictionary:
         for symbol in extra_special_symbols:
             self.add_symbol(symbol)
         self.nspecial = len(self.symbols)
+        self.source: Path | None = None  # the dict.txt it was read from (for messages)
 
     def __len__(self) -> int:
         return len(self.symbols)
@@ -185,6 +186,7 @@ class Dictionary:
                     "only with the '#fairseq:overwrite' flag)"
                 )
             d.add_symbol(word, n=count, overwrite=overwrite)
+        d.source = path
         return d
 
     def save(self, path: str | os.PathLike) -> Path:

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from nbzoo.data import glue, sources
+from nbzoo.data import glue, sources, unknown_tokens
 from nbzoo.data.fairseq import (
     Dictionary,
     FairseqFormatError,
@@ -61,9 +61,17 @@ def binarize_sst2(
     for split, rows in data.items():
         prefix = dest / "input0" / FAIRSEQ_SPLITS[split]
         ids = encoder.encode_batch(rows.text_a)
-        write_dataset(prefix, ids, vocab_size=len(source_dict))
         tokens = sum(len(x) for x in ids)
         unk = sum(int((x == source_dict.unk()).sum()) for x in ids)
+        # before anything is written: a dict.txt of other text gives mostly <unk>
+        unknown_tokens.check_rate(
+            unk,
+            tokens,
+            source_dict.source or "the encoder's dict.txt",
+            glue.task_path(glue_dir, "sst2", split),
+            source_dict.unk_word,
+        )
+        write_dataset(prefix, ids, vocab_size=len(source_dict))
         log.append(
             f"[input0] {glue.task_path(glue_dir, 'sst2', split)}: {len(ids)} sents, {tokens} tokens, "
             f"{100 * unk / max(tokens, 1):.3}% replaced by <unk> | dtype "
