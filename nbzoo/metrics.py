@@ -119,6 +119,24 @@ def learning_check(
 PROPORTION_CONFIDENCE = 0.999
 
 
+def proportion_bounds(
+    successes: int, n: int, confidence: float = PROPORTION_CONFIDENCE
+) -> tuple[float, float]:
+    """One-sided exact (Clopper-Pearson) bounds of a proportion seen as ``successes`` of ``n``:
+    the true share is above the first with probability ``confidence``, below the second likewise.
+    Exact at every ``n``: no normal approximation."""
+    from scipy.stats import beta
+
+    if not (isinstance(n, int | np.integer) and n >= 1 and 0 <= successes <= n):
+        raise ValueError(f"need 0 <= successes <= n and n >= 1; got {successes} of {n}")
+    if not 0 < confidence < 1:
+        raise ValueError(f"confidence must lie in (0, 1); got {confidence}")
+    alpha = 1.0 - confidence
+    lower = 0.0 if successes == 0 else float(beta.ppf(alpha, successes, n - successes + 1))
+    upper = 1.0 if successes == n else float(beta.ppf(1.0 - alpha, successes + 1, n - successes))
+    return lower, upper
+
+
 def proportion_at_least(
     metric: str,
     successes: int,
@@ -140,17 +158,13 @@ def proportion_at_least(
 
     The row: ``this run`` (successes / n), ``n``, ``wanted`` (the threshold), the bound,
     ``met`` (no evidence below the threshold: what a notebook asserts) and ``shown``."""
-    from scipy import stats
-
-    if not (isinstance(n, int | np.integer) and n > 0 and 0 <= successes <= n):
-        raise ValueError(f"{metric}: need 0 <= successes <= n and n >= 1; got {successes} of {n}")
-    if not 0 < threshold < 1 or not 0 < confidence < 1:
-        raise ValueError(f"{metric}: threshold and confidence must lie in (0, 1)")
+    if not 0 < threshold < 1:
+        raise ValueError(f"{metric}: the threshold must lie in (0, 1); got {threshold}")
+    try:
+        lower, upper = proportion_bounds(successes, n, confidence)
+    except ValueError as exc:
+        raise ValueError(f"{metric}: {exc}") from None
     successes, n = int(successes), int(n)
-    below = stats.binomtest(successes, n, threshold, alternative="less")
-    upper = float(below.proportion_ci(confidence_level=confidence, method="exact").high)
-    above = stats.binomtest(successes, n, threshold, alternative="greater")
-    lower = float(above.proportion_ci(confidence_level=confidence, method="exact").low)
     level = f"{100 * confidence:g}%"
     return {
         "metric": metric,

@@ -10,6 +10,7 @@ import pandas as pd
 import pytest
 from scipy.stats import binom
 
+from nbzoo import metrics
 from nbzoo.export import albert, albert_lesson
 from nbzoo.export.albert import TORCH, Benchmark
 from tests.figure_check import problems
@@ -96,7 +97,7 @@ def test_the_machine_table_names_the_cpu_the_int8_kernels_and_the_load():
 @pytest.mark.parametrize("share", [0.5, 0.97, 1.0])
 def test_clopper_pearson_bounds_leave_exactly_the_asked_chance_outside(n, share):
     k = round(share * n)
-    lower, upper = albert_lesson.proportion_bounds(k, n, 0.999)
+    lower, upper = metrics.proportion_bounds(k, n, 0.999)
     assert 0.0 <= lower <= k / n <= upper <= 1.0
     if k > 0:  # seeing k or more when the truth is the lower bound: 0.1 % exactly
         assert binom.sf(k - 1, n, lower) == pytest.approx(0.001, rel=1e-6)
@@ -106,10 +107,10 @@ def test_clopper_pearson_bounds_leave_exactly_the_asked_chance_outside(n, share)
 
 def test_showing_99_percent_agreement_takes_688_sentences_without_one_change():
     assert albert_lesson.sentences_needed(0.99, 0.999) == 688
-    assert albert_lesson.proportion_bounds(688, 688)[0] >= 0.99
-    assert albert_lesson.proportion_bounds(687, 687)[0] < 0.99
+    assert metrics.proportion_bounds(688, 688)[0] >= 0.99
+    assert metrics.proportion_bounds(687, 687)[0] < 0.99
     with pytest.raises(ValueError, match="successes"):
-        albert_lesson.proportion_bounds(5, 4)
+        metrics.proportion_bounds(5, 4)
 
 
 def sweep_table(labels, torch_pred, int8_pred) -> pd.DataFrame:

@@ -4,7 +4,7 @@ CPU, whether the int8 model can be trusted (with the uncertainty its sentence co
 correctness checks, the results record and the summary.
 
 Every comparison sentence comes from :mod:`nbzoo.verdicts`; the int8 agreement is judged with a
-Clopper-Pearson bound (:func:`proportion_bounds`), exact at every size the notebook runs.
+Clopper-Pearson bound (:func:`nbzoo.metrics.proportion_bounds`), exact at every size the notebook runs.
 """
 
 from __future__ import annotations
@@ -325,22 +325,6 @@ def _fusion_sentences(table, profiles, small_shape: str) -> list[str]:
 # --- int8 against fp32 -----------------------------------------------------------------------------
 
 
-def proportion_bounds(
-    successes: int, n: int, confidence: float = CONFIDENCE
-) -> tuple[float, float]:
-    """One-sided Clopper-Pearson bounds of a proportion seen as ``successes`` of ``n``: the true
-    share is above the first with probability ``confidence``, below the second likewise. Exact
-    (binomial) at every ``n``: no normal approximation."""
-    from scipy.stats import beta
-
-    if not 0 <= successes <= n or n < 1:
-        raise ValueError(f"need 0 <= successes <= n and n >= 1; got {successes} of {n}")
-    alpha = 1.0 - confidence
-    lower = 0.0 if successes == 0 else float(beta.ppf(alpha, successes, n - successes + 1))
-    upper = 1.0 if successes == n else float(beta.ppf(1.0 - alpha, successes + 1, n - successes))
-    return lower, upper
-
-
 def sentences_needed(threshold: float = INT8_AGREEMENT, confidence: float = CONFIDENCE) -> int:
     """The fewest sentences on which a model that agrees on every one is *shown* to agree on at
     least ``threshold`` of all sentences: threshold ** n <= 1 - confidence."""
@@ -430,7 +414,13 @@ def int8_verdict(
             if name in paths
         }
     ).T.round(1)
-    return Int8Verdict(agree, len(labels), proportion_bounds(agree, len(labels)), accuracy, sizes)
+    return Int8Verdict(
+        agree,
+        len(labels),
+        metrics.proportion_bounds(agree, len(labels), CONFIDENCE),
+        accuracy,
+        sizes,
+    )
 
 
 # --- the checks, the record, the summary -------------------------------------------------------
