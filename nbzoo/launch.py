@@ -233,9 +233,10 @@ def run(
     config_path.write_text(json.dumps({"cfg": dict(cfg), "kwargs": kwargs}, default=str))
     out_path.unlink(missing_ok=True)
     cmd = command(entry, config_path, out_path, launch)
+    batch = f", {batch_line(cfg)}" if "batch_size" in cfg else ""  # a job without batches
     print(
         f"launching {launch.world_size} processes ({launch.devices} on this machine, node "
-        f"{launch.node_rank} of {launch.nnodes}), {batch_line(cfg)}:\n  {shlex.join(cmd)}",
+        f"{launch.node_rank} of {launch.nnodes}){batch}:\n  {shlex.join(cmd)}",
         flush=True,
     )
     if launch.nnodes > 1:
