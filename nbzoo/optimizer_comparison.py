@@ -374,8 +374,8 @@ def describe_constant_prediction(c: dict[str, Any]) -> str:
     if c["peak_loss"] > c["first_loss"]:
         text += (
             f" Its training loss stayed finite (no divergence) but jumped to {c['peak_loss']:.2f} "
-            f"at step {c['peak_step']}, above the {c['first_loss']:.2f} it started from: the "
-            "learning rate is too large for it, and it collapsed onto the frequencies."
+            f"at step {c['peak_step']}, above the {c['first_loss']:.2f} it started from, and at this "
+            "learning rate it settled on the frequencies."
         )
     return text
 
@@ -507,6 +507,8 @@ def step_time_table(times: dict[str, dict[str, Estimate]]):
     """measurement | THOR | AdamW (median and IQR, ms) | THOR / AdamW (ratio of the medians)."""
     import pandas as pd
 
+    if not times:
+        return pd.DataFrame(columns=["measured"]).set_index("measured")
     return pd.DataFrame(
         [
             {
