@@ -483,7 +483,8 @@ def test_notebook_06_preconditioner_explorer_redraws_for_the_layer_picked(lab):
         said = explorer.locator(".widget-html").first.inner_text()
         layers = explorer.locator("select")
         assert layers.count() == 1
-        options = layers.locator("option").all_inner_texts()
+        # ipywidgets writes the options' spaces as no-break spaces
+        options = [o.replace("\xa0", " ") for o in layers.locator("option").all_inner_texts()]
         assert len(options) > 2 and options[0].startswith("0: ")
         layers.select_option(index=0)  # the word embeddings, the first layer THOR preconditions
         _wait_for(
@@ -493,7 +494,7 @@ def test_notebook_06_preconditioner_explorer_redraws_for_the_layer_picked(lab):
             60,
             "the picture to change with the layer",
         )
-        now = explorer.locator(".widget-html").first.inner_text()
+        now = explorer.locator(".widget-html").first.inner_text().replace("\xa0", " ")
         assert now != said and options[0].split(": ", 1)[1] in now, now
         assert explorer.locator(".nbzoo-error").count() == 0
         assert image.evaluate("e => e.naturalWidth") > 300
