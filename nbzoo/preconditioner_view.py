@@ -87,12 +87,13 @@ def describe(spectra: Sequence[dict[str, Any]]) -> str:
         for side in ("a", "g")
     }
     flat = {side: sum(x == 0 for x in v) for side, v in shares.items()}
+    n = len(spectra)
     return (
-        f"THOR's preconditioner after step {spectra[0]['step']} (√λ = {root:.3g}): no eigenvalue of "
-        f"G (output gradients) above √λ in {flat['g']} of {len(spectra)} layers, none of A "
-        f"(inputs) in {flat['a']}; on average {np.mean(shares['g']):.0%} of G's eigenvalues and "
-        f"{np.mean(shares['a']):.0%} of A's stand above it. Where none does, the damping, not the "
-        "curvature, sets the step along that side."
+        f"THOR's preconditioner after step {spectra[0]['step']} (√λ = {root:.3g}): in {flat['g']} "
+        f"of {n} layers not one eigenvalue of G (output gradients) stands above √λ, in "
+        f"{flat['a']} of {n} not one of A (inputs); on average {np.mean(shares['g']):.0%} of G's "
+        f"eigenvalues and {np.mean(shares['a']):.0%} of A's stand above it. Where none does, the "
+        "damping, not the curvature, sets the step along that side."
     )
 
 

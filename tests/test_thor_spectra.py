@@ -119,7 +119,8 @@ def test_shares_above_the_damping_and_the_spread_of_step_scales():
     assert table["G: share above √λ"].tolist() == [0.0, 0.0, 0.5]
     assert preconditioner_view.table([]).empty
     said = preconditioner_view.describe(SPECTRA)
-    assert "no eigenvalue of G (output gradients) above √λ in 2 of 3 layers, none of A" in said
+    assert "in 2 of 3 layers not one eigenvalue of G (output gradients) stands above √λ" in said
+    assert "in 0 of 3 not one of A (inputs)" in said
     assert preconditioner_view.describe([]) == ""
 
 
