@@ -72,7 +72,7 @@ def test_the_tuned_runs_compare_paired_which_tells_a_difference_two_separate_err
     assert estimates["thor"].value == 110 / 400 and estimates["sgd"].value == 100 / 400
     (verdict,) = optimizer_comparison.accuracy_verdicts(estimates)
     assert verdict.significant and verdict.leader == "THOR", verdict.text
-    assert verdict.text.startswith("THOR ahead of SGD by")
+    assert verdict.text.startswith("THOR ahead of SGD")
     unpaired = verdicts.compare(
         verdicts.proportion("THOR", 110 / 400, 400), verdicts.proportion("SGD", 100 / 400, 400)
     )
