@@ -457,7 +457,10 @@ def train(
         timings=dict(opt.timings) if isinstance(opt, THOR) else {},
         refresh_log=list(opt.refresh_log) if isinstance(opt, THOR) else [],
         predictions=list(predictions),
-        preconditioner=thor_spectra.layer_spectra(opt) if isinstance(opt, THOR) else [],
+        # on the rank that reports (every rank holds the same factors)
+        preconditioner=thor_spectra.layer_spectra(opt)
+        if isinstance(opt, THOR) and rt.is_main
+        else [],
     )
 
 
