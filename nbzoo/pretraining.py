@@ -30,6 +30,7 @@ from nbzoo import packing, paths, progress, weights
 from nbzoo.checkpoint_formats import tf_bundle
 from nbzoo.data import mlperf
 from nbzoo.device import Runtime
+from nbzoo.optim import thor_spectra
 from nbzoo.optim.thor import THOR, VARIANTS, PolySchedule
 from nbzoo.train import TrainConfig, config_hash, fit
 
@@ -167,9 +168,17 @@ class PretrainingModel(nn.Module):
 
 @torch.no_grad()
 def evaluate(
-    model: nn.Module, dataset: Sequence, rt: Runtime, batch_size: int = 256
+    model: nn.Module,
+    dataset: Sequence,
+    rt: Runtime,
+    batch_size: int = 256,
+    predictions: list[int] | None = None,
 ) -> dict[str, float]:
-    """Masked-LM accuracy (weighted, as MLPerf's eval), masked-LM loss and NSP accuracy."""
+    """Masked-LM accuracy (weighted, as MLPerf's eval), masked-LM loss and NSP accuracy.
+
+    ``predictions``, when given, receives the predicted token id at every masked position (weight
+    > 0), in evaluation order: what :func:`masked_token_hits` scores item by item, so that two
+    models evaluated on the same set compare paired."""
     model = getattr(model, "bert_pretraining", model)
     was_training = model.training
     model.eval()
@@ -182,7 +191,10 @@ def evaluate(
             scores, nsp = forward_heads(model, batch)
         w = batch["masked_lm_weights"].float()
         ids = batch["masked_lm_ids"]
-        hits += float(((scores.argmax(-1) == ids).float() * w).sum())
+        predicted = scores.argmax(-1)
+        hits += float(((predicted == ids).float() * w).sum())
+        if predictions is not None:
+            predictions.extend(predicted[w > 0].tolist())
         ce = nn.functional.cross_entropy(
             scores.float().flatten(0, 1), ids.flatten(), reduction="none"
         )
@@ -195,6 +207,21 @@ def evaluate(
         "mlm_loss": loss / weight,
         "nsp_accuracy": nsp_hits / len(dataset),
     }
+
+
+def masked_token_hits(predictions: Sequence[int], arrays: dict[str, np.ndarray]) -> np.ndarray:
+    """Per masked token of the evaluation set (weight > 0, in evaluation order), the weight where
+    ``predictions`` (:func:`evaluate`'s, or a run's :attr:`Run.predictions`) got it right, else 0:
+    the items of the masked-LM accuracy, whose weighted mean is that accuracy."""
+    w = arrays["masked_lm_weights"]
+    ids = arrays["masked_lm_ids"][w > 0]
+    predictions = np.asarray(predictions)
+    if predictions.shape != ids.shape:
+        raise ValueError(
+            f"{len(predictions)} predictions for the {len(ids)} masked tokens of this evaluation "
+            "set: they come from another evaluation set"
+        )
+    return (predictions == ids).astype(float) * w[w > 0]
 
 
 def baseline_accuracy(arrays: dict[str, np.ndarray]) -> tuple[float, int]:
@@ -280,6 +307,10 @@ class Run:
     train_seconds: float
     timings: dict[str, float] = field(default_factory=dict)  # THOR's cost breakdown
     refresh_log: list[dict[str, int]] = field(default_factory=list)
+    # the last evaluation's predicted token at every masked position (masked_token_hits)
+    predictions: list[int] = field(default_factory=list)
+    # THOR: its factors' spectra at the end of the run (nbzoo.optim.thor_spectra)
+    preconditioner: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def label(self) -> str:
@@ -480,8 +511,11 @@ def train(
         ),
     )
 
+    predictions: list[int] = []  # of the latest evaluation: the final one once fit returns
+
     def eval_fn(m):
-        return evaluate(m, eval_data, rt, cfg.eval_batch_size)
+        predictions.clear()
+        return evaluate(m, eval_data, rt, cfg.eval_batch_size, predictions)
 
     try:
         result = fit(
@@ -499,6 +533,8 @@ def train(
     finally:
         if isinstance(opt, THOR):
             opt.remove_hooks()
+    if not predictions:  # resumed from a finished run's checkpoint: nothing evaluated here
+        evaluate(model, eval_data, rt, cfg.eval_batch_size, predictions)
     evals = result.evals
     if not evals or evals[0]["step"] != 0:  # the shared starting point, for the curves
         evals = [{"step": 0, "epoch": 0, **init_scores}] + evals
@@ -512,6 +548,11 @@ def train(
         train_seconds=result.train_seconds,
         timings=dict(opt.timings) if isinstance(opt, THOR) else {},
         refresh_log=list(opt.refresh_log) if isinstance(opt, THOR) else [],
+        predictions=list(predictions),
+        # on the rank that reports (every rank holds the same factors)
+        preconditioner=thor_spectra.layer_spectra(opt)
+        if isinstance(opt, THOR) and rt.is_main
+        else [],
     )
 
 

@@ -1,9 +1,10 @@
-"""Notebooks 01, 02, 03 and 05 in a real JupyterLab, driven in Debian's Chromium by Playwright (no
-browser download): run all cells, then check what a person would see — no error anywhere, and
+"""Notebooks 01, 02, 03, 05 and 06 in a real JupyterLab, driven in Debian's Chromium by Playwright
+(no browser download): run all cells, then check what a person would see — no error anywhere, and
 the widgets working: in 01 the loss plot, the progress bars as widgets and a sentiment box that
 answers a typed sentence; in 02 a typed sentence answered by PyTorch and the ONNX model side by
 side; in 03 the RoBERTa sentiment box, with SST-2's class names; in 05 the attention explorer,
-whose picture changes when the head slider moves.
+whose picture changes when the head slider moves; in 06 the explorer of THOR's preconditioner,
+whose picture and sentence change with the layer picked.
 
 JupyterLab runs on a free 127.0.0.1 port with a token, on a copy of the notebook in a temporary
 project (NBZOO_ROOT), so data, checkpoints and results never touch the repository. Each notebook
@@ -46,6 +47,7 @@ NOTEBOOKS = (
     "02_albert_inference.ipynb",
     "03_roberta_sst2.ipynb",
     "05_longformer_mlm.ipynb",
+    "06_bert_thor.ipynb",
 )
 # 02 in the browser checks its sentiment box, not its benchmark: the copy runs a smaller sweep
 # (knobs the notebook does not declare are left out, so a renamed knob cannot break the test).
@@ -59,7 +61,16 @@ SMALLER = {
         "bench_rounds": 5,
         "max_samples": 64,
         "static_shapes": [[32, 1]],
-    }
+    },
+    # 06 in the browser checks its preconditioner explorer: each optimizer's tuned setting only,
+    # three runs instead of the grid's nine (the same runs, so its learning checks still hold)
+    "06_bert_thor.ipynb": {
+        "grid": {
+            "thor": [{"lr": 0.02, "damping": 0.007035}],
+            "sgd": [{"lr": 0.1}],
+            "adamw": [{"lr": 0.003}],
+        }
+    },
 }
 ARTIFACTS = ROOT / "artifacts"
 # Run All of a demo takes 40 s to a few minutes on 2 free cores, several times that on a shared
@@ -242,11 +253,12 @@ def _wait_for(page, predicate: str, timeout_s: float, what: str):
 
 
 # True when every code cell shows an execution count, or as soon as a traceback appears. A cell
-# whose input is collapsed (the lessons' parameters cell) also holds the placeholder's prompt,
-# which stays empty: it is left out.
+# whose source is hidden (the collapsed parameters cell) shows a placeholder with a prompt of its
+# own that never holds a count: that one is left out.
 ALL_CELLS_RAN = """() => {
-  const prompts = [...document.querySelectorAll(
-      '.jp-CodeCell .jp-InputPrompt:not(.jp-Placeholder-prompt)')]
+  const prompts = [
+    ...document.querySelectorAll('.jp-CodeCell .jp-InputPrompt:not(.jp-Placeholder-prompt)'),
+  ]
     .map(e => e.textContent.trim());
   const traceback = [...document.querySelectorAll('.jp-OutputArea-output')]
     .some(e => e.textContent.includes('Traceback'));
@@ -486,3 +498,46 @@ def test_notebook_05_attention_explorer_redraws_when_the_head_slider_moves(lab):
         _assert_no_error_output(page)
 
     _browse(lab, "05_longformer_mlm.ipynb", check)
+
+
+def test_notebook_06_preconditioner_explorer_redraws_for_the_layer_picked(lab):
+    def check(page):
+        _run_all(page, lab, "06_bert_thor.ipynb")
+        # the first screen a learner meets: title, what you will learn, settings, parameters
+        page.locator(".jp-NotebookPanel .jp-Cell").first.scroll_into_view_if_needed()
+        page.screenshot(
+            path=str(ARTIFACTS / "jupyterlab_06_bert_thor_first_screen.png"),
+            clip={"x": 0, "y": 0, "width": 1400, "height": 1000},
+        )
+        explorer = page.locator(".nbzoo-preconditioner")
+        assert explorer.count() == 1, "notebook 06 shows no preconditioner explorer"
+        explorer.scroll_into_view_if_needed()
+        _wait_for(
+            page,
+            "() => document.querySelector('.nbzoo-preconditioner img')?.naturalWidth > 300",
+            30,
+            "the preconditioner picture",
+        )
+        image = explorer.locator("img")
+        before = image.get_attribute("src")
+        said = explorer.locator(".widget-html").first.inner_text()
+        layers = explorer.locator("select")
+        assert layers.count() == 1
+        # ipywidgets writes the options' spaces as no-break spaces
+        options = [o.replace("\xa0", " ") for o in layers.locator("option").all_inner_texts()]
+        assert len(options) > 2 and options[0].startswith("0: ")
+        layers.select_option(index=0)  # the word embeddings, the first layer THOR preconditions
+        _wait_for(
+            page,
+            "() => document.querySelector('.nbzoo-preconditioner img')?.src !== "
+            f"{json.dumps(before)}",
+            60,
+            "the picture to change with the layer",
+        )
+        now = explorer.locator(".widget-html").first.inner_text().replace("\xa0", " ")
+        assert now != said and options[0].split(": ", 1)[1] in now, now
+        assert explorer.locator(".nbzoo-error").count() == 0
+        assert image.evaluate("e => e.naturalWidth") > 300
+        _assert_no_error_output(page)
+
+    _browse(lab, "06_bert_thor.ipynb", check)
