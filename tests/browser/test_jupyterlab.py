@@ -179,7 +179,7 @@ def lab(tmp_path_factory):
     notebooks = base / "notebooks"
     notebooks.mkdir()
     (base / "nbzoo").mkdir()  # marks the temporary project root (see nbzoo.paths)
-    for name in NOTEBOOKS:
+    for name in LESSONS:
         _copy_notebook(name, notebooks / name)
     _write_settings(base / "lab-settings")
     port, token = _free_port(), secrets.token_hex(16)
@@ -233,6 +233,40 @@ def lab(tmp_path_factory):
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()
+
+
+LESSONS = tuple(sorted(p.name for p in (ROOT / "notebooks").glob("0[1-9]_*.ipynb")))
+# what a learner's first screen (1400 × 1000 pixels) must show
+FIRST_SCREEN = {"width": 1400, "height": 1000}
+
+
+@pytest.mark.parametrize("notebook", LESSONS)
+def test_a_lesson_opens_on_what_it_teaches_with_its_knobs_collapsed(lab, notebook):
+    """Opened, not run: the title, "What you will learn" and "Settings" on the first screen, the
+    complete parameters cell collapsed to one line below them. The screenshot of that screen goes
+    to artifacts/first_screen_<notebook>.png."""
+
+    def check(page):
+        workspace = f"first-{Path(notebook).stem}"
+        page.goto(f"{lab.url}/lab/workspaces/{workspace}/tree/{notebook}?reset&token={lab.token}")
+        page.wait_for_selector(".jp-NotebookPanel .jp-RenderedMarkdown h2", timeout=90_000)
+        visible = page.evaluate(
+            """(height) => [...document.querySelectorAll('.jp-NotebookPanel .jp-RenderedMarkdown h1, '
+              + '.jp-NotebookPanel .jp-RenderedMarkdown h2')]
+              .filter(h => h.getBoundingClientRect().bottom <= height).map(h => h.textContent)""",
+            FIRST_SCREEN["height"],
+        )
+        headings = " | ".join(visible).lower()
+        assert "what you will learn" in headings and "settings" in headings, visible
+        parameters = page.locator(".jp-CodeCell", has=page.locator(".jp-InputPlaceholder"))
+        assert parameters.count() == 1, "the parameters cell is not collapsed"
+        assert "preset: str" not in parameters.first.inner_text(), "its knobs show"
+        page.screenshot(
+            path=str(ARTIFACTS / f"first_screen_{Path(notebook).stem}.png"),
+            clip={"x": 0, "y": 0, **FIRST_SCREEN},
+        )
+
+    _browse(lab, notebook, check)
 
 
 def test_make_lab_kernel_nbzoo_is_listed(lab):
