@@ -31,6 +31,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from nbzoo import safe_write
+
 KNOBS = ("devices", "nnodes", "node_rank", "master_addr", "master_port")
 MODES = ("train", "eval")
 
@@ -137,10 +139,10 @@ def run(
     rank 0 wrote. The ranks' output is streamed as it comes; a failure raises with its tail."""
     launch = Launch.from_config(cfg)
     workdir = Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
+    owned = safe_write.claim(workdir, WRITER, what="the launch folder")
     config_path, out_path = workdir / "launch.json", workdir / "record.json"
-    config_path.write_text(json.dumps({"cfg": dict(cfg), "kwargs": kwargs}, default=str))
-    out_path.unlink(missing_ok=True)
+    owned.write_text("launch.json", json.dumps({"cfg": dict(cfg), "kwargs": kwargs}, default=str))
+    owned.remove("record.json")
     cmd = command(entry, config_path, out_path, launch)
     print(
         f"launching {launch.world_size} processes ({launch.devices} on this machine, node "
@@ -168,12 +170,15 @@ def run(
     return json.loads(out_path.read_text())
 
 
+WRITER = "nbzoo.launch"
+
+
 def write_record(path: str | os.PathLike, record: Mapping[str, Any]) -> None:
-    """Write a JSON record atomically (a temporary file, then a rename)."""
+    """Write a JSON record atomically (a temporary file, then a rename) into a folder that is
+    nbzoo's (nbzoo.safe_write), replacing only a record nbzoo wrote."""
     path = Path(path)
-    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(record, default=_jsonable))
-    tmp.replace(path)
+    owned = safe_write.claim(path.parent, WRITER)
+    owned.write_text(path.name, json.dumps(record, default=_jsonable))
 
 
 def read_record(path: str | os.PathLike) -> dict[str, Any]:

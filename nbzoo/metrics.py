@@ -211,11 +211,13 @@ def write_results(
     return path
 
 
-def read_json_records(folder: Path, keys: Collection[str]) -> list[dict[str, Any]]:
+def read_json_records(
+    folder: Path, keys: Collection[str], required: Collection[str] = ()
+) -> list[dict[str, Any]]:
     """The ``*.json`` files of ``folder`` (name order) that hold an object with all of ``keys``;
-    other JSON is passed over. A file that cannot be read as JSON is passed over too, with one
-    line on stderr naming it and where it breaks: one broken file must not hide the others'
-    results (``nbzoo results``, ``nbzoo bench``)."""
+    other JSON is passed over. A file that cannot be read as JSON, or a record that lacks one of
+    ``required``, is passed over too, with one line on stderr naming it and what is wrong: one
+    broken file must not hide the others' results (``nbzoo results``, ``nbzoo bench``)."""
     records = []
     for path in sorted(Path(folder).glob("*.json")):
         try:
@@ -230,6 +232,9 @@ def read_json_records(folder: Path, keys: Collection[str]) -> list[dict[str, Any
             _skipped(path, f"unreadable ({exc.strerror or exc})")
             continue
         if isinstance(record, dict) and all(k in record for k in keys):
+            if missing := [k for k in required if k not in record]:
+                _skipped(path, f"a record without {', '.join(missing)}")
+                continue
             records.append(record)
     return records
 
@@ -245,7 +250,11 @@ def _skipped(path: Path, why: str) -> None:
 
 
 def read_results(folder: str | os.PathLike | None = None) -> list[dict[str, Any]]:
-    return read_json_records(paths.results_dir(folder), ("notebook", "metrics"))
+    """The results records of ``folder``; one without a field the results table shows is named
+    on stderr and passed over."""
+    return read_json_records(
+        paths.results_dir(folder), ("notebook", "metrics"), ("preset", "device", "precision")
+    )
 
 
 def compare(metrics: Mapping[str, float], reference: Mapping[str, Any], samples_per_second=None):

@@ -501,6 +501,23 @@ class Owned:
         source.rename(target)
         return target
 
+    def move_aside(self, src: str | os.PathLike, dst: str | os.PathLike) -> Path:
+        """Rename ``src`` to the new name ``dst`` inside this folder, whatever became of its
+        files (a damaged checkpoint set aside): nothing is replaced or deleted, so nothing needs
+        to be nbzoo's; what the marker lists of ``src`` moves with it."""
+        source, target = self.path(src), self.path(dst)
+        if target.exists() or target.is_symlink():
+            raise FileExistsError(errno.EEXIST, "exists", str(target))
+        srel, trel = self._rel(source), self._rel(target)
+
+        def change(marker: dict) -> None:
+            for k in [k for k in marker["files"] if k == srel or k.startswith(srel + "/")]:
+                marker["files"][trel + k[len(srel) :]] = marker["files"].pop(k)
+
+        source.rename(target)
+        _update(self.root, self.writer, change)
+        return target
+
     def remove(self, rel: str | os.PathLike) -> None:
         """Delete ``rel`` when it is nbzoo's (see :meth:`check`); nothing when it is absent."""
         path = self.path(rel)

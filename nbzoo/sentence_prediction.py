@@ -295,6 +295,8 @@ def finetune(
     """Binarized data → RoBERTa → fairseq's SST-2 recipe → valid accuracy."""
     splits = splits or load_splits(data_folder, cfg.max_positions)
     train, valid = splits["train"], splits["valid"]
+    # where the model goes is asked before training (nbzoo.safe_write), not after it
+    convert_fairseq.check_output(hf_checkpoint(cfg))
     torch.manual_seed(cfg.seed)
     model = build_model(cfg, train.dictionary, len(train.class_names)).to(rt.device)
     plan = batch_plan(cfg, train)
