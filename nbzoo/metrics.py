@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from nbzoo import paths
+from nbzoo import paths, safe_write
 
 IGNORE_INDEX = -100
 
@@ -202,13 +202,27 @@ def write_results(
     }
     if extra:
         record["extra"] = dict(extra)
-    folder = paths.results_dir(output_dir)
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"{stem}.json"
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(_plain(record), indent=2, allow_nan=True) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    path = paths.results_dir(output_dir) / f"{stem}.json"
+    text = json.dumps(_plain(record), indent=2, allow_nan=True) + "\n"
+    safe_write.write_output_file(
+        path, text.encode("utf-8"), "nbzoo.metrics.write_results", recognise=results_record(stem)
+    )
     return path
+
+
+def results_record(stem: str):
+    """The test that a file is a results record :func:`write_results` wrote for ``stem`` (the
+    one file of a results folder it may replace without a marker listing it)."""
+
+    def recognise(path: Path) -> bool:
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return False
+        fields = {"notebook", "preset", "metrics", "versions", "finished_at"}
+        return isinstance(data, dict) and data.get("notebook") == stem and fields <= set(data)
+
+    return recognise
 
 
 def read_json_records(

@@ -44,6 +44,10 @@ _NOTE = (
     "nbzoo wrote this folder. It replaces or deletes only the files listed here, and only while "
     "they are unchanged (same size and modification time); anything else in it is left alone."
 )
+_SCRATCH_NOTE = (
+    "nbzoo's own scratch folder (build/): nbzoo made it, and everything in it is nbzoo's to "
+    "replace or delete. Keep nothing of yours here."
+)
 _TEMPORARY = re.compile(r"\..*\.nbzoo-tmp-(\d+)-[0-9a-f]+(\..*)?")
 
 
@@ -74,16 +78,18 @@ def read_marker(folder: str | os.PathLike) -> dict | None:
         return {"written_by": "?", "files": {}, "beside": {}}
     files = data.get("files") if isinstance(data.get("files"), dict) else {}
     beside = data.get("beside") if isinstance(data.get("beside"), dict) else {}
-    return {**data, "files": files, "beside": beside}
+    return {**data, "files": files, "beside": beside, "scratch": data.get("scratch") is True}
 
 
 def _write_marker(folder: Path, marker: Mapping) -> None:
     data = {
         "written_by": marker.get("written_by", "nbzoo"),
-        "note": _NOTE,
+        "note": _SCRATCH_NOTE if marker.get("scratch") else _NOTE,
         "files": dict(sorted(marker.get("files", {}).items())),
         "beside": dict(sorted(marker.get("beside", {}).items())),
     }
+    if marker.get("scratch"):
+        data["scratch"] = True
     tmp = folder / f".{MARKER}.nbzoo-tmp-{os.getpid()}-{secrets.token_hex(4)}"
     try:
         tmp.write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
@@ -143,6 +149,8 @@ def foreign_files(folder: str | os.PathLike, limit: int | None = None) -> list[s
 
     def walk(current: Path, owner: Path | None, listed: Mapping | None) -> bool:
         marker = read_marker(current)
+        if marker is not None and marker["scratch"]:
+            return True  # nbzoo's scratch folder: everything in it is nbzoo's
         if marker is not None:
             owner, listed = current, marker["files"]
         try:
@@ -171,6 +179,8 @@ def foreign_files(folder: str | os.PathLike, limit: int | None = None) -> list[s
     owner, listed = None, None
     for parent in base.parents:  # a folder inside a marked one is judged by that marker
         marker = read_marker(parent)
+        if marker is not None and marker["scratch"]:
+            return found
         if marker is not None:
             owner, listed = parent, marker["files"]
             break
@@ -184,7 +194,9 @@ def _is_ours_file(path: Path) -> bool:
     for owner in path.parents:
         marker = read_marker(owner)
         if marker is not None:
-            return marker["files"].get(path.relative_to(owner).as_posix()) == _stat(path)
+            return marker["scratch"] or (
+                marker["files"].get(path.relative_to(owner).as_posix()) == _stat(path)
+            )
     return False
 
 
@@ -233,6 +245,27 @@ def check_claim(
     if adopt is not None and adopt(folder):
         return True
     raise NotOursError(_refusal(folder, foreign, writer, what, hint))
+
+
+def claim_scratch(folder: str | os.PathLike, writer: str, *, empty: bool = False) -> Owned:
+    """Make ``folder`` a scratch folder of nbzoo's (under build/), where everything is nbzoo's
+    to replace or delete: created and marked so, or taken as it is when it is one already
+    (``empty``: emptied first). An existing folder that is not nbzoo's is refused, as by
+    :func:`claim`; an empty one is marked."""
+    folder = Path(folder)
+    marker = read_marker(folder) if folder.is_dir() else None
+    if marker is None or not marker["scratch"]:
+        check_claim(folder, writer, hint="move it away: nbzoo keeps its scratch files there")
+        if folder.exists() and foreign_files(folder) == []:
+            remove_folder(folder, writer)  # empty, or only nbzoo's: made anew as scratch
+        marker = None
+    elif empty:
+        shutil.rmtree(folder)
+        marker = None
+    if marker is None:
+        folder.mkdir(parents=True, exist_ok=True)
+        _write_marker(folder, {"written_by": writer, "scratch": True})
+    return Owned(folder, writer)
 
 
 def claim(
@@ -618,6 +651,43 @@ def write_beside(final: str | os.PathLike, name: str, data: bytes, writer: str) 
         tmp.write_bytes(data)
         stat = _stat(tmp)
         _update(final, writer, lambda marker: marker["beside"].__setitem__(name, stat))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def write_output_file(
+    path: str | os.PathLike,
+    data: bytes,
+    writer: str,
+    *,
+    recognise: Callable[[Path], bool] | None = None,
+    hint: str = "move it away or name another output folder",
+) -> Path:
+    """Write one output file into an output folder (a results folder the user or the project
+    names): a missing folder is created and marked; in an existing one the file is added,
+    through a temporary name, and replaces a file of that name only when nbzoo wrote it --
+    listed in a marker, or shown to be nbzoo's own output by ``recognise`` (a results record
+    that names its notebook). Anything else there is refused and left as it is."""
+    path = Path(path)
+    if not path.parent.exists():
+        claim(path.parent, writer)
+    if path.exists() or path.is_symlink():
+        if path.is_dir() or not (owns(path) or (recognise is not None and recognise(path))):
+            raise NotOursError(
+                f"{paths.shown(path)} exists and nbzoo did not write it (or it was changed "
+                f"since); {writer} replaces only its own files: {hint}"
+            )
+    tmp = _temporary_beside(path)
+    try:
+        tmp.write_bytes(data)
+        here = path.parent.resolve()
+        marked = next((p for p in (here, *here.parents) if is_marked(p)), None)
+        if marked is not None:  # listed, so that a later run may replace it
+            rel = (here / path.name).relative_to(marked).as_posix()
+            stat = _stat(tmp)
+            _update(marked, writer, lambda marker: marker["files"].__setitem__(rel, stat))
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)

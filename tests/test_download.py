@@ -26,7 +26,9 @@ class Handler(http.server.BaseHTTPRequestHandler):
     requests: list[dict] = []
     mode: str | None = None
     break_after: int | None = None  # close the connection after this many body bytes
-    validators: str = "both"  # which of ETag / Last-Modified the server sends: both, etag, date, none
+    validators: str = (
+        "both"  # which of ETag / Last-Modified the server sends: both, etag, date, none
+    )
     versions: dict[str, int] = {}  # a file's version number: its Last-Modified date
 
     def send_validators(self, body: bytes):

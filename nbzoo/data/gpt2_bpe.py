@@ -174,7 +174,7 @@ def train_bpe(
     with safe_write.new_folder(
         folder, BPE_WRITER, what="bpe_dir", hint=BPE_HINT, adopt=adopt
     ) as tmp:
-        _train_bpe_into(texts, tmp, vocab_size, min_frequency)
+        write_bpe_files(texts, tmp, vocab_size, min_frequency)
     return Path(folder)
 
 
@@ -182,7 +182,11 @@ BPE_WRITER = "nbzoo's BPE learner (data_source=generate)"
 BPE_HINT = "name an empty or new folder for the generated BPE files, or move this one away"
 
 
-def _train_bpe_into(texts: list[str], folder: Path, vocab_size: int, min_frequency: int) -> None:
+def write_bpe_files(
+    texts: list[str], folder: Path, vocab_size: int = 512, min_frequency: int = 2
+) -> None:
+    """:func:`train_bpe`'s three files, written into ``folder`` as it is (a temporary folder of
+    its caller's)."""
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     trainer = trainers.BpeTrainer(
