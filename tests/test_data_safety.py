@@ -289,7 +289,7 @@ class _Foreign:
     """Not an allowed type of torch.load(weights_only=True): a pickle it refuses."""
 
 
-def toy_fit(folder: Path, steps: int | None = None):
+def toy_fit(folder: Path, steps: int | None = None, run_id: str = "toy"):
     from nbzoo import device
     from nbzoo.train import TrainConfig, fit
 
@@ -298,7 +298,7 @@ def toy_fit(folder: Path, steps: int | None = None):
     data = [{"x": x[i], "y": (x[i].sum() > 0).long()} for i in range(32)]
     torch.manual_seed(0)
     model = torch.nn.Linear(3, 2)
-    cfg = TrainConfig(epochs=1, batch_size=8, checkpoint_dir=folder, run_id="toy", max_steps=steps)
+    cfg = TrainConfig(epochs=1, batch_size=8, checkpoint_dir=folder, run_id=run_id, max_steps=steps)
     return fit(
         model,
         data,
@@ -440,3 +440,463 @@ def test_cann_standins_in_a_read_only_folder_is_one_line(tmp_path, capsys, monke
     monkeypatch.setattr(Path, "mkdir", read_only)
     assert cann_standins.main([str(tmp_path / "tools")]) == 1
     assert "cannot write" in one_line(capsys.readouterr().err)
+
+
+# --- every writer: the user's folder is untouched when it succeeds, refuses and fails ----------
+#
+# For each writer: ``write(folder)`` writes its output into ``folder`` (raising on refusal or
+# failure), ``same_names`` are files of the user's named as the writer's outputs, ``beside`` the
+# files it writes next to its folder, ``break_`` makes one of its writes fail half-way
+# (OSError ENOSPC, or a transfer cut off) through the monkeypatch it is given.
+
+
+class Writer:
+    def __init__(
+        self, write, same_names, break_, beside=(), resumable=False, scratch=False, closer=None
+    ):
+        self.write, self.same_names, self.break_, self.beside = write, same_names, break_, beside
+        # a download cut off keeps its .part in nbzoo's folder, to resume from on the next run;
+        # a scratch folder (build/) is emptied by every run, a failed one too
+        self.resumable, self.scratch = resumable, scratch
+        self.close = closer or (lambda: None)
+
+
+def _local_server():
+    """The download tests' HTTP server on 127.0.0.1 (tests/test_download.py), a fresh state."""
+    from tests import test_download as td
+
+    td.Handler.files, td.Handler.requests, td.Handler.mode = {}, [], None
+    td.Handler.break_after, td.Handler.validators, td.Handler.versions = None, "both", {}
+    httpd = td.http.server.ThreadingHTTPServer(("127.0.0.1", 0), td.Handler)
+    td.threading.Thread(target=httpd.serve_forever, daemon=True).start()
+
+    def close():
+        httpd.shutdown()
+        httpd.server_close()
+
+    return f"http://127.0.0.1:{httpd.server_address[1]}", td, close
+
+
+def _full(*args, **kwargs):
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+def _full_after(n: int, real):
+    """``real``, but the call after the first ``n`` ones fails as on a full disk."""
+    calls = {"n": 0}
+
+    def wrapper(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] > n:
+            _full()
+        return real(*args, **kwargs)
+
+    return wrapper
+
+
+def _cli(main, argv) -> None:
+    if (code := main(argv)) != 0:
+        raise RuntimeError(f"exit {code}")
+
+
+def _texts() -> list[str]:
+    from nbzoo.data import glue
+
+    return glue.generate_split("sst2", 60, seed=0).text_a
+
+
+def _glue_generator(tmp_path, monkeypatch):
+    from nbzoo import safe_write
+    from nbzoo.data import glue
+
+    return Writer(
+        lambda folder: glue.write_sample_dataset(folder, "sst2", GLUE_SIZES),
+        {"SST-2/train.tsv": b"sentence\tlabel\nmine\t1\n", "SST-2/dev.tsv": b"mine\n"},
+        lambda mp: mp.setattr(
+            safe_write.Owned, "_install", _full_after(1, safe_write.Owned._install)
+        ),
+    )
+
+
+def _glue_download(tmp_path, monkeypatch):
+    from nbzoo.data import glue
+
+    url, td, close = _local_server()
+    td._serve_glue(monkeypatch, url, td._glue_archive(tmp_path / "archive.zip"))
+    return Writer(
+        lambda folder: glue.download_task(folder, "sst2"),
+        {"SST-2.zip": b"PK my own zip", "SST-2/dev.tsv": b"mine\n"},
+        lambda mp: mp.setattr(td.Handler, "break_after", 100),
+        resumable=True,
+        closer=close,
+    )
+
+
+def _bpe_learner(tmp_path, monkeypatch):
+    from nbzoo.data import fairseq
+    from nbzoo.data.gpt2_bpe import train_bpe
+
+    return Writer(
+        lambda folder: train_bpe(_texts(), folder, vocab_size=300),
+        {"encoder.json": b"{}", "dict.txt": b"1 1\n"},
+        lambda mp: mp.setattr(fairseq.Dictionary, "save", _full),
+    )
+
+
+def _gpt2_bpe_download(tmp_path, monkeypatch):
+    from nbzoo.data import gpt2_bpe, sources
+
+    url, td, close = _local_server()
+    td.Handler.files = {f"/{n}": f"{n} content\n".encode() * 50 for n in gpt2_bpe.GPT2_BPE_FILES}
+    files = {n: sources.Remote(f"{url}/{n}", None, None, "test") for n in gpt2_bpe.GPT2_BPE_FILES}
+    monkeypatch.setattr(gpt2_bpe, "GPT2_BPE_FILES", files)
+    return Writer(
+        gpt2_bpe.download_gpt2_bpe,
+        {"encoder.json": b"{}", "notes.txt": b"x"},
+        lambda mp: mp.setattr(td.Handler, "break_after", 10),
+        resumable=True,
+        closer=close,
+    )
+
+
+def _binarizer(tmp_path, monkeypatch):
+    from nbzoo.data import fairseq_glue, glue
+    from nbzoo.data.gpt2_bpe import RobertaEncoder, train_bpe
+
+    source = tmp_path / "source"
+    glue.write_sample_dataset(source / "glue", "sst2", GLUE_SIZES)
+    train_bpe(glue.read_split(source / "glue", "sst2", "train").text_a, source / "bpe", 300)
+    encoder = RobertaEncoder.from_dir(source / "bpe")
+    return Writer(
+        lambda folder: fairseq_glue.binarize_sst2(source / "glue", folder, encoder),
+        {"input0/dict.txt": b"1 1\n", "input0/train.bin": b"\x00"},
+        lambda mp: mp.setattr(
+            fairseq_glue, "write_dataset", _full_after(2, fairseq_glue.write_dataset)
+        ),
+    )
+
+
+def _corpus_generator(tmp_path, monkeypatch):
+    from tokenizers import ByteLevelBPETokenizer
+
+    from nbzoo.data import corpus
+
+    return Writer(
+        lambda folder: corpus.prepare_data(folder, "generate", {"train": 30, "test": 10}, 0, 300),
+        {"corpus/train_corpus.txt": b"mine\n", "lf_token/vocab.json": b"{}"},
+        lambda mp: mp.setattr(ByteLevelBPETokenizer, "save_model", _full),
+    )
+
+
+def _mlperf_generator(tmp_path, monkeypatch):
+    from nbzoo.data import mlperf
+
+    spec = mlperf.SampleSpec(vocab_size=64, seq_length=16, max_predictions=3)
+    return Writer(
+        lambda folder: mlperf.generate_sample_shards(folder, 20, 10, spec),
+        {"vocab.txt": b"[PAD]\n", "part-00000-of-00002.tfrecord": b"\x00" * 16},
+        lambda mp: mp.setattr(mlperf, "write_shard", _full_after(1, mlperf.write_shard)),
+    )
+
+
+def _checkpoints(tmp_path, monkeypatch):
+    from nbzoo import train
+
+    runs = iter(range(100))  # each run another configuration: it trains and saves
+    return Writer(
+        lambda folder: toy_fit(folder, run_id=f"toy-{next(runs)}"),
+        {"last/model.safetensors": b"mine", "last/trainer_state.pt": b"mine"},
+        lambda mp: mp.setattr(train.torch, "save", _full),
+    )
+
+
+def _finetuned(tmp_path, monkeypatch):
+    import transformers
+
+    from nbzoo import device, finetune
+    from nbzoo.data import glue
+
+    data = {s: glue.generate_split("sst2", 24, 0, s) for s in ("train", "dev")}
+    model_config = {"embedding_size": 8, "hidden_size": 16, "num_hidden_layers": 1}
+    model_config |= {"num_attention_heads": 2, "intermediate_size": 16}
+
+    def write(folder):
+        cfg = config("01_albert_glue", checkpoint_dir=str(folder), epochs=1, batch_size=8)
+        cfg.update(max_steps=1, max_seq_length=16, model_config=model_config, packing=False)
+        finetune.finetune_glue("sst2", cfg, device.Runtime("cpu", "fp32"), data)
+
+    return Writer(
+        write,
+        {"sst2/config.json": b"{}", "sst2/model.safetensors": b"mine"},
+        lambda mp: mp.setattr(
+            transformers.PreTrainedTokenizerBase, "save_pretrained", _full, raising=False
+        ),
+    )
+
+
+def _masked_lm_weights(tmp_path, monkeypatch):
+    from nbzoo import masked_lm
+    from nbzoo.train import TrainResult
+
+    def write(folder):
+        torch.manual_seed(0)
+        masked_lm.save_weights(torch.nn.Linear(3, 2), folder, TrainResult([], [], 0, 0, 0.0, None))
+
+    return Writer(
+        write,
+        {"model.safetensors": b"mine", "training_record.json": b"{}"},
+        lambda mp: mp.setattr(masked_lm, "save_model", _full),
+    )
+
+
+def _convert_fairseq(tmp_path, monkeypatch):
+    from transformers import RobertaForSequenceClassification
+
+    from nbzoo import convert_fairseq
+
+    checkpoint = fairseq_checkpoint(tmp_path / "ckpt" / "model.pt")
+    return Writer(
+        lambda folder: _cli(
+            convert_fairseq.main, [str(checkpoint), str(folder), "--num-labels", "2"]
+        ),
+        {"config.json": b"{}", "model.safetensors": b"mine"},
+        lambda mp: mp.setattr(RobertaForSequenceClassification, "save_pretrained", _full),
+    )
+
+
+def _launch_record(tmp_path, monkeypatch):
+    from nbzoo import launch, safe_write
+
+    return Writer(
+        lambda folder: launch.write_record(folder / "record.json", {"result": [1, 2]}),
+        {"record.json": b'{"mine": true}'},
+        lambda mp: mp.setattr(safe_write.Owned, "_install", _full),
+    )
+
+
+def _results_record(tmp_path, monkeypatch):
+    from nbzoo import device, metrics, safe_write
+
+    def write(folder):
+        rt = device.Runtime("cpu", "fp32")
+        metrics.write_results(
+            "01_albert_glue", preset="demo", rt=rt, metrics={"sst2_accuracy": 0.5},
+            reference={}, output_dir=folder,
+        )  # fmt: skip
+
+    return Writer(
+        write,
+        {"01_albert_glue.json": b'{"notebook": "mine"}'},
+        lambda mp: mp.setattr(safe_write.os, "replace", _full),
+    )
+
+
+def _infer(tmp_path, monkeypatch):
+    from nbzoo import infer
+
+    model, inputs = tiny_onnx(tmp_path / "m"), samples(tmp_path / "in")
+
+    def write(folder):
+        _cli(infer.main, infer_argv(model, inputs, folder.parent, folder.name))
+
+    return Writer(
+        write,
+        {"0_0.npy": b"mine", "1_0.npy": b"mine too"},
+        lambda mp: mp.setattr(np, "save", _full_after(2, np.save)),
+        beside=("{name}_summary.json",),
+    )
+
+
+def _cann_standins(tmp_path, monkeypatch):
+    from nbzoo import safe_write
+    from nbzoo.export import cann_standins
+
+    return Writer(
+        lambda folder: _cli(cann_standins.main, [str(folder)]),
+        {"bin/atc": b"#!/bin/sh\n", "python/ais_bench/__init__.py": b""},
+        lambda mp: mp.setattr(
+            safe_write.Owned, "_install", _full_after(1, safe_write.Owned._install)
+        ),
+    )
+
+
+def _standin_checkpoint(tmp_path, monkeypatch):
+    import transformers
+
+    from nbzoo import standins
+
+    bert = {"model_type": "bert", "vocab_size": 32, "hidden_size": 8, "num_hidden_layers": 1}
+    bert |= {"num_attention_heads": 2, "intermediate_size": 8, "max_position_embeddings": 16}
+    return Writer(
+        lambda folder: standins.write_hf_checkpoint(folder, bert, "BertForMaskedLM"),
+        {"config.json": b"{}", "model.safetensors": b"mine"},
+        lambda mp: mp.setattr(transformers.PreTrainedModel, "save_pretrained", _full),
+    )
+
+
+def _notebooks_scratch(tmp_path, monkeypatch):
+    import shutil
+
+    from nbzoo import demo
+
+    notebooks = tmp_path / "nb-source"
+    notebooks.mkdir()
+    (notebooks / "01_albert_glue.ipynb").write_text("{}")
+
+    def write(folder):
+        demo.clean_root(folder, notebooks, tmp_path / "results")
+
+    return Writer(
+        write,
+        {"notebooks/01_albert_glue.ipynb": b"{my edits}"},
+        lambda mp: mp.setattr(shutil, "copytree", _full),
+        scratch=True,
+    )
+
+
+def _albert_preprocess(tmp_path, monkeypatch):
+    from nbzoo.data import albert_preprocess, glue
+    from nbzoo.text import word_tokenizer
+
+    dev = glue.generate_split("sst2", 12, seed=0, split="dev")
+    tokenizer = word_tokenizer(dev.text_a)
+    return Writer(
+        lambda folder: albert_preprocess.preprocess(dev, tokenizer, folder, 16),
+        {"input_ids/0.npy": b"mine", "label.npy": b"mine"},
+        lambda mp: mp.setattr(np, "save", _full_after(5, np.save)),
+    )
+
+
+WRITERS = {
+    "GLUE sample generator (01)": _glue_generator,
+    "GLUE download and extraction": _glue_download,
+    "BPE learner (03)": _bpe_learner,
+    "GPT-2 BPE download (03 full)": _gpt2_bpe_download,
+    "SST-2 binarizer (03)": _binarizer,
+    "corpus and tokenizer generator (04, 05)": _corpus_generator,
+    "MLPerf shard generator (06)": _mlperf_generator,
+    "training checkpoints": _checkpoints,
+    "fine-tuned checkpoint (01)": _finetuned,
+    "masked-LM weights (04, 05)": _masked_lm_weights,
+    "convert_fairseq": _convert_fairseq,
+    "torchrun launch records": _launch_record,
+    "results record": _results_record,
+    "nbzoo.infer": _infer,
+    "cann_standins": _cann_standins,
+    "stand-in checkpoints (rehearsal)": _standin_checkpoint,
+    "make notebooks' scratch root": _notebooks_scratch,
+    "ALBERT preprocessing (02)": _albert_preprocess,
+}
+
+
+def _outside(before: dict[str, str], after: dict[str, str], own: str, beside=()) -> None:
+    """Every path of ``before`` is in ``after`` with the same bytes; what was added lies in the
+    writer's own folder ``own`` or is one of the files it writes beside it."""
+    assert {k: v for k, v in after.items() if k in before} == before
+    added = [k for k in after if k not in before]
+    allowed = (own, *(b.format(name=own) for b in beside))
+    assert all(k == own or k.startswith(own + "/") or k in allowed for k in added), added
+
+
+def _no_temporaries(folder: Path) -> None:
+    assert not [p for p in folder.rglob("*") if ".nbzoo-tmp-" in p.name]
+
+
+@pytest.fixture(params=list(WRITERS))
+def writer(request, tmp_path, monkeypatch, one_torch_thread):
+    made = WRITERS[request.param](tmp_path, monkeypatch)
+    user = users_folder(tmp_path / "user", made.same_names)
+    yield made, user
+    made.close()
+
+
+def test_a_writer_given_a_folder_of_the_users_refuses_and_changes_nothing(writer, capsys):
+    made, user = writer
+    before = fingerprint(user.parent)
+    with pytest.raises(Exception) as refused:  # noqa: B017  (each writer's own error)
+        made.write(user)
+    said = str(refused.value) + capsys.readouterr().err
+    assert "nbzoo did not write" in said, said
+    assert fingerprint(user.parent) == before
+
+
+def test_a_writer_that_succeeds_beside_the_users_files_leaves_them_as_they_were(writer):
+    made, user = writer
+    before = fingerprint(user)
+    own = user / "nbzoo-out"
+    for _ in range(2):  # the first run, and a rerun over its own output
+        made.write(own)
+        _outside(before, fingerprint(user), "nbzoo-out", made.beside)
+    assert list(own.rglob(".nbzoo-owned"))  # nbzoo's folder says so
+    _no_temporaries(user)
+
+
+def test_a_writer_that_fails_half_way_leaves_everything_as_it_was(writer, monkeypatch):
+    made, user = writer
+    own = user / "nbzoo-out"
+    if not made.resumable:  # a run to fail over; a download that has its file fetches nothing
+        made.write(own)
+    before = fingerprint(user)
+    with monkeypatch.context() as mp:
+        made.break_(mp)
+        with pytest.raises(Exception) as failed:  # noqa: B017  (each writer's own failure)
+            made.write(own)
+    injected = ("No space left", "incomplete", "broke off", "exit 1")  # not another failure
+    assert any(word in str(failed.value) for word in injected), failed.value
+    if made.resumable:  # only the .part to resume from, in nbzoo's own folder
+        _outside(before, fingerprint(user), "nbzoo-out")
+        assert {p.suffix for p in own.iterdir() if p.is_file()} <= {".part", ".json", ""}
+    elif made.scratch:  # emptied, and nothing else touched
+        after = fingerprint(user)
+        assert {k: v for k, v in after.items() if not k.startswith("nbzoo-out")} == {
+            k: v for k, v in before.items() if not k.startswith("nbzoo-out")
+        }
+    else:  # every byte as it was; nbzoo's marker may list the same bytes under a newer time
+        assert bookkept(fingerprint(user)) == bookkept(before)
+    _no_temporaries(user)
+
+
+def bookkept(prints: dict[str, str]) -> dict[str, str]:
+    return {k: "marker" if k.endswith(".nbzoo-owned") else v for k, v in prints.items()}
+
+
+# --- the ais_bench stand-in writes where the seed's line says: results/seq8_bs2 -----------------
+
+
+@pytest.fixture
+def seed_work(tmp_path):
+    from nbzoo.export import cann_standins
+
+    tools = cann_standins.write(tmp_path / "tools").root
+    work = tmp_path / "work"
+    standin_om(work, batch=2, seq=8)
+    for name in ("input_ids", "attention_mask", "token_type_ids"):
+        for i in range(5):
+            np.save(work / "preprocessed_data_seq8" / name / f"{i}.npy", np.full((1, 8), i))
+    return work, tools
+
+
+def test_the_ais_bench_standin_never_writes_over_the_users_results_folder(seed_work):
+    work, tools = seed_work
+    users_folder(work / "results", {"seq8_bs2/0_0.npy": b"mine", "seq8_bs2_summary.json": b"{}"})
+    before = fingerprint(work)
+    done = run_standin_ais_bench(work, tools, 2, 8)
+    assert done.returncode != 0 and "nbzoo did not write" in done.stderr
+    assert fingerprint(work) == before
+
+
+def test_the_ais_bench_standin_beside_the_users_files_and_failing_half_way(seed_work):
+    work, tools = seed_work
+    users_folder(work / "results", {"seq8_bs1/0_0.npy": b"another run's, of the user's"})
+    before = fingerprint(work / "results")
+    for _ in range(2):  # the first run, and a rerun over its own output
+        assert run_standin_ais_bench(work, tools, 2, 8).returncode == 0
+        _outside(before, fingerprint(work / "results"), "seq8_bs2", ("{name}_summary.json",))
+    done_once = fingerprint(work)
+    (work / "preprocessed_data_seq8" / "input_ids" / "3.npy").write_bytes(b"\x93NUMPY broken")
+    done_once = {**done_once, "preprocessed_data_seq8/input_ids/3.npy": fingerprint(work)[
+        "preprocessed_data_seq8/input_ids/3.npy"
+    ]}  # fmt: skip
+    assert run_standin_ais_bench(work, tools, 2, 8).returncode != 0  # fails on the 4th sample
+    assert fingerprint(work) == done_once
+    _no_temporaries(work)
