@@ -20,6 +20,18 @@ message says to move it away or name another folder. A folder whose only content
 carrying their own marker is nbzoo's as well (a checkpoint folder whose ``training/`` was claimed
 first).
 
+Three kinds of place follow the same rule with one difference each:
+
+* **Files beside a folder** (ais_bench's ``<name>_summary.json`` next to ``<name>/``): listed in
+  that folder's marker (:func:`write_beside`), replaced only while listed unchanged.
+* **Output folders the user or the project names** (``results/``, a run's ``output_dir``):
+  :func:`write_output_file` adds its file there and replaces a file of that name only when a
+  marker lists it or the writer recognises it as its own output (a results record naming its
+  notebook); it never needs the folder to be marked, so a user may point several tools at one.
+* **nbzoo's scratch folders** (``build/rehearse``, ``build/notebooks-run``): marked as scratch
+  by :func:`claim_scratch`, everything in them is nbzoo's (the marker says so, and to keep
+  nothing there); an existing folder that is not one is refused like any other.
+
 The leftovers of a writer that died (a temporary ``.nbzoo-tmp-<pid>-`` file of a process that is
 gone) inside a marked folder are nbzoo's and may be removed; outside one they are left alone.
 """
@@ -437,8 +449,13 @@ class Owned:
         if path.is_dir() and not path.is_symlink():
             old = path.with_name(f".{path.name}.nbzoo-tmp-{os.getpid()}-{secrets.token_hex(4)}")
             path.rename(old)
-        _update(self.root, self.writer, change)
-        os.replace(tmp, path)
+        try:
+            _update(self.root, self.writer, change)
+            os.replace(tmp, path)
+        except BaseException:
+            if old is not None:  # the earlier folder back in its place
+                old.rename(path)
+            raise
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
 
@@ -633,7 +650,12 @@ def new_folder(
         check_replaceable(final, writer, what=what, hint=hint, beside=beside, adopt=adopt)
         if final.exists():
             final.rename(old)
-        tmp.rename(final)
+        try:
+            tmp.rename(final)
+        except BaseException:
+            if old.exists():  # the earlier folder back in its place
+                old.rename(final)
+            raise
     finally:
         for leftover in (tmp, old):
             if leftover.exists():

@@ -23,6 +23,7 @@ import math
 import os
 import pickle
 import random
+import re
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -263,9 +264,12 @@ def read_trainer_state(path: Path) -> dict:
     try:
         return torch.load(file, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        # torch's message leads with how to load it anyway; the line that says why is the point
+        why = next((line for line in lines if line.startswith("WeightsUnpickler error")), None)
+        why = re.sub(r"\x1b\[[0-9;]*m", "", why or (lines[0] if lines else type(exc).__name__))
         raise BrokenCheckpoint(
-            f"{file.name} holds what torch.load(weights_only=True) refuses ({first})"
+            f"{file.name} holds what torch.load(weights_only=True) refuses ({why})"
         ) from None
 
 

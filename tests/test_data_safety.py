@@ -321,6 +321,7 @@ def test_a_refused_pickle_in_trainer_state_is_set_aside_and_the_rerun_proceeds(t
     aside = [p for p in folder.iterdir() if p.name.startswith("broken-last")]
     assert len(aside) == 1 and (aside[0] / "trainer_state.pt").read_bytes() == bad
     assert f"set aside as {aside[0]}" in out and "trainer_state.pt" in out
+    assert "Unsupported global" in out and "_Foreign" in out  # why, not how to load it anyway
 
 
 # --- defect 11: extraction is all or nothing ---------------------------------------------------
@@ -900,3 +901,76 @@ def test_the_ais_bench_standin_beside_the_users_files_and_failing_half_way(seed_
     assert run_standin_ais_bench(work, tools, 2, 8).returncode != 0  # fails on the 4th sample
     assert fingerprint(work) == done_once
     _no_temporaries(work)
+
+
+# --- folders an nbzoo without markers wrote --------------------------------------------------
+
+
+def _without_markers(folder: Path) -> None:
+    for marker in folder.rglob(".nbzoo-owned"):
+        marker.unlink()
+
+
+def _glue_demo(folder: Path) -> None:
+    from nbzoo import finetune
+
+    cfg = config("01_albert_glue", data_dir=str(folder), sample_sizes=GLUE_SIZES)
+    finetune.prepare_data("sst2", cfg)
+
+
+def _corpus_demo(folder: Path) -> None:
+    from nbzoo import masked_lm
+
+    sizes = {"train": 30, "test": 10}
+    masked_lm.prepare_data(config("04_reformer_mlm", data_dir=str(folder), sample_sizes=sizes))
+
+
+def _mlperf_demo(folder: Path) -> None:
+    from nbzoo import pretraining
+
+    cfg = config("06_bert_thor", data_dir=str(folder), num_samples=20, samples_per_shard=10)
+    pretraining.prepare_data(cfg)
+
+
+ADOPTABLE = {"01": _glue_demo, "04 and 05": _corpus_demo, "06": _mlperf_demo}
+
+
+@pytest.mark.parametrize("notebook", list(ADOPTABLE))
+def test_demo_data_written_before_markers_is_adopted_only_when_byte_identical(tmp_path, notebook):
+    from nbzoo.safe_write import NotOursError
+
+    generate = ADOPTABLE[notebook]
+    folder = tmp_path / "data"
+    generate(folder)
+    _without_markers(folder)  # as an nbzoo before this change left it
+    same = fingerprint(folder)
+    generate(folder)  # adopted: the same bytes, now marked
+    assert (folder / ".nbzoo-owned").is_file()
+    assert {k: v for k, v in fingerprint(folder).items() if ".nbzoo-owned" not in k} == same
+    _without_markers(folder)
+    victim = sorted(p for p in folder.rglob("*") if p.is_file())[-1]
+    victim.write_bytes(victim.read_bytes() + b"\n")  # one byte of the user's
+    changed = fingerprint(folder)
+    with pytest.raises(NotOursError, match="nbzoo did not write"):
+        generate(folder)
+    assert fingerprint(folder) == changed
+
+
+def test_03s_demo_folders_written_before_markers_are_adopted(tmp_path):
+    from nbzoo import sentence_prediction
+
+    cfg = config(
+        "03_roberta_sst2",
+        data_dir=str(tmp_path / "bin"),
+        glue_dir=str(tmp_path / "glue"),
+        bpe_dir=str(tmp_path / "bpe"),
+        sample_sizes=GLUE_SIZES,
+        bpe_vocab_size=300,
+    )
+    sentence_prediction.prepare_data(cfg)
+    _without_markers(tmp_path)
+    same = {k: v for k, v in fingerprint(tmp_path).items() if not k.endswith("preprocess.log")}
+    sentence_prediction.prepare_data(cfg)
+    again = fingerprint(tmp_path)
+    assert all((tmp_path / name / ".nbzoo-owned").is_file() for name in ("bin", "glue", "bpe"))
+    assert {k: again[k] for k in same} == same
