@@ -27,11 +27,10 @@ import argparse
 import builtins
 import codecs
 import collections
+import contextlib
 import copyreg
 import os
 import pickle
-import re
-import shutil
 import sys
 import types
 from dataclasses import dataclass, field
@@ -41,6 +40,8 @@ from typing import Any
 import numpy as np
 import torch
 from transformers import RobertaConfig, RobertaForMaskedLM, RobertaForSequenceClassification
+
+from nbzoo import safe_write
 
 TASKS = ("sequence-classification", "masked-lm")
 DEFAULT_HEAD = "sentence_classification_head"  # fairseq's --classification-head-name default
@@ -474,55 +475,58 @@ def convert(
     return Converted(model, config, unused, initialized, ckpt.placeholders)
 
 
-# What ``save_pretrained`` writes, and the training record that sentence_prediction.finetune
-# writes beside it: an existing folder holding only these is an earlier output.
-_SAVED_FILES = re.compile(
-    r"config\.json|generation_config\.json|model(-\d+-of-\d+)?\.safetensors"
-    r"|model\.safetensors\.index\.json|training_record\.json"
-)
+WRITER = "nbzoo.convert_fairseq"
 
 
-def _check_replaceable(folder: Path) -> None:
-    """Refuse to replace anything but an empty folder or an earlier ``save_pretrained`` output."""
-    if not folder.exists() and not folder.is_symlink():
-        return
-    if folder.is_symlink() or not folder.is_dir():
-        raise CheckpointError(f"{folder} exists and is not a folder; choose another output folder")
-    foreign = sorted(p.name for p in folder.iterdir() if not _SAVED_FILES.fullmatch(p.name))
-    if foreign:
-        raise CheckpointError(
-            f"{folder} exists and holds files that are not a saved model ({', '.join(foreign[:3])}"
-            f"{', ...' if len(foreign) > 3 else ''}); nothing was written: choose another output "
-            "folder or move it away"
+def check_output(folder: Path) -> None:
+    """Refuse to replace anything but an absent or empty folder or nbzoo's own earlier output
+    (marked, every file listed unchanged: nbzoo.safe_write)."""
+    try:
+        safe_write.check_replaceable(
+            folder, WRITER, hint="choose another output folder or move this one away"
         )
+    except safe_write.NotOursError as exc:
+        raise CheckpointError(f"{exc}; nothing was written") from None
+
+
+@contextlib.contextmanager
+def _quiet_progress():
+    """save_pretrained's progress bar (one shard) off: it would bury a one-line error."""
+    from transformers.utils import logging as hf_logging
+
+    enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            hf_logging.enable_progress_bar()
 
 
 def save_safetensors(model: torch.nn.Module, folder: str | os.PathLike) -> Path:
     """``save_pretrained`` (config.json + model.safetensors) into a temporary folder, then rename.
 
-    An existing ``folder`` is replaced only when it is empty or an earlier saved model; the
-    temporary folder is removed whatever happens (a full disk leaves nothing behind)."""
+    An existing ``folder`` is replaced only when it is empty or nbzoo's earlier output; the
+    temporary folder is removed whatever happens (a full disk leaves nothing behind, and is
+    reported as an OSError whichever library's write met it)."""
+    from safetensors import SafetensorError
+
     folder = Path(folder)
-    _check_replaceable(folder)
-    tmp = folder.with_name(folder.name + f".tmp-{os.getpid()}")
-    old = folder.with_name(folder.name + f".old-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
+    check_output(folder)
     try:
-        model.save_pretrained(tmp, safe_serialization=True)
-        _check_replaceable(folder)  # again: it may have appeared while saving
-        if folder.exists():
-            folder.rename(old)
-        tmp.rename(folder)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.rmtree(old, ignore_errors=True)
+        with safe_write.new_folder(folder, WRITER) as tmp, _quiet_progress():
+            model.save_pretrained(tmp, safe_serialization=True)
+    except SafetensorError as exc:  # safetensors' Rust writer: a full disk, a too large file
+        raise OSError(str(exc)) from None
+    except safe_write.NotOursError as exc:  # it appeared while saving
+        raise CheckpointError(f"{exc}; nothing was written") from None
     return folder
 
 
 def convert_to_safetensors(
     checkpoint: str | os.PathLike, folder: str | os.PathLike, **kwargs: Any
 ) -> Converted:
-    _check_replaceable(Path(folder))  # before the conversion's work, not after
+    check_output(Path(folder))  # before the conversion's work, not after
     converted = convert(checkpoint, **kwargs)
     save_safetensors(converted.model, folder)
     return converted

@@ -24,7 +24,7 @@ from transformers import (
     get_linear_schedule_with_warmup,
 )
 
-from nbzoo import launch, lesson, metrics, packing, paths, verdicts, weights
+from nbzoo import launch, lesson, metrics, packing, paths, safe_write, verdicts, weights
 from nbzoo.data import glue
 from nbzoo.device import Runtime
 from nbzoo.text import word_tokenizer
@@ -168,6 +168,7 @@ def finetune_glue(
         return task_metrics(task, outputs, labels)
 
     folder = checkpoint_path(cfg, task)
+    owned = safe_write.claim(folder, WRITER, what="checkpoint_dir")  # refused before training
     train_cfg = TrainConfig(
         epochs=cfg.epochs,
         batch_size=cfg.batch_size,
@@ -194,13 +195,15 @@ def finetune_glue(
     final = result.evals[-1] if result.evals else evaluate(model)
     scores = {k: v for k, v in final.items() if k not in ("step", "epoch")}
     if rt.is_main:
-        model.save_pretrained(folder, safe_serialization=True)
-        tokenizer.save_pretrained(folder)
+        with owned.staged() as tmp:  # every file through a temporary name
+            model.save_pretrained(tmp, safe_serialization=True)
+            tokenizer.save_pretrained(tmp)
         launch.write_record(folder / RECORD, {"result": asdict(result), "metrics": scores})
     return Finetuned(task, model, tokenizer, result, scores, folder)
 
 
 RECORD = "training_record.json"  # beside the checkpoint: the run's history and final metrics
+WRITER = "nbzoo.finetune (the fine-tuned checkpoint)"
 
 
 def train(

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from nbzoo import lifeline
+from nbzoo import lifeline, safe_write
 
 KNOBS = ("devices", "nnodes", "node_rank", "master_addr", "master_port", "rendezvous_timeout")
 RESOLVE_SECONDS = 10.0  # the longest a name lookup of master_addr may take before we give up
@@ -228,10 +228,10 @@ def run(
     if launch.nnodes > 1:
         launch.resolve_master()
     workdir = Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
+    owned = safe_write.claim(workdir, WRITER, what="the launch folder")
     config_path, out_path = workdir / "launch.json", workdir / "record.json"
-    config_path.write_text(json.dumps({"cfg": dict(cfg), "kwargs": kwargs}, default=str))
-    out_path.unlink(missing_ok=True)
+    owned.write_text("launch.json", json.dumps({"cfg": dict(cfg), "kwargs": kwargs}, default=str))
+    owned.remove("record.json")
     cmd = command(entry, config_path, out_path, launch)
     batch = f", {batch_line(cfg)}" if "batch_size" in cfg else ""  # a job without batches
     print(
@@ -290,12 +290,15 @@ def _never_met(tail: list[str]) -> bool:
     return any(marker in line for line in tail for marker in _RENDEZVOUS_FAILURES)
 
 
+WRITER = "nbzoo.launch"
+
+
 def write_record(path: str | os.PathLike, record: Mapping[str, Any]) -> None:
-    """Write a JSON record atomically (a temporary file, then a rename)."""
+    """Write a JSON record atomically (a temporary file, then a rename) into a folder that is
+    nbzoo's (nbzoo.safe_write), replacing only a record nbzoo wrote."""
     path = Path(path)
-    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(record, default=_jsonable))
-    tmp.replace(path)
+    owned = safe_write.claim(path.parent, WRITER)
+    owned.write_text(path.name, json.dumps(record, default=_jsonable))
 
 
 def read_record(path: str | os.PathLike) -> dict[str, Any]:

@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_model, save_model
 from transformers import get_linear_schedule_with_warmup
 
-from nbzoo import launch, longseq, metrics, patching, paths, weights
+from nbzoo import launch, longseq, metrics, patching, paths, safe_write, weights
 from nbzoo.data import corpus
 from nbzoo.device import Runtime
 from nbzoo.train import TrainConfig, TrainResult, config_hash, fit, steps_per_epoch
@@ -128,12 +128,16 @@ def final_dir(cfg: Any) -> Path:
     return paths.resolve(cfg.checkpoint_dir) / "final"
 
 
+WRITER = "nbzoo.masked_lm (the trained weights)"
+
+
 def save_weights(model: torch.nn.Module, folder: str | os.PathLike, result: TrainResult) -> Path:
+    """model.safetensors and the run's record into ``folder``, a folder nbzoo creates or marked
+    (nbzoo.safe_write), each through a temporary name."""
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / f".model.safetensors.tmp-{os.getpid()}"
-    save_model(model, str(tmp))
-    tmp.replace(folder / "model.safetensors")
+    owned = safe_write.claim(folder, WRITER, what="checkpoint_dir's final/")
+    with owned.file("model.safetensors") as tmp:
+        save_model(model, str(tmp))
     launch.write_record(folder / RECORD, {"result": asdict(result)})
     return folder
 
@@ -184,6 +188,8 @@ def train(
         )
         load_weights(model, final_dir(cfg))
         return TrainResult(**record["result"])
+    # where the weights go is asked before training (nbzoo.safe_write), not after it
+    safe_write.check_claim(final_dir(cfg), WRITER, what="checkpoint_dir's final/")
     steps = cfg.epochs * steps_per_epoch(
         len(data.train_set), cfg.batch_size, rt.world_size, cfg.get("grad_accum", 1)
     )

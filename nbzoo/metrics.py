@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from nbzoo import paths
+from nbzoo import paths, safe_write
 
 IGNORE_INDEX = -100
 # a results record's extra: each checked metric's learnt-nothing baseline (nbzoo.lesson.record)
@@ -270,20 +270,36 @@ def write_results(
     }
     if extra:
         record["extra"] = dict(extra)
-    folder = paths.results_dir(output_dir)
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"{stem}.json"
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(_plain(record), indent=2, allow_nan=True) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    path = paths.results_dir(output_dir) / f"{stem}.json"
+    text = json.dumps(_plain(record), indent=2, allow_nan=True) + "\n"
+    safe_write.write_output_file(
+        path, text.encode("utf-8"), "nbzoo.metrics.write_results", recognise=results_record(stem)
+    )
     return path
 
 
-def read_json_records(folder: Path, keys: Collection[str]) -> list[dict[str, Any]]:
+def results_record(stem: str):
+    """The test that a file is a results record :func:`write_results` wrote for ``stem`` (the
+    one file of a results folder it may replace without a marker listing it)."""
+
+    def recognise(path: Path) -> bool:
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return False
+        fields = {"notebook", "preset", "metrics", "versions", "finished_at"}
+        return isinstance(data, dict) and data.get("notebook") == stem and fields <= set(data)
+
+    return recognise
+
+
+def read_json_records(
+    folder: Path, keys: Collection[str], required: Collection[str] = ()
+) -> list[dict[str, Any]]:
     """The ``*.json`` files of ``folder`` (name order) that hold an object with all of ``keys``;
-    other JSON is passed over. A file that cannot be read as JSON is passed over too, with one
-    line on stderr naming it and where it breaks: one broken file must not hide the others'
-    results (``nbzoo results``, ``nbzoo bench``)."""
+    other JSON is passed over. A file that cannot be read as JSON, or a record that lacks one of
+    ``required``, is passed over too, with one line on stderr naming it and what is wrong: one
+    broken file must not hide the others' results (``nbzoo results``, ``nbzoo bench``)."""
     records = []
     for path in sorted(Path(folder).glob("*.json")):
         try:
@@ -298,6 +314,9 @@ def read_json_records(folder: Path, keys: Collection[str]) -> list[dict[str, Any
             _skipped(path, f"unreadable ({exc.strerror or exc})")
             continue
         if isinstance(record, dict) and all(k in record for k in keys):
+            if missing := [k for k in required if k not in record]:
+                _skipped(path, f"a record without {', '.join(missing)}")
+                continue
             records.append(record)
     return records
 
@@ -313,7 +332,11 @@ def _skipped(path: Path, why: str) -> None:
 
 
 def read_results(folder: str | os.PathLike | None = None) -> list[dict[str, Any]]:
-    return read_json_records(paths.results_dir(folder), ("notebook", "metrics"))
+    """The results records of ``folder``; one without a field the results table shows is named
+    on stderr and passed over."""
+    return read_json_records(
+        paths.results_dir(folder), ("notebook", "metrics"), ("preset", "device", "precision")
+    )
 
 
 def compare(metrics: Mapping[str, float], reference: Mapping[str, Any], samples_per_second=None):

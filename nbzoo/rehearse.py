@@ -22,7 +22,6 @@ import argparse
 import importlib.util
 import json
 import os
-import shutil
 import sys
 import time
 from collections.abc import Mapping
@@ -30,9 +29,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from nbzoo import fidelity, paths, presets
+from nbzoo import fidelity, metrics, paths, presets, safe_write
 
 BUILD = "build/rehearse"
+WRITER = "nbzoo.rehearse"
 RESULTS = "results/rehearse"
 REHEARSAL_DEVICES = 2  # full_8p on two processes: the smallest count that runs the 8p code path
 ORDER = tuple(fidelity.notebooks())  # every notebook with a seed, in the seeds' record order
@@ -344,9 +344,9 @@ def execute(run: Run, work: Path, env: Mapping[str, str], log=print) -> Path:
 
     output = work / "notebooks" / f"{run.name}.ipynb"
     # from scratch: a checkpoint of an earlier rehearsal (older code) is never resumed, and no
-    # exported model of one is found in place of this run's
-    shutil.rmtree(checkpoints(work, run.stem, run.preset), ignore_errors=True)
-    shutil.rmtree(artifacts(work, run.stem), ignore_errors=True)
+    # exported model of one is found in place of this run's (work is nbzoo's scratch folder)
+    safe_write.remove_folder(checkpoints(work, run.stem, run.preset), WRITER)
+    safe_write.remove_folder(artifacts(work, run.stem), WRITER)
     notebook = cli.find_notebook(run.stem)  # before NBZOO_ROOT moves the project root
     saved = dict(os.environ)
     os.environ.update({**env, **run.env})
@@ -359,8 +359,8 @@ def execute(run: Run, work: Path, env: Mapping[str, str], log=print) -> Path:
     record = json.loads(source.read_text(encoding="utf-8"))
     check_record(run, record)
     dest = paths.resolve(RESULTS) / f"{run.name}.json"
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(source, dest)
+    data = source.read_bytes()
+    safe_write.write_output_file(dest, data, WRITER, recognise=metrics.results_record(run.stem))
     return dest
 
 
@@ -400,6 +400,11 @@ def main(argv: list[str] | None = None) -> int:
 
     stems = [s for s in ORDER if not args.only or s in args.only]
     work = paths.resolve(BUILD)
+    try:  # nbzoo's scratch folder: refused when it holds anything nbzoo did not put there
+        safe_write.claim_scratch(work, WRITER)
+    except safe_write.NotOursError as exc:
+        print(f"cannot rehearse: {exc}", file=sys.stderr, flush=True)
+        return 2
     first = checkpoints(work, "01_albert_glue", "full") / "sst2" / "config.json"
     if "02_albert_inference" in stems and "01_albert_glue" not in stems and not first.exists():
         stems.insert(0, "01_albert_glue")  # 02 infers with 01's rehearsed checkpoint

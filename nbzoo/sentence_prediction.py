@@ -31,17 +31,29 @@ from transformers import (
     get_polynomial_decay_schedule_with_warmup,
 )
 
-from nbzoo import convert_fairseq, launch, lesson, metrics, packing, paths, verdicts, weights
+from nbzoo import (
+    convert_fairseq,
+    launch,
+    lesson,
+    metrics,
+    packing,
+    paths,
+    safe_write,
+    verdicts,
+    weights,
+)
 from nbzoo.data import fairseq, glue, sources
 from nbzoo.data.download import DownloadError, download
 from nbzoo.data.fairseq_batching import EpochBatches
 from nbzoo.data.fairseq_glue import (
+    BINARIZED_HINT,
+    BINARIZER,
     PadCollator,
     SentencePredictionDataset,
     binarize_sst2,
     label_folder,
 )
-from nbzoo.data.gpt2_bpe import RobertaEncoder, download_gpt2_bpe, train_bpe
+from nbzoo.data.gpt2_bpe import BPE_HINT, BPE_WRITER, RobertaEncoder, download_gpt2_bpe, train_bpe
 from nbzoo.device import Runtime
 from nbzoo.train import TrainConfig, TrainResult, config_hash, fit, predict, steps_per_epoch
 
@@ -77,14 +89,59 @@ def prepare_data(cfg: Any) -> Path:
         return data_dir
     glue_dir, bpe_dir = paths.resolve(cfg.glue_dir), paths.resolve(cfg.bpe_dir)
     if cfg.data_source == "generate":
-        glue.write_sample_dataset(glue_dir, "sst2", dict(cfg.sample_sizes), seed=cfg.seed)
-        train = glue.read_split(glue_dir, "sst2", "train")
-        train_bpe(train.text_a, bpe_dir, vocab_size=cfg.bpe_vocab_size)
+        generated = _Generated(cfg)
+        # all three folders are asked before any is written: one of the user's stops the run
+        # with nothing written (nbzoo.safe_write)
+        safe_write.check_claim(
+            glue_dir,
+            glue.GENERATOR,
+            what="glue_dir",
+            hint=glue.KEEP_HINT,
+            adopt=glue.generated_alike(generated.sizes, generated.seed),
+        )
+        safe_write.check_replaceable(
+            bpe_dir, BPE_WRITER, what="bpe_dir", hint=BPE_HINT, adopt=generated.bpe_alike
+        )
+        safe_write.check_replaceable(
+            data_dir, BINARIZER, what="data_dir", hint=BINARIZED_HINT, adopt=generated.bin_alike
+        )
+        generated.write_glue(glue_dir)
+        generated.write_bpe(bpe_dir, adopt=generated.bpe_alike)
+        adopt = generated.bin_alike
     else:
         glue.download_task(glue_dir, "sst2")
         download_gpt2_bpe(bpe_dir)
-    binarize_sst2(glue_dir, data_dir, RobertaEncoder.from_dir(bpe_dir))
+        adopt = None
+    binarize_sst2(glue_dir, data_dir, RobertaEncoder.from_dir(bpe_dir), adopt=adopt)
     return data_dir
+
+
+class _Generated:
+    """The demo's three generated folders (GLUE TSVs, BPE files, binarized data), and the test
+    that an unmarked folder holds exactly what they would be (a folder an nbzoo without markers
+    wrote: adopted, see nbzoo.safe_write)."""
+
+    def __init__(self, cfg: Any):
+        self.sizes, self.seed, self.vocab = dict(cfg.sample_sizes), cfg.seed, cfg.bpe_vocab_size
+
+    def write_glue(self, folder: Path) -> None:
+        glue.write_sample_dataset(folder, "sst2", self.sizes, seed=self.seed)
+
+    def write_bpe(self, folder: Path, adopt=None) -> None:
+        train = glue.generate_split("sst2", self.sizes["train"], self.seed, "train")
+        train_bpe(train.text_a, folder, vocab_size=self.vocab, adopt=adopt)
+
+    def bpe_alike(self, folder: Path) -> bool:
+        return safe_write.built_alike(folder, self.write_bpe)
+
+    def bin_alike(self, folder: Path) -> bool:
+        def build(scratch: Path) -> None:
+            glue_dir, bpe_dir = scratch.with_name(".glue-source"), scratch.with_name(".bpe-source")
+            self.write_glue(glue_dir)
+            self.write_bpe(bpe_dir)
+            binarize_sst2(glue_dir, scratch, RobertaEncoder.from_dir(bpe_dir))
+
+        return safe_write.built_alike(folder, build, loose=("preprocess.log",))
 
 
 def load_splits(
@@ -108,11 +165,18 @@ def batch_plan(cfg: Any, train: SentencePredictionDataset):
 
 def download_roberta_base(model_path: Path, url: str) -> Path:
     """Fetch fairseq's roberta.base archive and unpack its model.pt (and dict.txt) beside
-    ``model_path``; tar members that would land outside the folder are refused."""
-    folder = model_path.parent
+    ``model_path``, into a folder that is nbzoo's (nbzoo.safe_write: new, empty or marked); tar
+    members that would land outside the folder are refused."""
+    root = safe_write.claim(
+        model_path.parent,
+        "nbzoo's roberta.base download",
+        what="the folder of model_name",
+        hint="place model.pt there yourself, or name a model_name in an empty or new folder",
+    )
     remote = sources.remote(url)  # fairseq publishes no checksum for roberta.base (sources.py)
-    archive = download(url, folder / Path(url).name, sha256=remote.sha256, size=remote.size)
-    tmp = None
+    archive = download(
+        url, root.path(Path(url).name), sha256=remote.sha256, size=remote.size, owner=root
+    )
     try:
         with tarfile.open(archive) as tar:
             members = [
@@ -122,15 +186,10 @@ def download_roberta_base(model_path: Path, url: str) -> Path:
             ]
             for member in members:
                 source = tar.extractfile(member)
-                target = folder / Path(member.name).name
-                tmp = target.with_name(target.name + ".part")
-                with source, open(tmp, "wb") as out:
+                with source, root.file(Path(member.name).name) as tmp, open(tmp, "wb") as out:
                     while block := source.read(1 << 20):
                         out.write(block)
-                os.replace(tmp, target)
     except (tarfile.TarError, EOFError, zlib.error) as exc:
-        if tmp is not None:
-            tmp.unlink(missing_ok=True)
         raise DownloadError(
             f"{archive}: damaged archive ({exc}); delete it and run again to download it anew"
         ) from None
@@ -289,6 +348,8 @@ def finetune(
     """Binarized data → RoBERTa → fairseq's SST-2 recipe → valid accuracy."""
     splits = splits or load_splits(data_folder, cfg.max_positions)
     train, valid = splits["train"], splits["valid"]
+    # where the model goes is asked before training (nbzoo.safe_write), not after it
+    convert_fairseq.check_output(hf_checkpoint(cfg))
     torch.manual_seed(cfg.seed)
     model = build_model(cfg, train.dictionary, len(train.class_names)).to(rt.device)
     plan = batch_plan(cfg, train)

@@ -22,8 +22,9 @@ import hashlib
 import json
 import math
 import os
+import pickle
 import random
-import shutil
+import re
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -35,7 +36,7 @@ import torch
 from safetensors.torch import load_model, save_model
 from torch.utils.data import default_collate
 
-from nbzoo import progress, weights
+from nbzoo import progress, safe_write, weights
 from nbzoo.amp import MasterWeights
 from nbzoo.device import Runtime
 
@@ -161,24 +162,18 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 
 
 CHECKPOINTS = ("last", "previous", ".old")  # newest first; ".old": the layout before "previous"
+WRITER = "nbzoo.train (training checkpoints)"
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, OSError):
-        return True
-    return True
-
-
-def _clean_temporary(folder: Path) -> None:
-    """Remove ``.tmp-<pid>`` folders of saves that died (their process is gone) or are ours."""
-    for tmp in folder.glob(".tmp-*"):
-        pid = tmp.name.removeprefix(".tmp-")
-        if not pid.isdigit() or int(pid) == os.getpid() or not _pid_alive(int(pid)):
-            shutil.rmtree(tmp, ignore_errors=True)
+def checkpoint_folder(folder: str | os.PathLike) -> safe_write.Owned:
+    """``folder`` as nbzoo's to write checkpoints in (nbzoo.safe_write): new, empty or marked; a
+    folder holding files nbzoo did not write is refused before any training."""
+    return safe_write.claim(
+        folder,
+        WRITER,
+        what="checkpoint_dir",
+        hint="name an empty or new checkpoint_dir, or move this folder away",
+    )
 
 
 def save_checkpoint(
@@ -191,13 +186,11 @@ def save_checkpoint(
 ) -> Path:
     """Write ``folder/last`` atomically (a temporary folder, then renames), keeping the one
     before as ``folder/previous`` to fall back on if ``last`` is ever found broken. A save that
-    fails (a full disk) removes its temporary folder and leaves both untouched."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    _clean_temporary(folder)
-    tmp, last, previous = folder / f".tmp-{os.getpid()}", folder / "last", folder / "previous"
-    try:
-        tmp.mkdir()
+    fails (a full disk) removes its temporary folder and leaves both untouched. Only nbzoo's own
+    checkpoints are replaced (nbzoo.safe_write)."""
+    root = checkpoint_folder(folder)
+    root.clean_dead_temporaries()
+    with root.folder("next") as tmp:
         save_model(model, str(tmp / "model.safetensors"))
         torch.save(
             {
@@ -209,16 +202,12 @@ def save_checkpoint(
             },
             tmp / "trainer_state.pt",
         )
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     # at every moment at least one complete checkpoint exists under a name find_checkpoint reads
-    if last.exists():
-        shutil.rmtree(previous, ignore_errors=True)
-        last.rename(previous)
-    tmp.rename(last)
-    shutil.rmtree(folder / ".old", ignore_errors=True)
-    return last
+    if root.path("last").exists():
+        root.rename("last", "previous")
+    root.rename("next", "last")
+    root.remove(".old")
+    return root.path("last")
 
 
 def checkpoint_problem(path: Path) -> str | None:
@@ -261,33 +250,79 @@ def find_checkpoint(folder: str | os.PathLike) -> Path | None:
         problem = checkpoint_problem(path)
         if problem is None:
             return path
-        aside = folder / f"broken-{name.lstrip('.')}-{time.strftime('%Y%m%d-%H%M%S')}"
-        try:
-            path.rename(aside)
-            note = f"set aside as {aside}"
-        except FileNotFoundError:  # another rank set it aside first
-            continue
-        except OSError as exc:
-            note = f"left in place ({exc}) and skipped"
-        print(f"checkpoint {path} is broken: {problem}; {note}", flush=True)
+        set_aside(path, problem)
     return None
 
 
-def checkpoint_run_id(path: Path) -> str:
-    blob = torch.load(path / "trainer_state.pt", map_location="cpu", weights_only=True)
+def set_aside(path: Path, problem: str) -> None:
+    """Move the broken checkpoint ``path`` aside (``broken-<name>-<time>``, never deleted) and
+    say so in one line; left in place when it is not nbzoo's to move."""
+    folder = path.parent
+    aside = folder / f"broken-{path.name.lstrip('.')}-{time.strftime('%Y%m%d-%H%M%S')}"
+    if not path.exists() or aside.exists():  # another rank set it aside first
+        return
+    try:
+        if not safe_write.is_marked(folder):
+            raise safe_write.NotOursError(f"{folder} carries no nbzoo marker")
+        safe_write.Owned(folder, WRITER).move_aside(path.name, aside.name)
+        note = f"set aside as {aside}"
+    except FileNotFoundError:  # another rank set it aside first
+        return
+    except (OSError, safe_write.NotOursError) as exc:
+        note = f"left in place ({exc}) and skipped"
+    print(f"checkpoint {path} is broken: {problem}; {note}", flush=True)
+
+
+def read_trainer_state(path: Path) -> dict:
+    """``trainer_state.pt`` of the checkpoint ``path``, loaded without running pickled code
+    (``weights_only``). A pickle that load refuses (objects of other code) raises
+    :class:`BrokenCheckpoint` naming the file."""
+    file = path / "trainer_state.pt"
+    try:
+        return torch.load(file, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as exc:
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        # torch's message leads with how to load it anyway; the line that says why is the point
+        why = next((line for line in lines if line.startswith("WeightsUnpickler error")), None)
+        why = re.sub(r"\x1b\[[0-9;]*m", "", why or (lines[0] if lines else type(exc).__name__))
+        raise BrokenCheckpoint(
+            f"{file.name} holds what torch.load(weights_only=True) refuses ({why})"
+        ) from None
+
+
+class BrokenCheckpoint(Exception):
+    """A checkpoint whose files read back whole but whose trainer state cannot be loaded."""
+
+
+def checkpoint_run_id(path: Path, blob: dict | None = None) -> str:
+    blob = blob if blob is not None else read_trainer_state(path)
     return blob["state"].get("run_id", "")
 
 
-def load_checkpoint(path: Path, model: torch.nn.Module, optimizer, scheduler, scaler) -> TrainState:
+def load_checkpoint(
+    path: Path, model: torch.nn.Module, optimizer, scheduler, scaler, blob: dict | None = None
+) -> TrainState:
     load_model(model, str(path / "model.safetensors"), device=str(next(model.parameters()).device))
     weights.check_finite(model, path / "model.safetensors")
-    blob = torch.load(path / "trainer_state.pt", map_location="cpu", weights_only=True)
+    blob = blob if blob is not None else read_trainer_state(path)
     optimizer.load_state_dict(blob["optimizer"])
     if scheduler is not None and blob["scheduler"] is not None:
         scheduler.load_state_dict(blob["scheduler"])
     scaler.load_state_dict(blob["scaler"])
     _set_rng_state(blob["rng"])
     return TrainState(**blob["state"])
+
+
+def _resumable(folder: Path) -> tuple[Path, dict] | None:
+    """The newest checkpoint whose trainer state loads, with it; the others are set aside."""
+    while (ckpt := find_checkpoint(folder)) is not None:
+        try:
+            return ckpt, read_trainer_state(ckpt)
+        except BrokenCheckpoint as why:
+            set_aside(ckpt, str(why))
+            if ckpt.exists():  # left in place: not nbzoo's to move, so not resumed either
+                return None
+    return None
 
 
 def _forward_loss(model, batch: Batch, loss_fn) -> Loss:
@@ -407,13 +442,16 @@ def fit(
             )
         optimizer.attach_grad_scaler(scaler)  # THOR gathers G from unscaled gradients
     state, resumed_from = TrainState(run_id=cfg.run_id), None
+    if cfg.checkpoint_dir is not None:
+        checkpoint_folder(cfg.checkpoint_dir)  # refused here, before any training
     if (
         cfg.checkpoint_dir is not None
         and cfg.resume
-        and (ckpt := find_checkpoint(cfg.checkpoint_dir))
+        and (found := _resumable(Path(cfg.checkpoint_dir)))
     ):
-        if checkpoint_run_id(ckpt) == cfg.run_id:
-            state = load_checkpoint(ckpt, model, optimizer, scheduler, scaler)
+        ckpt, blob = found
+        if checkpoint_run_id(ckpt, blob) == cfg.run_id:
+            state = load_checkpoint(ckpt, model, optimizer, scheduler, scaler, blob)
             resumed_from = state.step
             if rt.is_main:
                 print(f"resuming from {ckpt} at step {state.step}", flush=True)

@@ -113,7 +113,7 @@ def test_in_place_runs_start_from_a_clean_root(tmp_path):
     scratch, results = tmp_path / "scratch", tmp_path / "repo" / "results"
     (scratch / "checkpoints" / "01_albert_glue").mkdir(parents=True)  # an earlier run's
     env = demo.clean_root(scratch, notebooks, results)
-    assert sorted(p.name for p in scratch.iterdir()) == ["notebooks"]
+    assert sorted(p.name for p in scratch.iterdir() if p.name != ".nbzoo-owned") == ["notebooks"]
     assert [p.name for p in (scratch / "notebooks").iterdir()] == ["01_albert_glue.ipynb"]
 
     code = (

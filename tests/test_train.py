@@ -249,6 +249,11 @@ def test_two_process_gloo_training_keeps_ranks_identical(tmp_path):
     assert sum(r0["losses"][-6:]) < 0.8 * sum(r0["losses"][:6])
 
 
+def entries(folder) -> list[str]:
+    """What a checkpoint folder holds, but nbzoo's marker (nbzoo.safe_write)."""
+    return sorted(p.name for p in folder.iterdir() if p.name != ".nbzoo-owned")
+
+
 def two_checkpoints(tmp_path):
     """A finished 2-epoch run: ``last`` at step 4, ``previous`` at step 2."""
     rt = device.Runtime("cpu", "fp32")
@@ -269,7 +274,7 @@ def test_a_truncated_checkpoint_is_set_aside_and_the_run_resumes_from_the_one_be
     tmp_path, capsys, victim
 ):
     rt, cfg = two_checkpoints(tmp_path)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["last", "previous"]
+    assert entries(tmp_path) == ["last", "previous"]
     broken = tmp_path / "last" / victim
     data = broken.read_bytes()
     broken.write_bytes(data[: len(data) // 2])
@@ -302,7 +307,7 @@ def test_a_full_disk_leaves_no_temporary_folder_and_the_last_checkpoint_intact(
     for _ in range(3):
         with pytest.raises(OSError, match="No space left"):
             save_checkpoint(tmp_path, model, opt, None, rt.grad_scaler(), TrainState(step=5))
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["last"]
+    assert entries(tmp_path) == ["last"]
     assert (tmp_path / "last" / "trainer_state.pt").read_bytes() == before
 
 
@@ -315,9 +320,11 @@ def test_temporary_folders_of_dead_saves_are_cleaned(tmp_path):
         capture_output=True,
         check=True,
     )
-    (tmp_path / f".tmp-{gone.stdout.strip()}").mkdir()  # a save killed mid-way
     rt = device.Runtime("cpu", "fp32")
     model = toy_model()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     save_checkpoint(tmp_path, model, opt, None, rt.grad_scaler(), TrainState(step=1))
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["last"]
+    dead = tmp_path / f".next.nbzoo-tmp-{gone.stdout.strip()}-0a1b2c3d"  # a save killed mid-way
+    (dead / "half").mkdir(parents=True)
+    save_checkpoint(tmp_path, model, opt, None, rt.grad_scaler(), TrainState(step=2))
+    assert entries(tmp_path) == ["last", "previous"]

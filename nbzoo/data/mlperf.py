@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from tfrecord import example_pb2
 
+from nbzoo import safe_write
 from nbzoo.data import sources
 
 # name -> (protobuf list kind, which length applies)
@@ -541,17 +542,34 @@ def generate_sample_shards(
     seed: int = 0,
 ) -> list[Path]:
     """Write ``num_samples`` synthetic samples as ``part-XXXXX-of-NNNNN.tfrecord`` shards, plus the
-    language's ``vocab.txt``. Deterministic for a given spec and seed."""
+    language's ``vocab.txt``. Deterministic for a given spec and seed.
+
+    The folder is made whole (nbzoo.safe_write.new_folder): new, empty or nbzoo's -- a folder of
+    the user's shards is refused, never written. An unmarked folder holding exactly these files
+    (written by an nbzoo without markers) is adopted."""
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    arrays = generate_samples(spec, num_samples, seed)
-    total = -(-num_samples // samples_per_shard)
-    paths = []
-    for s in range(total):
-        rows = range(s * samples_per_shard, min((s + 1) * samples_per_shard, num_samples))
-        samples = ({k: v[i] for k, v in arrays.items()} for i in rows)
-        paths.append(write_shard(folder / shard_name(s, total), samples))
-    tmp = folder / f".vocab.txt.tmp-{os.getpid()}"
-    tmp.write_text("\n".join(sample_vocab(spec)) + "\n", encoding="utf-8")
-    os.replace(tmp, folder / "vocab.txt")
-    return paths
+
+    def write(out: Path) -> list[str]:
+        out.mkdir(parents=True, exist_ok=True)
+        arrays = generate_samples(spec, num_samples, seed)
+        total = -(-num_samples // samples_per_shard)
+        names = []
+        for s in range(total):
+            rows = range(s * samples_per_shard, min((s + 1) * samples_per_shard, num_samples))
+            samples = ({k: v[i] for k, v in arrays.items()} for i in rows)
+            names.append(write_shard(out / shard_name(s, total), samples).name)
+        (out / "vocab.txt").write_text("\n".join(sample_vocab(spec)) + "\n", encoding="utf-8")
+        return names
+
+    with safe_write.new_folder(
+        folder,
+        GENERATOR,
+        what="data_dir",
+        hint="pass data_source=local to read the shards there, or name an empty or new folder",
+        adopt=lambda existing: safe_write.built_alike(existing, write),
+    ) as tmp:
+        names = write(tmp)
+    return [folder / name for name in names]
+
+
+GENERATOR = "nbzoo's MLPerf sample shard generator (data_source=generate)"
