@@ -173,7 +173,9 @@ def test_the_seeds_evaluation_samples_are_trained_on_too_and_held_out_is_an_opti
     from nbzoo import presets, pretraining
 
     mlperf.generate_sample_shards(tmp_path, 50, 12, SPEC, seed=3)
-    cfg = presets.Config(preset="full", data_dir=str(tmp_path), eval_samples=20, train_samples=0)
+    cfg = presets.Config(
+        preset="full", data_dir=str(tmp_path), eval_samples=20, train_samples=0, model_config={}
+    )
     seed_train, seed_eval = pretraining.load_data(
         presets.Config({**cfg, "eval_split": "in_training"})
     )
