@@ -17,7 +17,6 @@ import time
 import uuid
 from pathlib import Path
 
-import nbformat
 import pytest
 import torch
 from safetensors.torch import save_file, save_model
@@ -38,7 +37,7 @@ from nbzoo.data import corpus, fairseq, glue, mlperf
 from nbzoo.data.fairseq_glue import binarize_sst2
 from nbzoo.data.gpt2_bpe import RobertaEncoder, train_bpe
 from nbzoo.train import TrainConfig, fit
-from tests.conftest import ROOT, run_python
+from tests.conftest import ROOT, probe_project, run_python
 from tests.test_fairseq_convert import fairseq_names, randomized, save_fairseq, tiny_config
 
 
@@ -395,29 +394,10 @@ def test_an_unresolvable_master_addr_fails_at_once_naming_it(tmp_path):
 # --- defect 14: --verbose -----------------------------------------------------------------------
 
 
-def probe_project(root: Path, code: str) -> dict[str, str]:
-    """A project (NBZOO_ROOT) whose one notebook 01_probe runs ``code``; its kernel, torchrun and
-    ranks import the tests' jobs from this checkout."""
-    (root / "nbzoo").mkdir(parents=True)
-    (root / "notebooks").mkdir()
-    nb = nbformat.v4.new_notebook()
-    params = nbformat.v4.new_code_cell("marker: str = ''")
-    params.metadata["tags"] = ["parameters"]
-    nb.cells = [params, nbformat.v4.new_code_cell(code)]
-    nb.metadata["kernelspec"] = {
-        "name": "python3",
-        "display_name": "Python 3",
-        "language": "python",
-    }
-    nbformat.write(nb, root / "notebooks" / "01_probe.ipynb")
-    path = os.pathsep.join(p for p in (os.environ.get("PYTHONPATH"), str(ROOT)) if p)
-    return {"NBZOO_ROOT": str(root), "PYTHONPATH": path}
-
-
 def test_verbose_streams_the_kernels_output_while_the_notebook_runs(tmp_path):
     code = "import sys, time\nprint('first', flush=True)\nprint('to stderr', file=sys.stderr)\n"
     code += "time.sleep(4)\nprint('second')"
-    env = probe_project(tmp_path, code)
+    env = probe_project(tmp_path, code, "marker: str = ''")
     proc = subprocess.Popen(
         [sys.executable, "-m", "nbzoo.cli", "run", "01_probe", "--output-dir",
          str(tmp_path / "out"), "--verbose"],
@@ -525,7 +505,10 @@ def test_interrupting_or_killing_the_kernel_of_a_two_process_run_leaves_no_proce
 @pytest.mark.parametrize("how", ["SIGINT", "timeout"])
 def test_nbzoo_run_stopped_by_ctrl_c_or_timeout_leaves_no_process_of_its_run(tmp_path, how):
     marker = f"stop-{uuid.uuid4().hex}"
-    env = {**os.environ, **probe_project(tmp_path, _job_code(tmp_path / marker))}
+    env = {
+        **os.environ,
+        **probe_project(tmp_path, _job_code(tmp_path / marker), "marker: str = ''"),
+    }
     argv = [sys.executable, "-m", "nbzoo.cli", "run", "01_probe", "--output-dir", str(tmp_path)]
     if how == "timeout":
         # coreutils' timeout sends SIGTERM to its whole process group when the time is up, and

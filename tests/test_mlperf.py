@@ -10,23 +10,13 @@ import pytest
 import torch
 
 from nbzoo.data import mlperf
-from tests.conftest import bench_script
+from tests.conftest import TINY_BERT, bench_script
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 SPEC = mlperf.SampleSpec(vocab_size=40, seq_length=24, max_predictions=4)
 SPEC_DEMO_PREDICTIONS = 5  # the demo preset's sample_spec max_predictions
-
-
-TINY_BERT = {
-    "vocab_size": 40,
-    "hidden_size": 16,
-    "num_hidden_layers": 1,
-    "num_attention_heads": 2,
-    "intermediate_size": 32,
-    "max_position_embeddings": 24,
-}
 
 
 def _samples(n, seed=0):

@@ -14,18 +14,10 @@ import pytest
 from nbzoo import device, optimizer_comparison, optimizer_figures, pretraining, verdicts
 from nbzoo.data import mlperf
 from tests import figure_check
+from tests.conftest import TINY_BERT
 
 matplotlib.use("Agg")
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-TINY_BERT = {
-    "vocab_size": 40,
-    "hidden_size": 16,
-    "num_hidden_layers": 1,
-    "num_attention_heads": 2,
-    "intermediate_size": 32,
-    "max_position_embeddings": 24,
-}
 
 
 def _arrays(ids: list[int], per_row: int = 4) -> dict[str, np.ndarray]:
