@@ -579,8 +579,14 @@ def predict(
     return np.concatenate(outputs), (np.concatenate(labels) if labels else None)
 
 
-def plot_history(result: TrainResult, title: str = "training", smooth: int = 10):
-    """Loss per step (raw and a moving average) and, where evaluated, the eval metrics."""
+def plot_history(
+    result: TrainResult,
+    title: str = "training",
+    smooth: int = 10,
+    eval_label: str = "on the test set",
+):
+    """Loss per step (raw and a moving average) and, where evaluated, the eval metrics (their
+    axis labelled ``eval_label``)."""
     import matplotlib.pyplot as plt
 
     evals = [e for e in result.evals]
@@ -599,7 +605,7 @@ def plot_history(result: TrainResult, title: str = "training", smooth: int = 10)
         ax2 = axes[0, 1]
         for key in [k for k in evals[0] if k not in ("step", "epoch")]:
             ax2.plot([e["step"] for e in evals], [e[key] for e in evals], marker="o", label=key)
-        ax2.set(xlabel="optimizer step", title="evaluation")
+        ax2.set(xlabel="optimizer step", ylabel=eval_label, title="evaluation")
         ax2.legend()
     fig.tight_layout()
     return fig

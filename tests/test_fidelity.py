@@ -246,8 +246,12 @@ def test_a_deviating_item_without_a_reason_is_refused():
 def test_the_notebook_reads_the_seed_figures_from_the_record_and_shows_the_table(stem):
     nb = json.loads((ROOT / "notebooks" / f"{stem}.ipynb").read_text(encoding="utf-8"))
     code = "\n".join("".join(c["source"]) for c in nb["cells"] if c["cell_type"] == "code")
-    assert f'fidelity.table("{stem}", cfg)' in code
-    assert f'fidelity.reference("{stem}")' in code
+    # the lesson's appendix shows the table whole (fidelity.show); a notebook not yet rewritten
+    # as a lesson shows fidelity.table
+    assert f'fidelity.show("{stem}", cfg)' in code or f'fidelity.table("{stem}", cfg)' in code
+    # the seed's figures come from the record: fidelity.reference, or a results record written
+    # through nbzoo.lesson.record (which reads them there)
+    assert f'fidelity.reference("{stem}")' in code or "record(" in code
     figures = {v for v in fidelity.reference(stem)["metrics"].values()}
     literals = {float(x) for x in re.findall(r"(?<![\w.])\d+\.\d+", code)}
     assert not figures & literals, f"{stem}: seed figures typed into a cell: {figures & literals}"
