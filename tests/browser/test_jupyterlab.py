@@ -235,9 +235,12 @@ def _wait_for(page, predicate: str, timeout_s: float, what: str):
         raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}") from exc
 
 
-# True when every code cell shows an execution count, or as soon as a traceback appears.
+# True when every code cell shows an execution count, or as soon as a traceback appears. A cell
+# whose input is collapsed (a lesson's parameters cell) shows a placeholder with an empty prompt
+# instead of its input area: it is left out.
 ALL_CELLS_RAN = """() => {
-  const prompts = [...document.querySelectorAll('.jp-CodeCell .jp-InputPrompt')]
+  const prompts = [...document.querySelectorAll(
+      '.jp-CodeCell .jp-InputPrompt:not(.jp-Placeholder-prompt)')]
     .map(e => e.textContent.trim());
   const traceback = [...document.querySelectorAll('.jp-OutputArea-output')]
     .some(e => e.textContent.includes('Traceback'));
