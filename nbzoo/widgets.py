@@ -615,9 +615,17 @@ def attention_norm(weights: np.ndarray):
     return LogNorm(vmin=max(low, top * LOG_RANGE), vmax=top, clip=True)
 
 
+# up to this many buckets each gets a colour named in a legend; more (a checkpoint's thousands of
+# buckets) are coloured along a colour map, with a colour bar
+NAMED_BUCKETS = 20
+
+
 def _bucket_colours(count: int) -> list:
     from matplotlib import colormaps
 
+    if count > NAMED_BUCKETS:
+        cmap = colormaps["turbo"].resampled(count)
+        return [cmap(i) for i in range(count)]
     cmap = colormaps["tab10" if count <= 10 else "tab20"]
     return [cmap(i % cmap.N) for i in range(count)]
 
@@ -730,11 +738,19 @@ def _bucket_strips(fig, ax_top, ax_b, buckets: np.ndarray, order, hash_round: in
     )
     ax_b.title.set_fontsize(9)
     ax_b.set_yticks(range(buckets.shape[0]))
+    if count > NAMED_BUCKETS:  # too many to name: a colour bar along the buckets' numbers
+        from matplotlib import colormaps
+        from matplotlib.cm import ScalarMappable
+        from matplotlib.colors import Normalize
+
+        scale = ScalarMappable(Normalize(0, count - 1), colormaps["turbo"].resampled(count))
+        fig.colorbar(scale, ax=ax_b, orientation="horizontal", label="LSH bucket", aspect=40)
+        return
     legend = [Patch(color=colours[b], label=f"bucket {b}") for b in range(count)]
     fig.legend(
         handles=legend,
         loc="outside lower center",
-        ncol=min(count, 8),
+        ncol=min(count, 10),
         fontsize=7,
         title="colour = LSH bucket",
         title_fontsize=7,

@@ -501,3 +501,22 @@ def test_jupyterlab_in_this_environment_saves_widget_state_with_the_notebook():
         labextensions_path=jupyter_path("labextensions"),
     )
     assert found["schema"]["properties"]["saveState"]["default"] is True
+
+
+def test_thousands_of_buckets_are_coloured_along_a_colour_bar():
+    """A checkpoint's factorised hash (64 x 128 buckets) cannot name each bucket in a legend."""
+    n = 64
+    buckets = np.random.default_rng(0).integers(0, 8192, (1, n))
+    maps = widgets.AttentionMaps(
+        tokens=[str(i) for i in range(n)],
+        num_layers=1,
+        num_heads=1,
+        matrix_fn=lambda *_: np.full((n, n), 1 / n, np.float32),
+        buckets_fn=lambda *_: buckets,
+    )
+    fig = widgets.plot_attention(maps)
+    assert not fig.legends
+    bars = [a.get_ylabel() or a.get_xlabel() for a in fig.axes if getattr(a, "_colorbar", None)]
+    assert bars == ["attention weight (log scale)", "LSH bucket"]
+    FigureCanvasAgg(fig)
+    assert figure_check.problems(fig) == []
