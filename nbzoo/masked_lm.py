@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_model, save_model
 from transformers import get_linear_schedule_with_warmup
 
-from nbzoo import launch, longseq, metrics, patching, paths, safe_write, weights
+from nbzoo import launch, lesson, longseq, metrics, patching, paths, safe_write, verdicts, weights
 from nbzoo.data import corpus
 from nbzoo.device import Runtime
 from nbzoo.train import TrainConfig, TrainResult, config_hash, fit, steps_per_epoch
@@ -33,6 +33,15 @@ EVAL_KEYS = {
     "longformer": ("perplexity", "unigram_perplexity"),
 }
 RECORD = "training_record.json"  # beside the final weights: the run's history
+STEMS = {"reformer": "04_reformer_mlm", "longformer": "05_longformer_mlm"}
+# Knobs of the parameters cells that set the model's architecture: keys of model_config, given
+# their own line so that a learner changes one without restating the whole model_config.
+MODEL_KNOBS = {"reformer": ("num_buckets", "num_hashes"), "longformer": ("attention_window",)}
+# Each notebook's learning checks, the seed's metric first (04: Acc@1, 05: perplexity).
+CHECKED = {
+    "reformer": ("masked_token_accuracy", "perplexity"),
+    "longformer": ("perplexity", "masked_token_accuracy"),
+}
 
 
 def _check_kind(kind: str) -> None:
@@ -81,11 +90,18 @@ def build_model(kind: str, cfg: Any, tokenizer) -> torch.nn.Module:
     _check_kind(kind)
     torch.manual_seed(cfg.seed)
     model = longseq.build_mlm_model(
-        kind, cfg.model_name, cfg.model_config, tokenizer, cfg.block_size
+        kind, cfg.model_name, model_config(kind, cfg), tokenizer, cfg.block_size
     )
     if cfg.get("init_checkpoint"):
         load_weights(model, cfg.init_checkpoint)
     return model
+
+
+def model_config(kind: str, cfg: Any) -> dict[str, Any]:
+    """``cfg.model_config`` with the architecture knobs of :data:`MODEL_KNOBS` on top."""
+    _check_kind(kind)
+    knobs = {k: cfg[k] for k in MODEL_KNOBS[kind] if cfg.get(k) is not None}
+    return {**cfg.model_config, **knobs}
 
 
 def global_ids(cfg: Any, tokenizer) -> tuple[int, ...]:
@@ -248,3 +264,98 @@ def train_on_rank(cfg: Any, rt: Runtime, kind: str) -> dict[str, Any]:
     eval_batches = test_batches(kind, cfg, data.tokenizer, data.test_set)
     result = train(kind, cfg, rt, model, data, eval_batches, unigram)
     return {"result": asdict(result)}
+
+
+def learning_checks(
+    kind: str, cfg: Any, scores: dict[str, float], test_batches, unigram: longseq.Unigram
+) -> lesson.Checks:
+    """What a model that learnt nothing scores on these test positions: the most frequent training
+    token (masked-token accuracy, a proportion of the masked tokens) and the unigram model
+    (perplexity, lower is better, its standard error from the tokens' log-likelihoods)."""
+    _check_kind(kind)
+    checks = {
+        "masked_token_accuracy": lesson.Check(
+            "masked_token_accuracy",
+            scores["masked_token_accuracy"],
+            verdicts.proportion(
+                "most frequent token", scores["baseline_accuracy"], int(scores["masked_tokens"])
+            ),
+        ),
+        "perplexity": lesson.Check(
+            "perplexity",
+            scores["perplexity"],
+            longseq.unigram_perplexity(test_batches, unigram),
+            higher_is_better=False,
+        ),
+    }
+    return lesson.learning_checks(cfg, *(checks[m] for m in CHECKED[kind]))
+
+
+def record(
+    kind: str,
+    cfg: Any,
+    rt: Runtime,
+    scores: dict[str, float],
+    result: TrainResult,
+    checks: lesson.Checks,
+    also: dict[str, float] | None = None,
+    extra: dict[str, Any] | None = None,
+) -> lesson.Results:
+    """Write this run's results record (:func:`nbzoo.lesson.record`): the checked metrics, the
+    seed's first, then ``also`` (e.g. the ONNX export's largest difference); ``extra`` beside."""
+    _check_kind(kind)
+    shown = {m: scores[m] for m in CHECKED[kind]} | dict(also or {})
+    return lesson.record(
+        STEMS[kind],
+        cfg,
+        rt,
+        shown,
+        checks=checks,
+        samples_per_second=result.samples_per_second or None,
+        extra={
+            "steps": result.steps,
+            "model_name": cfg.model_name,
+            "block_size": cfg.block_size,
+            "masked_tokens": int(scores["masked_tokens"]),
+            "patches": patching.active(),
+            "mode": cfg.mode,
+            **(extra or {}),
+        },
+    )
+
+
+def learning_sentences(
+    kind: str, scores: dict[str, float], test_batches, unigram: longseq.Unigram
+) -> list[str]:
+    """This run against a model that learnt nothing, on the same masked positions, worded by
+    :func:`nbzoo.verdicts.compare`: accuracy against the most frequent token, perplexity
+    against the unigram model; the seed's metric first."""
+    _check_kind(kind)
+    n = int(scores["masked_tokens"])
+    accuracy = verdicts.compare(
+        verdicts.proportion("this model", scores["masked_token_accuracy"], n),
+        verdicts.proportion("guessing the most frequent token", scores["baseline_accuracy"], n),
+        what="masked-token accuracy",
+    )
+    model_perplexity = verdicts.Estimate(
+        "this model",
+        scores["perplexity"],
+        "perplexity",
+        n,
+        standard_error=scores["perplexity_standard_error"],
+    )
+    perplexity = verdicts.compare(
+        model_perplexity,
+        longseq.unigram_perplexity(test_batches, unigram),
+        higher_is_better=False,
+        what="perplexity",
+    )
+    seed = {"masked_token_accuracy": " (the seed's Acc@1)", "perplexity": " (the seed's metric)"}
+    mark = {m: seed[m] if m == CHECKED[kind][0] else "" for m in seed}
+    sentences = {
+        "masked_token_accuracy": f"Masked-token accuracy{mark['masked_token_accuracy']} on "
+        f"{n:,} masked tokens: {accuracy}.",
+        "perplexity": f"Perplexity of the masked tokens{mark['perplexity']}, lower is better: "
+        f"{perplexity}.",
+    }
+    return [sentences[m] for m in CHECKED[kind]]

@@ -720,11 +720,13 @@ def plot_history(
     title: str = "training",
     smooth: int = 10,
     baselines: Mapping[str, float] | None = None,
+    eval_label: str = "on the evaluation set",
 ):
     """Training loss per step (raw, and a moving average of ``smooth`` steps) and, where the run
     was evaluated, each evaluation metric at the steps it was evaluated, with ``baselines`` -- what
-    a model that learnt nothing scores on the same set -- as dashed lines. The loss axis spans the
-    smoothed curve past its first 5 % of steps, so that the first steps do not flatten the rest."""
+    a model that learnt nothing scores on the same set -- as dashed lines, on an axis labelled
+    ``eval_label``. The loss axis spans the smoothed curve past its first 5 % of steps, so that
+    the first steps do not flatten the rest."""
     import matplotlib.pyplot as plt
 
     evals = list(result.evals)
@@ -752,7 +754,7 @@ def plot_history(
             if baselines and key in baselines:
                 ax2.axhline(baselines[key], color=colour, linestyle="--", linewidth=1,
                             label=f"{key}: a model that learnt nothing")  # fmt: skip
-        ax2.set(xlabel="optimizer step", ylabel="on the evaluation set", title="evaluation")
+        ax2.set(xlabel="optimizer step", ylabel=eval_label, title="evaluation")
         ax2.legend(fontsize=8)
     fig.tight_layout()
     return fig
