@@ -274,6 +274,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if args.in_place:  # the committed outputs: from scratch, in build/, whatever the tree holds
         scratch = paths.resolve("build/notebooks-run")
         env = demo.clean_root(scratch, notebooks_dir(), paths.results_dir())
+        # one progress line per run in the committed outputs, however slow this machine is
+        env["NBZOO_PROGRESS_EVERY"] = "inf"
         print(f"[demo] data and checkpoints of this run go to {scratch}", flush=True)
     stems = available_notebooks()
     start = time.perf_counter()
