@@ -92,26 +92,6 @@ def proportion_standard_error(p: float, n: int) -> float:
     return math.sqrt(p * (1.0 - p) / n)
 
 
-def correlation_standard_error(n: int) -> float:
-    """Standard error of the Pearson correlation of two unrelated variables on ``n`` pairs."""
-    return 1.0 / math.sqrt(n - 1)
-
-
-def learning_check(
-    metric: str, value: float, baseline: float, standard_error: float, what: str
-) -> dict[str, Any]:
-    """One row of a demo's learning checks: ``value`` must exceed ``baseline`` (``what`` it is)
-    by :data:`LEARNING_SIGMAS` standard errors."""
-    bar = baseline + LEARNING_SIGMAS * standard_error
-    return {
-        "metric": metric,
-        "this run": value,
-        "baseline": f"{baseline:.4f} ({what})",
-        f"bar (+{LEARNING_SIGMAS:g} s.e.)": bar,
-        "learnt": bool(value > bar),
-    }
-
-
 # --- thresholds on measured proportions ------------------------------------------------------------
 
 # How sure a check must be that a proportion is below its threshold before it fails: one false
@@ -337,26 +317,3 @@ def read_results(folder: str | os.PathLike | None = None) -> list[dict[str, Any]
     return read_json_records(
         paths.results_dir(folder), ("notebook", "metrics"), ("preset", "device", "precision")
     )
-
-
-def compare(metrics: Mapping[str, float], reference: Mapping[str, Any], samples_per_second=None):
-    """This run's figures next to the seed's, as a DataFrame (seed column labelled as such)."""
-    import pandas as pd
-
-    seed = reference.get("metrics", {})
-    rows = []
-    for name in list(metrics) + [k for k in seed if k not in metrics]:
-        rows.append(
-            {"metric": name, "this run": metrics.get(name), "seed (reference)": seed.get(name)}
-        )
-    if samples_per_second is not None or reference.get("samples_per_second") is not None:
-        rows.append(
-            {
-                "metric": "samples/s",
-                "this run": samples_per_second,
-                "seed (reference)": reference.get("samples_per_second"),
-            }
-        )
-    table = pd.DataFrame(rows).set_index("metric")
-    table.attrs["seed setting"] = reference.get("setting", "")
-    return table

@@ -24,6 +24,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from nbzoo import metrics
+
 # standard errors of the difference that make a difference "significant" (two-sided ~95 %), and
 # the same level as a p-value for the exact paired test: 2 (1 - Phi(2))
 SIGNIFICANT = 2.0
@@ -59,7 +61,7 @@ def proportion(name: str, value: float, n: int) -> Estimate:
     """An accuracy (or any proportion) measured on ``n`` items."""
     if n < 1:
         raise ValueError(f"{name}: a proportion needs at least one item, got n = {n}")
-    se = math.sqrt(max(value * (1.0 - value), 0.0) / n)
+    se = metrics.proportion_standard_error(value, n)
     return Estimate(name, float(value), "proportion", int(n), standard_error=se)
 
 

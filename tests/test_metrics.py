@@ -71,16 +71,6 @@ def test_metrics_must_be_numbers(isolated_results):
         )
 
 
-def test_compare_labels_the_seed_column():
-    table = metrics.compare(
-        {"sst2_accuracy": 0.9},
-        {"metrics": {"sst2_accuracy": 0.927}, "samples_per_second": 517},
-        50.0,
-    )
-    assert list(table.columns) == ["this run", "seed (reference)"]
-    assert table.loc["samples/s", "seed (reference)"] == 517
-
-
 def test_json_records_keep_objects_with_the_keys_and_name_a_broken_file(tmp_path, capsys):
     (tmp_path / "b.json").write_text(json.dumps({"notebook": "b", "metrics": {}}))
     (tmp_path / "a.json").write_text(json.dumps({"notebook": "a", "metrics": {"x": 1}}))
