@@ -94,7 +94,7 @@ class Checks:
             f"{c.baseline.value:.4f}) does not pass by chance"
             + (
                 f" (beyond 100 %: {c.baseline.n} items cannot show it, use a larger evaluation set)"
-                if c.needed > 1
+                if c.baseline.kind == "proportion" and c.needed > 1
                 else ""
             )
             for c in missed
