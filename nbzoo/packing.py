@@ -25,6 +25,16 @@ Training stays equivalent to the padded run: :class:`PackedCollator` packs the *
 the padded run would put into one optimizer step, and the losses are the same means (over
 sequences for classification and NSP, over labelled tokens for MLM), so logits, loss and
 gradients agree with the padded batch's to float rounding (tests/test_packing.py).
+
+The notebooks' ``packing`` knob (:func:`mode`) picks one of :data:`MODES`:
+
+- ``plain``: each step's sentences in the sampler's order, packed into rows of ``max_length``;
+- ``length``: each step's sentences grouped by length within a window of steps
+  (``nbzoo.length_grouping``, as transformers' ``group_by_length``), packed into rows only as
+  long as the step needs (:func:`fitted_rows`): a step of long sentences gets rows that hold one
+  each, a step of short ones rows that hold several. Still whole sentences, still the mean over
+  the step's sentences, each sentence once per epoch: what changes is which sentences share a step;
+- ``off``: padded batches.
 """
 
 from __future__ import annotations
@@ -39,6 +49,24 @@ import torch
 
 IGNORE_INDEX = -100
 PACKING_KEYS = ("sequence_ids", "cls_positions", "packed_order")
+MODES = ("off", "plain", "length")
+ROW_MULTIPLE = 8  # fitted rows are a multiple of this long, as stock's pad_to_multiple_of=8
+
+
+def mode(cfg: Any) -> str:
+    """The ``packing`` knob of a notebook's configuration: one of :data:`MODES` (``off`` where the
+    notebook has no such knob, as 02 calling 01's training). ``true`` / ``false``, the knob's
+    spelling before ``length`` existed, are refused with the new names: ``true`` was ``plain``,
+    but a bare ``true`` now reads as "pack" and the best packing is ``length``."""
+    value = cfg.get("packing", "off") if hasattr(cfg, "get") else getattr(cfg, "packing", "off")
+    if isinstance(value, bool):
+        raise ValueError(
+            f"packing = {str(value).lower()}: the knob now names the mode, one of "
+            f"{', '.join(MODES)} (true was plain, false off; length is the fastest)"
+        )
+    if value not in MODES:
+        raise ValueError(f"packing must be one of {', '.join(MODES)}; got {value!r}")
+    return value
 
 
 def spfhp(
@@ -112,6 +140,45 @@ def spfhp(
     return packs
 
 
+def row_cost(rows: int, width: int, hidden_size: int | None) -> float:
+    """The work of ``rows`` rows of ``width`` tokens in an encoder layer, in token units: the
+    projections and the feed-forward grow with the tokens (24 h^2 multiply-adds each, an FFN of
+    4 h), masked attention with the row's square (4 h per token per token of the row): a row
+    costs ``width * (1 + width / (6 h))``. Without ``hidden_size``: the tokens only."""
+    attention = width / (6 * hidden_size) if hidden_size else 0.0
+    return rows * width * (1.0 + attention)
+
+
+def fitted_rows(
+    lengths: Sequence[int],
+    max_length: int,
+    multiple: int = ROW_MULTIPLE,
+    hidden_size: int | None = None,
+    max_sequences_per_pack: int | None = None,
+) -> tuple[int, list[list[int]]]:
+    """(row length, packs) for one batch: every row length from the longest sequence (rounded up
+    to ``multiple``) to ``max_length`` is packed with :func:`spfhp`, and the one of least
+    :func:`row_cost` wins (the shorter on a tie). Long sequences get rows that hold one each
+    -- dynamic padding --, short ones rows that hold several; rows never exceed ``max_length``."""
+    if multiple < 1:
+        raise ValueError(f"multiple must be at least 1, got {multiple}")
+    if not lengths:
+        raise ValueError("cannot pack an empty batch")
+    longest, total = max(int(n) for n in lengths), sum(int(n) for n in lengths)
+    if longest > max_length:  # spfhp names the sequence
+        spfhp(lengths, max_length)
+    first = -(-longest // multiple) * multiple
+    last = min(max_length, -(-total // multiple) * multiple)  # no row longer than all of them
+    widths = sorted({min(max_length, w) for w in range(first, max(first, last) + 1, multiple)})
+    best: tuple[float, int, list[list[int]]] | None = None
+    for width in widths:
+        packs = spfhp(lengths, width, max_sequences_per_pack)
+        cost = row_cost(len(packs), width, hidden_size)
+        if best is None or cost < best[0]:
+            best = (cost, width, packs)
+    return best[1], best[2]
+
+
 def padding_fraction(lengths: Sequence[int], max_length: int) -> float:
     """Share of the tokens of a batch padded to ``max_length`` that are padding."""
     return 1.0 - sum(lengths) / (len(lengths) * max_length) if lengths else 0.0
@@ -145,13 +212,19 @@ class PackedCollator:
     Token-level keys (``token_labels``: e.g. MLM ``labels`` of shape (seq,)) are packed along
     with the tokens, padding with -100; sequence-level keys (``sequence_labels``: scalars, e.g.
     ``labels`` for classification, ``next_sentence_label``) become 1-D tensors in packed order.
-    Padding tokens get ``pad_token_id`` and sequence id 0."""
+    Padding tokens get ``pad_token_id`` and sequence id 0.
+
+    Rows are ``max_length`` long, or with ``fit_rows`` as long as the batch needs
+    (:func:`fitted_rows`, weighing attention by the model's ``hidden_size``)."""
 
     max_length: int
     pad_token_id: int = 0
     token_labels: tuple[str, ...] = ()
     sequence_labels: tuple[str, ...] = ("labels",)
     max_sequences_per_pack: int | None = None
+    fit_rows: bool = False
+    hidden_size: int | None = None
+    row_multiple: int = ROW_MULTIPLE
 
     def __post_init__(self) -> None:
         if self.max_length < 1:
@@ -164,8 +237,15 @@ class PackedCollator:
         if not items:
             raise ValueError("cannot pack an empty batch")
         lengths = _lengths(items)
-        packs = spfhp(lengths, self.max_length, self.max_sequences_per_pack)
-        rows, width = len(packs), self.max_length
+        if self.fit_rows:
+            width, packs = fitted_rows(
+                lengths, self.max_length, self.row_multiple, self.hidden_size,
+                self.max_sequences_per_pack,
+            )  # fmt: skip
+        else:
+            width = self.max_length
+            packs = spfhp(lengths, width, self.max_sequences_per_pack)
+        rows = len(packs)
         has_types = "token_type_ids" in items[0]
         input_ids = torch.full((rows, width), self.pad_token_id, dtype=torch.long)
         token_types = torch.zeros((rows, width), dtype=torch.long)
@@ -359,11 +439,17 @@ class MLPerfPackedCollator:
     predictions), so the weighted mean over the batch is the padded batch's."""
 
     max_length: int | None = None  # None: the samples' own (padded) length
+    fit_rows: bool = False  # rows only as long as the batch needs (see PackedCollator)
+    hidden_size: int | None = None
+    row_multiple: int = ROW_MULTIPLE
 
     def __call__(self, samples: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
         lengths = [int(s["input_mask"].sum()) for s in samples]
         width = self.max_length or len(samples[0]["input_ids"])
-        packs = spfhp(lengths, width)
+        if self.fit_rows:
+            width, packs = fitted_rows(lengths, width, self.row_multiple, self.hidden_size)
+        else:
+            packs = spfhp(lengths, width)
         rows = len(packs)
         input_ids = torch.zeros((rows, width), dtype=torch.long)
         segments = torch.zeros((rows, width), dtype=torch.long)

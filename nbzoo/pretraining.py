@@ -32,7 +32,7 @@ from transformers import BertConfig, BertForPreTraining
 from transformers.initialization import no_init_weights
 
 from nbzoo import device as nbdevice
-from nbzoo import fidelity, launch, packing, paths, progress
+from nbzoo import fidelity, launch, length_grouping, packing, paths, progress
 from nbzoo.data import mlperf
 from nbzoo.device import Runtime
 from nbzoo.optim.thor import THOR, PolySchedule
@@ -365,13 +365,34 @@ def start_from(
     return model, opt, sched
 
 
-def collate_for(kind: str, cfg: Any):
-    """MLPerf's padded batches, or (``cfg.packing``) the same samples packed into rows of the
-    shards' sequence length. THOR keeps padded batches: its curvature statistics average over
-    every position of the batch, padding included, so packing would change them."""
-    if getattr(cfg, "packing", False) and kind != "thor":
-        return packing.MLPerfPackedCollator()  # rows as long as the shards' sequences
-    return mlperf.collate
+def packing_for(kind: str, cfg: Any) -> str:
+    """The ``packing`` mode of one grid point: THOR keeps padded batches in the sampler's order,
+    whatever the knob says: its curvature statistics average over every position of the batch,
+    padding included, so packing would change them."""
+    return "off" if kind == "thor" else packing.mode(cfg)
+
+
+def collate_for(kind: str, cfg: Any, hidden_size: int | None = None):
+    """MLPerf's padded batches, or the same samples packed: into rows of the shards' sequence
+    length (``plain``), or into rows as long as each length-grouped step needs (``length``, its
+    cost weighing attention by ``hidden_size``)."""
+    how = packing_for(kind, cfg)
+    if how == "off":
+        return mlperf.collate
+    return packing.MLPerfPackedCollator(fit_rows=how == "length", hidden_size=hidden_size)
+
+
+def batch_plan_for(kind: str, cfg: Any, train_data: Sequence):
+    """None (the loop's own seeded order), or with ``packing = "length"`` the same permutation
+    grouped by length within windows of steps; a sample's length is read when its window is
+    first reached, not the whole data up front."""
+    if packing_for(kind, cfg) != "length":
+        return None
+
+    def length_of(i: int) -> int:
+        return int(np.asarray(train_data[i]["input_mask"]).sum())
+
+    return length_grouping.batch_plan(length_of, len(train_data), cfg.batch_size, cfg.seed)
 
 
 def train_one(
@@ -424,9 +445,10 @@ def train_one(
             opt,
             rt,
             tc,
-            collate_fn=collate_for(kind, cfg),
+            collate_fn=collate_for(kind, cfg, model.bert_pretraining.config.hidden_size),
             scheduler=sched,
             eval_fn=eval_fn,
+            batch_plan=batch_plan_for(kind, cfg, train_data),
         )
     finally:
         if isinstance(opt, THOR):
