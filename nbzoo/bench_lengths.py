@@ -14,7 +14,9 @@ the same sentences:
   accelerators, ``torch.compile`` where it works (not on a CPU);
 - ``nbzoo_plain``: ``packing = "plain"``: the sentences of ``stock_seed``'s steps packed into
   rows of ``max_length`` (``nbzoo.packing``: SPFHP, block-diagonal attention, per-sequence
-  heads), SDPA (FlexAttention document masks on CUDA), BERT's MLM head on the labelled positions;
+  heads), SDPA with the block-diagonal mask on a CPU; on CUDA torch's variable-length
+  FlashAttention (``nbzoo.varlen_attention``, no mask) where the model has no attention dropout,
+  else FlexAttention's document mask (compiled) or SDPA; BERT's MLM head on the labelled positions;
 - ``nbzoo``: ``packing = "length"``, nbzoo at its best: the sentences of ``stock_best``'s steps
   (the same grouping: ``nbzoo.length_grouping``) packed into rows as long as each step needs
   (``packing.fitted_rows``, a multiple of 8 as stock's padding), otherwise as ``nbzoo_plain``.
@@ -47,7 +49,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from nbzoo import bert_sample_lengths, length_grouping, metrics, packing, paths, perf
+from nbzoo import (
+    bert_sample_lengths,
+    length_grouping,
+    metrics,
+    packing,
+    paths,
+    perf,
+    varlen_attention,
+)
 from nbzoo.device import Runtime, accelerator_name, cpu_description
 
 MASK_FRACTION = 0.15
@@ -285,35 +295,44 @@ def _step(path: Path_, batch, rt: Runtime) -> float:
 
 
 COMPILED = ", torch.compile(dynamic=True)"
+FALLS_BACK = ("flex_attention", varlen_attention.NAME)  # to SDPA's block-diagonal mask
 
 
-def _warm_up(path: Path_, batch, rt: Runtime) -> None:
-    """One untimed step; where it fails, fall back (recording why): first off torch.compile,
-    then (nbzoo) from FlexAttention to SDPA's block-diagonal mask."""
+def _falling_back(path: Path_, run: Callable[[], Any]) -> Any:
+    """``run()``; where it fails, fall back (recording why) and run again: first off
+    torch.compile, then (nbzoo) from FlexAttention or varlen attention to SDPA's block-diagonal
+    mask."""
     while True:
         try:
-            _step(path, batch, rt)
-            return
+            return run()
         except Exception as exc:
             error = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
             path.optimizer.zero_grad(set_to_none=True)
             if path.module is not path.model:
                 path.error = (path.error or "") + f"compile: {error}; "
                 path.module, path.mode = path.model, path.mode.replace(COMPILED, "")
-            elif path.model.config._attn_implementation == "flex_attention":
-                path.error = (path.error or "") + f"flex_attention: {error}; "
+            elif (attention := path.model.config._attn_implementation) in FALLS_BACK:
+                path.error = (path.error or "") + f"{attention}: {error}; "
                 path.model.set_attn_implementation("sdpa")
-                path.mode = path.mode.replace("flex_attention", "sdpa")
+                path.mode = path.mode.replace(attention, "sdpa")
             else:
                 raise
 
 
-def _eval_loss(model, batch, rt: Runtime) -> float:
-    model.eval()
-    with torch.no_grad():
-        value = float(model(**batch).loss)
-    model.train()
-    return value
+def _eval_loss(path: Path_, rt: Runtime) -> float:
+    """The path's loss on its first batch, dropout off, under the path's autocast (varlen
+    attention computes in bf16 / fp16 only)."""
+    ctx = rt.autocast() if path.autocast else contextlib.nullcontext()
+
+    def loss() -> float:
+        with torch.no_grad(), ctx:
+            return float(path.model(**path.batches[0]).loss)
+
+    path.model.eval()
+    try:
+        return _falling_back(path, loss)
+    finally:
+        path.model.train()
 
 
 def median_iqr(values: list[float]) -> dict[str, Any]:
@@ -366,7 +385,6 @@ def run_length_case(
     pool = make_pool(case, config, pool_lengths, max_length, seed)
     grouped, arrival, picked = timed_steps(pool_lengths, batch_size, n_batches)
     lengths = [pool_lengths[i] for g in grouped for i in g]
-    compile_ = (not on_cpu) if compile_ is None else compile_
     torch.manual_seed(0)
     state = getattr(transformers, case.model_class)(config).state_dict()
 
@@ -379,7 +397,10 @@ def run_length_case(
 
     amp = rt.precision in ("bf16", "fp16") and not on_cpu
     suffix = f", {rt.precision}" if amp else ""
-    attention = packing.attention_implementation(rt.kind)
+    compile_ = (not on_cpu) if compile_ is None else compile_
+    attention = packing.attention_implementation(
+        rt.kind, attention_dropout=config.attention_probs_dropout_prob, compiled=compile_
+    )
     hidden = config.hidden_size
     made = {
         "stock_seed": (fresh("eager"), padded_batches(pool, arrival),
@@ -441,14 +462,13 @@ def run_length_case(
         # the same sentences, padded and packed: the first batch's loss, dropout off
         record["loss_rel_diff"] = {
             f"{packed}_vs_{padded}": _rel_diff(
-                _eval_loss(paths_[packed].model, paths_[packed].batches[0], rt),
-                _eval_loss(paths_[padded].model, paths_[padded].batches[0], rt),
+                _eval_loss(paths_[packed], rt), _eval_loss(paths_[padded], rt)
             )
             for packed, padded in (("nbzoo_plain", "stock_seed"), ("nbzoo", "stock_best"))
         }
         for p in paths_.values():  # warm-up (compiles), untimed
             for w in range(warmup):
-                _warm_up(p, p.batches[w % len(p.batches)], rt)
+                _falling_back(p, lambda p=p, w=w: _step(p, p.batches[w % len(p.batches)], rt))
         for r in range(rounds):  # who goes first rotates every round
             order = [paths_[PATHS[(r + k) % len(PATHS)]] for k in range(len(PATHS))]
             for p in order:

@@ -47,6 +47,8 @@ from typing import Any
 
 import torch
 
+from nbzoo import varlen_attention
+
 IGNORE_INDEX = -100
 PACKING_KEYS = ("sequence_ids", "cls_positions", "packed_order")
 MODES = ("off", "plain", "length")
@@ -343,12 +345,19 @@ def pop_packing(kwargs: dict[str, Any]) -> tuple[torch.Tensor | None, torch.Tens
     return kwargs.pop("sequence_ids", None), kwargs.pop("cls_positions", None)
 
 
-def model_attention_mask(model, sequence_ids: torch.Tensor, attention_mask: Any = None) -> Any:
-    """:func:`attention_mask_for` in ``model``'s attention implementation and dtype; a packed batch
-    carries ``sequence_ids`` instead of an ``attention_mask``, so one given beside them is refused."""
+def model_attention(model, sequence_ids: torch.Tensor, attention_mask: Any = None) -> dict:
+    """What a packed forward passes its encoder to keep the sequences apart, in ``model``'s
+    attention implementation: ``attention_mask`` (:func:`attention_mask_for`, in the model's
+    dtype), or for :mod:`nbzoo.varlen_attention` no mask but the sequences' boundaries. A packed
+    batch carries ``sequence_ids`` instead of an ``attention_mask``: one given beside them is
+    refused."""
     if attention_mask is not None:
         raise ValueError("a packed batch carries sequence_ids instead of an attention_mask")
-    return attention_mask_for(sequence_ids, model.config._attn_implementation, model.dtype)
+    implementation = model.config._attn_implementation
+    if implementation == varlen_attention.NAME:
+        cu_seq_lens, longest = varlen_attention.boundaries(sequence_ids)
+        return {"attention_mask": None, "cu_seq_lens": cu_seq_lens, "max_seq_len": longest}
+    return {"attention_mask": attention_mask_for(sequence_ids, implementation, model.dtype)}
 
 
 def gather_sequences(hidden: torch.Tensor, cls_positions: torch.Tensor) -> torch.Tensor:
@@ -357,21 +366,33 @@ def gather_sequences(hidden: torch.Tensor, cls_positions: torch.Tensor) -> torch
     return flat.index_select(0, cls_positions.to(hidden.device))
 
 
-def attention_implementation(device_kind: str, requested: str = "auto") -> str:
-    """The attention the packed path uses: ``auto`` is FlexAttention's document mask on CUDA
-    (where torch has it), SDPA with a block-diagonal boolean mask elsewhere."""
+ATTENTIONS = ("sdpa", "eager", "flex_attention", varlen_attention.NAME)
+
+
+def attention_implementation(
+    device_kind: str, requested: str = "auto", attention_dropout: float = 0.0, compiled: bool = True
+) -> str:
+    """The attention the packed path uses. ``auto``: on CUDA, torch's variable-length
+    FlashAttention (:mod:`nbzoo.varlen_attention`: no mask at all) where the model trains without
+    attention dropout, else FlexAttention's document mask under ``torch.compile`` (uncompiled it
+    runs unfused); SDPA with a block-diagonal boolean mask elsewhere."""
     if requested != "auto":
-        if requested not in ("sdpa", "eager", "flex_attention"):
+        if requested not in ATTENTIONS:
             raise ValueError(
-                f"packing attention must be auto, sdpa, eager or flex_attention; got {requested!r}"
+                f"packing attention must be auto or one of {', '.join(ATTENTIONS)}; got {requested!r}"
             )
+        if requested == varlen_attention.NAME:
+            varlen_attention.register()
         return requested
     if device_kind == "cuda":
+        if attention_dropout == 0 and varlen_attention.available():
+            varlen_attention.register()
+            return varlen_attention.NAME
         try:
             from torch.nn.attention import flex_attention  # noqa: F401
         except ImportError:
             return "sdpa"
-        return "flex_attention"
+        return "flex_attention" if compiled else "sdpa"
     return "sdpa"
 
 

@@ -113,14 +113,11 @@ def packed_pretraining_loss(model: BertForPreTraining, batch: dict[str, torch.Te
     """:func:`pretraining_loss` of a batch from ``packing.MLPerfPackedCollator``: the samples
     side by side in rows, attention block-diagonal, positions restarting per sample, NSP on each
     sample's [CLS]. The same weighted masked-LM mean and NSP mean as the padded batch's."""
-    mask = packing.attention_mask_for(
-        batch["sequence_ids"], model.config._attn_implementation, model.dtype
-    )
     out = model.bert(
         input_ids=batch["input_ids"],
-        attention_mask=mask,
         token_type_ids=batch["segment_ids"],
         position_ids=batch["position_ids"],
+        **packing.model_attention(model, batch["sequence_ids"]),
     )
     hidden = packing.gather_sequences(out.last_hidden_state, batch["masked_lm_positions"])
     scores = model.cls.predictions(hidden)

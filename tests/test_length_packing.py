@@ -25,7 +25,14 @@ from transformers import (
     RobertaForSequenceClassification,
 )
 
-from nbzoo import device, length_grouping, packing, pretraining, sentence_prediction
+from nbzoo import (
+    device,
+    length_grouping,
+    packing,
+    pretraining,
+    sentence_prediction,
+    varlen_attention,
+)
 from nbzoo.data import mlperf
 from nbzoo.data.fairseq_batching import EpochBatches
 from nbzoo.presets import Config
@@ -193,8 +200,11 @@ def length_step_items(vocab, pad_id, pairs, labels):
     return items, grouped_steps(mult=2)  # one mega-batch of both steps
 
 
-def check_length_step(model, patch, items, steps, pad_id, **collate_keys):
+def check_length_step(model, patch, items, steps, pad_id, packed_attention=None, **collate_keys):
+    """Each step padded (the model's own attention) and packed into fitted rows (the patch, and
+    ``packed_attention`` where given): the same loss and gradients; yields the outputs."""
     model.double()
+    padded_attention = model.config._attn_implementation
     collate = packing.PackedCollator(
         WIDTH, pad_token_id=pad_id, fit_rows=True, hidden_size=768, **collate_keys
     )
@@ -205,7 +215,9 @@ def check_length_step(model, patch, items, steps, pad_id, **collate_keys):
         packed = collate(chosen)
         order = packed.pop("packed_order")
         shapes.append(tuple(packed["input_ids"].shape))
+        model.set_attn_implementation(padded_attention)
         ref, ref_grads = run(model, padded)
+        model.set_attn_implementation(packed_attention or padded_attention)
         got, got_grads = run(model, packed, patch)
         assert abs(got.loss.item() - ref.loss.item()) <= TOL * abs(ref.loss.item())
         assert grad_error(ref_grads, got_grads) <= TOL
@@ -301,3 +313,60 @@ def test_a_length_grouped_mlperf_step_in_fitted_rows_gives_notebook_06s_loss_and
         assert abs(got["loss"].item() - ref["loss"].item()) <= TOL * abs(ref["loss"].item())
         assert grad_error(ref_grads, got_grads) <= TOL
     assert min(collate([samples[i] for i in s])["input_ids"].shape[1] for s in steps) < WIDTH
+
+
+# ----------------------------------------------------------------------------- varlen attention
+
+
+def test_varlen_boundaries_split_rows_into_sequences_and_their_padding():
+    ids = torch.tensor([[1, 1, 2, 2, 2, 0], [1, 1, 1, 1, 1, 1], [1, 1, 1, 2, 0, 0]])
+    cu, longest = varlen_attention.boundaries(ids)
+    assert cu.dtype == torch.int32 and longest == 6
+    assert cu.tolist() == [0, 2, 5, 6, 12, 15, 16, 18]  # row 2's sequence 1 follows row 1's
+
+
+@pytest.mark.parametrize("patch", ["albert_packed_sequences", "bert_pretraining_packed"])
+def test_varlen_attention_of_a_length_grouped_step_matches_it_padded(patch):
+    """The CPU stand-in of torch's varlen kernel (one SDPA per sequence) checks the boundaries,
+    the token stream's layout and the patches' plumbing; the kernel itself runs on the GPU check."""
+    varlen_attention.register()
+    if patch == "albert_packed_sequences":
+        model, keys = albert(2), {}
+        items, steps = length_step_items(100, 0, True, torch.tensor([i % 2 for i in LENGTHS]))
+    else:
+        torch.manual_seed(0)
+        model = BertForPreTraining(
+            BertConfig(
+                vocab_size=120, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                intermediate_size=64, max_position_embeddings=64, hidden_dropout_prob=0.0,
+                attention_probs_dropout_prob=0.0,
+            )
+        ).train()  # fmt: skip
+        keys = dict(token_labels=("labels",), sequence_labels=("next_sentence_label",))
+        items, steps = length_step_items(120, 0, True, [None] * len(LENGTHS))
+        for i, item in enumerate(items):
+            mlm = torch.full((WIDTH,), -100, dtype=torch.long)
+            mlm[: LENGTHS[i] : 3] = item["input_ids"][: LENGTHS[i] : 3]
+            item["labels"], item["next_sentence_label"] = mlm, torch.tensor(i % 2)
+    model.set_attn_implementation("sdpa")
+    steps_checked = check_length_step(
+        model, patch, items, steps, 0, packed_attention=varlen_attention.NAME, **keys
+    )
+    assert len(list(steps_checked)) == 2
+
+
+def test_varlen_attention_refuses_dropout_and_batches_without_boundaries():
+    q = torch.zeros(1, 2, 4, 8)
+    with pytest.raises(ValueError, match="packed batches only"):
+        varlen_attention.attention_forward(None, q, q, q, None)
+    with pytest.raises(ValueError, match="no dropout"):
+        cu = torch.tensor([0, 4], dtype=torch.int32)
+        varlen_attention.attention_forward(None, q, q, q, None, dropout=0.1, cu_seq_lens=cu)
+
+
+def test_cuda_packs_with_varlen_where_no_attention_dropout_forbids_it(monkeypatch):
+    monkeypatch.setattr(varlen_attention, "available", lambda: True)
+    assert packing.attention_implementation("cuda") == varlen_attention.NAME
+    assert packing.attention_implementation("cuda", attention_dropout=0.1) == "flex_attention"
+    assert packing.attention_implementation("cuda", attention_dropout=0.1, compiled=False) == "sdpa"
+    assert packing.attention_implementation("cpu") == "sdpa"
