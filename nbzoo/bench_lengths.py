@@ -13,13 +13,14 @@ the same sentences:
   dynamic padding to the longest in the batch (a multiple of 8), SDPA, bf16 autocast on
   accelerators, ``torch.compile`` where it works (not on a CPU);
 - ``nbzoo_plain``: ``packing = "plain"``: the sentences of ``stock_seed``'s steps packed into
-  rows of ``max_length`` (``nbzoo.packing``: SPFHP, block-diagonal attention, per-sequence
-  heads), SDPA with the block-diagonal mask on a CPU; on CUDA torch's variable-length
-  FlashAttention (``nbzoo.varlen_attention``, no mask) where the model has no attention dropout,
-  else FlexAttention's document mask (compiled) or SDPA; BERT's MLM head on the labelled positions;
+  rows of ``max_length`` (``nbzoo.packing``: SPFHP, a block-diagonal attention mask -- SDPA's,
+  or FlexAttention's under ``torch.compile`` on CUDA --, per-sequence heads), BERT's MLM head on
+  the labelled positions;
 - ``nbzoo``: ``packing = "length"``, nbzoo at its best: the sentences of ``stock_best``'s steps
-  (the same grouping: ``nbzoo.length_grouping``) packed into rows as long as each step needs
-  (``packing.fitted_rows``, a multiple of 8 as stock's padding), otherwise as ``nbzoo_plain``.
+  (the same grouping: ``nbzoo.length_grouping``), each step laid end to end in one row (a
+  multiple of 8 long, as stock pads) and attended per sequence (``nbzoo.varlen_attention``:
+  torch's varlen FlashAttention on CUDA in bf16 without attention dropout, else each sequence
+  padded to the step's longest for SDPA), otherwise as ``nbzoo_plain``.
 
 Every path trains on the same sentences: one mega-batch is drawn, grouped by length, and
 ``batches`` of its batches evenly spaced in length order are timed (a sample stratified by
@@ -56,7 +57,6 @@ from nbzoo import (
     packing,
     paths,
     perf,
-    varlen_attention,
 )
 from nbzoo.device import Runtime, accelerator_name, cpu_description
 
@@ -66,7 +66,7 @@ PATHS = ("stock_seed", "stock_best", "nbzoo_plain", "nbzoo")
 SWEEP = (0, 25, 50, 75, 90)  # padding percentages of the padding sweep
 SWEEP_BATCHES = (8, 32)  # batch 8, and the seeds' 32 (01, 03)
 ROUNDS = 5  # rounds over a case's timed batches (the CPU shapes of the big cases take fewer)
-ROW_MULTIPLE = packing.ROW_MULTIPLE  # stock pads to a multiple of it; nbzoo's fitted rows too
+ROW_MULTIPLE = packing.ROW_MULTIPLE  # stock pads to a multiple of it, nbzoo's one-row steps too
 
 
 def histograms() -> dict[str, Any]:
@@ -242,12 +242,12 @@ def padded_batches(items, steps, multiple: int | None = None) -> list[dict[str, 
     return out
 
 
-def packed_batches(case: LengthCase, items, steps, max_length: int, fit: bool, hidden: int):
-    """nbzoo: each step's sentences packed into rows of ``max_length``, or (``fit``) into rows
-    as long as the step needs (:func:`nbzoo.packing.fitted_rows`)."""
+def packed_batches(case: LengthCase, items, steps, max_length: int, one_row: bool):
+    """nbzoo: each step's sentences packed into rows of ``max_length`` (``plain``), or laid end
+    to end in one row (``length``: :func:`nbzoo.packing.one_row`)."""
     labels = dict(token_labels=("labels",), sequence_labels=("next_sentence_label",))
     collate = packing.PackedCollator(
-        max_length, fit_rows=fit, hidden_size=hidden, row_multiple=ROW_MULTIPLE,
+        max_length, one_row=one_row, row_multiple=ROW_MULTIPLE,
         **(labels if case.pretraining else {}),
     )  # fmt: skip
     out = []
@@ -295,13 +295,12 @@ def _step(path: Path_, batch, rt: Runtime) -> float:
 
 
 COMPILED = ", torch.compile(dynamic=True)"
-FALLS_BACK = ("flex_attention", varlen_attention.NAME)  # to SDPA's block-diagonal mask
+FALLS_BACK = ("flex_attention",)  # to SDPA's block-diagonal mask
 
 
 def _falling_back(path: Path_, run: Callable[[], Any]) -> Any:
     """``run()``; where it fails, fall back (recording why) and run again: first off
-    torch.compile, then (nbzoo) from FlexAttention or varlen attention to SDPA's block-diagonal
-    mask."""
+    torch.compile, then (nbzoo) from FlexAttention to SDPA's block-diagonal mask."""
     while True:
         try:
             return run()
@@ -320,8 +319,7 @@ def _falling_back(path: Path_, run: Callable[[], Any]) -> Any:
 
 
 def _eval_loss(path: Path_, rt: Runtime) -> float:
-    """The path's loss on its first batch, dropout off, under the path's autocast (varlen
-    attention computes in bf16 / fp16 only)."""
+    """The path's loss on its first batch, dropout off, under the path's autocast."""
     ctx = rt.autocast() if path.autocast else contextlib.nullcontext()
 
     def loss() -> float:
@@ -398,22 +396,21 @@ def run_length_case(
     amp = rt.precision in ("bf16", "fp16") and not on_cpu
     suffix = f", {rt.precision}" if amp else ""
     compile_ = (not on_cpu) if compile_ is None else compile_
-    attention = packing.attention_implementation(
-        rt.kind, attention_dropout=config.attention_probs_dropout_prob, compiled=compile_
-    )
-    hidden = config.hidden_size
+    plain_attention = packing.attention_implementation(rt.kind, mode="plain", compiled=compile_)
+    length_attention = packing.attention_implementation(rt.kind, mode="length")
     made = {
         "stock_seed": (fresh("eager"), padded_batches(pool, arrival),
                        "padded to max_length, eager attention"),
         "stock_best": (fresh("sdpa"), padded_batches(pool, grouped, ROW_MULTIPLE),
                        f"length-grouped, dynamic padding (multiple of {ROW_MULTIPLE}), sdpa"),
-        "nbzoo_plain": (fresh(attention, nbzoo=True),
-                        packed_batches(case, pool, arrival, max_length, False, hidden),
+        "nbzoo_plain": (fresh(plain_attention, nbzoo=True),
+                        packed_batches(case, pool, arrival, max_length, False),
                         f"sampler's order, packed (SPFHP) into rows of {max_length}, "
-                        f"{attention} block-diagonal"),
-        "nbzoo": (fresh(attention, nbzoo=True), packed_batches(case, pool, grouped, max_length, True, hidden),
-                  f"length-grouped, packed into fitted rows (multiple of {ROW_MULTIPLE}), "
-                  f"{attention} block-diagonal"),
+                        f"{plain_attention} block-diagonal"),
+        "nbzoo": (fresh(length_attention, nbzoo=True),
+                  packed_batches(case, pool, grouped, max_length, True),
+                  f"length-grouped, each step one row (a multiple of {ROW_MULTIPLE}), "
+                  f"{length_attention} attention per sequence"),
     }  # fmt: skip
     paths_ = {}
     for name, (model, batches, mode) in made.items():

@@ -177,12 +177,11 @@ def finetune_glue(
     if how != "off":
         # Whole sentences in rows, the loss still the mean over each step's sentences: "plain"
         # packs the sentences a padded step holds (an exact change); "length" groups them by
-        # length first (as group_by_length) and makes rows only as long as each step needs.
+        # length first (as group_by_length) and lays each step in one row, attended per sentence.
         collate = packing.PackedCollator(
-            cfg.max_seq_length, pad_token_id=tokenizer.pad_token_id, fit_rows=how == "length",
-            hidden_size=model.config.hidden_size,
-        )  # fmt: skip
-        packed = packing.packed_training(model, rt.kind)
+            cfg.max_seq_length, pad_token_id=tokenizer.pad_token_id, one_row=how == "length"
+        )
+        packed = packing.packed_training(model, rt.kind, packing.LENGTH_ATTENTION.get(how))
     if how == "length":
         lengths = train_set.features["attention_mask"].sum(dim=1).tolist()
         plan = length_grouping.batch_plan(lengths, len(train_set), cfg.batch_size, cfg.seed)

@@ -30,10 +30,11 @@ The notebooks' ``packing`` knob (:func:`mode`) picks one of :data:`MODES`:
 
 - ``plain``: each step's sentences in the sampler's order, packed into rows of ``max_length``;
 - ``length``: each step's sentences grouped by length within a window of steps
-  (``nbzoo.length_grouping``, as transformers' ``group_by_length``), packed into rows only as
-  long as the step needs (:func:`fitted_rows`): a step of long sentences gets rows that hold one
-  each, a step of short ones rows that hold several. Still whole sentences, still the mean over
-  the step's sentences, each sentence once per epoch: what changes is which sentences share a step;
+  (``nbzoo.length_grouping``, as transformers' ``group_by_length``), laid end to end in one row
+  (:func:`one_row`) and attended each alone (:mod:`nbzoo.varlen_attention`): the projections and
+  feed-forward layers run on the real tokens only, attention on each sentence padded to the
+  step's longest. Still whole sentences, still the mean over the step's sentences, each sentence
+  once per epoch: what changes is which sentences share a step;
 - ``off``: padded batches.
 """
 
@@ -52,7 +53,7 @@ from nbzoo import varlen_attention
 IGNORE_INDEX = -100
 PACKING_KEYS = ("sequence_ids", "cls_positions", "packed_order")
 MODES = ("off", "plain", "length")
-ROW_MULTIPLE = 8  # fitted rows are a multiple of this long, as stock's pad_to_multiple_of=8
+ROW_MULTIPLE = 8  # a length-packed row is a multiple of this long, as stock's pad_to_multiple_of=8
 
 
 def mode(cfg: Any) -> str:
@@ -142,43 +143,21 @@ def spfhp(
     return packs
 
 
-def row_cost(rows: int, width: int, hidden_size: int | None) -> float:
-    """The work of ``rows`` rows of ``width`` tokens in an encoder layer, in token units: the
-    projections and the feed-forward grow with the tokens (24 h^2 multiply-adds each, an FFN of
-    4 h), masked attention with the row's square (4 h per token per token of the row): a row
-    costs ``width * (1 + width / (6 h))``. Without ``hidden_size``: the tokens only."""
-    attention = width / (6 * hidden_size) if hidden_size else 0.0
-    return rows * width * (1.0 + attention)
-
-
-def fitted_rows(
-    lengths: Sequence[int],
-    max_length: int,
-    multiple: int = ROW_MULTIPLE,
-    hidden_size: int | None = None,
-    max_sequences_per_pack: int | None = None,
+def one_row(
+    lengths: Sequence[int], max_length: int, multiple: int = ROW_MULTIPLE
 ) -> tuple[int, list[list[int]]]:
-    """(row length, packs) for one batch: every row length from the longest sequence (rounded up
-    to ``multiple``) to ``max_length`` is packed with :func:`spfhp`, and the one of least
-    :func:`row_cost` wins (the shorter on a tie). Long sequences get rows that hold one each
-    -- dynamic padding --, short ones rows that hold several; rows never exceed ``max_length``."""
-    if multiple < 1:
-        raise ValueError(f"multiple must be at least 1, got {multiple}")
+    """(row length, packs) of a batch laid end to end in one row, rounded up to ``multiple``:
+    for attention given the sequences' boundaries, where no row length limits a sequence's
+    attention. Each sequence is still at most ``max_length`` long."""
     if not lengths:
         raise ValueError("cannot pack an empty batch")
-    longest, total = max(int(n) for n in lengths), sum(int(n) for n in lengths)
-    if longest > max_length:  # spfhp names the sequence
-        spfhp(lengths, max_length)
-    first = -(-longest // multiple) * multiple
-    last = min(max_length, -(-total // multiple) * multiple)  # no row longer than all of them
-    widths = sorted({min(max_length, w) for w in range(first, max(first, last) + 1, multiple)})
-    best: tuple[float, int, list[list[int]]] | None = None
-    for width in widths:
-        packs = spfhp(lengths, width, max_sequences_per_pack)
-        cost = row_cost(len(packs), width, hidden_size)
-        if best is None or cost < best[0]:
-            best = (cost, width, packs)
-    return best[1], best[2]
+    for i, n in enumerate(lengths):
+        if not 1 <= int(n) <= max_length:
+            raise ValueError(
+                f"sequence {i} has length {n}; packing needs 1 <= length <= {max_length}"
+            )
+    total = sum(int(n) for n in lengths)
+    return -(-total // multiple) * multiple, [list(range(len(lengths)))]
 
 
 def padding_fraction(lengths: Sequence[int], max_length: int) -> float:
@@ -216,16 +195,17 @@ class PackedCollator:
     ``labels`` for classification, ``next_sentence_label``) become 1-D tensors in packed order.
     Padding tokens get ``pad_token_id`` and sequence id 0.
 
-    Rows are ``max_length`` long, or with ``fit_rows`` as long as the batch needs
-    (:func:`fitted_rows`, weighing attention by the model's ``hidden_size``)."""
+    Rows are ``max_length`` long, or with ``one_row`` the whole batch is one row, end to end (a
+    multiple of ``row_multiple`` long, token types zero where the items have none: a model's own
+    zeros stop at its position table), for attention that takes the sequences' boundaries
+    instead of a mask (:mod:`nbzoo.varlen_attention`)."""
 
     max_length: int
     pad_token_id: int = 0
     token_labels: tuple[str, ...] = ()
     sequence_labels: tuple[str, ...] = ("labels",)
     max_sequences_per_pack: int | None = None
-    fit_rows: bool = False
-    hidden_size: int | None = None
+    one_row: bool = False
     row_multiple: int = ROW_MULTIPLE
 
     def __post_init__(self) -> None:
@@ -239,16 +219,14 @@ class PackedCollator:
         if not items:
             raise ValueError("cannot pack an empty batch")
         lengths = _lengths(items)
-        if self.fit_rows:
-            width, packs = fitted_rows(
-                lengths, self.max_length, self.row_multiple, self.hidden_size,
-                self.max_sequences_per_pack,
-            )  # fmt: skip
+        if self.one_row:
+            width, packs = one_row(lengths, self.max_length, self.row_multiple)
         else:
             width = self.max_length
             packs = spfhp(lengths, width, self.max_sequences_per_pack)
         rows = len(packs)
         has_types = "token_type_ids" in items[0]
+        write_types = has_types or self.one_row
         input_ids = torch.full((rows, width), self.pad_token_id, dtype=torch.long)
         token_types = torch.zeros((rows, width), dtype=torch.long)
         positions = torch.zeros((rows, width), dtype=torch.long)
@@ -279,7 +257,7 @@ class PackedCollator:
             "cls_positions": torch.tensor(cls_positions, dtype=torch.long),
             "packed_order": torch.tensor(order, dtype=torch.long),
         }
-        if has_types:
+        if write_types:
             batch["token_type_ids"] = token_types
         batch.update(token_out)
         for k in self.sequence_labels:
@@ -370,30 +348,31 @@ ATTENTIONS = ("sdpa", "eager", "flex_attention", varlen_attention.NAME)
 
 
 def attention_implementation(
-    device_kind: str, requested: str = "auto", attention_dropout: float = 0.0, compiled: bool = True
+    device_kind: str, requested: str = "auto", mode: str = "plain", compiled: bool = True
 ) -> str:
-    """The attention the packed path uses. ``auto``: on CUDA, torch's variable-length
-    FlashAttention (:mod:`nbzoo.varlen_attention`: no mask at all) where the model trains without
-    attention dropout, else FlexAttention's document mask under ``torch.compile`` (uncompiled it
-    runs unfused); SDPA with a block-diagonal boolean mask elsewhere."""
-    if requested != "auto":
-        if requested not in ATTENTIONS:
-            raise ValueError(
-                f"packing attention must be auto or one of {', '.join(ATTENTIONS)}; got {requested!r}"
-            )
-        if requested == varlen_attention.NAME:
-            varlen_attention.register()
-        return requested
-    if device_kind == "cuda":
-        if attention_dropout == 0 and varlen_attention.available():
-            varlen_attention.register()
-            return varlen_attention.NAME
-        try:
-            from torch.nn.attention import flex_attention  # noqa: F401
-        except ImportError:
+    """The attention a packed batch is trained with. ``auto``: for ``length`` packing (one row a
+    step) :mod:`nbzoo.varlen_attention`, each sequence attended alone; for ``plain`` rows a
+    block-diagonal mask: FlexAttention's document mask on CUDA under ``torch.compile``
+    (uncompiled it runs unfused), SDPA's boolean mask elsewhere. :data:`varlen_attention.NAME`
+    is registered with transformers when chosen."""
+    if requested == "auto":
+        if mode == "length":
+            requested = varlen_attention.NAME
+        elif device_kind == "cuda" and compiled:
+            try:
+                from torch.nn.attention import flex_attention  # noqa: F401
+            except ImportError:
+                return "sdpa"
+            return "flex_attention"
+        else:
             return "sdpa"
-        return "flex_attention" if compiled else "sdpa"
-    return "sdpa"
+    if requested not in ATTENTIONS:
+        raise ValueError(
+            f"packing attention must be auto or one of {', '.join(ATTENTIONS)}; got {requested!r}"
+        )
+    if requested == varlen_attention.NAME:
+        varlen_attention.register()
+    return requested
 
 
 def sequence_classification_loss(
@@ -440,13 +419,40 @@ def patch_for(model: torch.nn.Module) -> str:
     return PATCHES[name]
 
 
+LENGTH_ATTENTION = {"length": varlen_attention.NAME}  # packing mode -> the attention it needs
+
+
 @contextlib.contextmanager
-def packed_training(model: torch.nn.Module, device_kind: str | None = None) -> Iterator[str]:
-    """Apply ``model``'s packing patch for the duration of a block; yields its name."""
+def attention_set(
+    model: torch.nn.Module, attention: str | None, device_kind: str | None = None
+) -> Iterator[None]:
+    """``model``'s attention set to ``attention`` (:func:`attention_implementation`'s names) for
+    the duration of a block, the one it had after; nothing where ``attention`` is None."""
+    if attention is None:
+        yield
+        return
+    inner = getattr(model, "module", model)  # DistributedDataParallel
+    before = inner.config._attn_implementation
+    inner.set_attn_implementation(attention_implementation(device_kind or "cpu", attention))
+    try:
+        yield
+    finally:
+        inner.set_attn_implementation(before)
+
+
+@contextlib.contextmanager
+def packed_training(
+    model: torch.nn.Module, device_kind: str | None = None, attention: str | None = None
+) -> Iterator[str]:
+    """Apply ``model``'s packing patch for the duration of a block (and :func:`attention_set`
+    with ``attention``); yields the patch's name."""
     from nbzoo import patching
 
     name = patch_for(model)
-    with patching.applied(name, device_kind=device_kind):
+    with (
+        patching.applied(name, device_kind=device_kind),
+        attention_set(model, attention, device_kind),
+    ):
         yield name
 
 
@@ -460,15 +466,14 @@ class MLPerfPackedCollator:
     predictions), so the weighted mean over the batch is the padded batch's."""
 
     max_length: int | None = None  # None: the samples' own (padded) length
-    fit_rows: bool = False  # rows only as long as the batch needs (see PackedCollator)
-    hidden_size: int | None = None
+    one_row: bool = False  # the batch end to end in one row (see PackedCollator)
     row_multiple: int = ROW_MULTIPLE
 
     def __call__(self, samples: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
         lengths = [int(s["input_mask"].sum()) for s in samples]
         width = self.max_length or len(samples[0]["input_ids"])
-        if self.fit_rows:
-            width, packs = fitted_rows(lengths, width, self.row_multiple, self.hidden_size)
+        if self.one_row:
+            width, packs = one_row(lengths, width, self.row_multiple)
         else:
             packs = spfhp(lengths, width)
         rows = len(packs)

@@ -369,14 +369,14 @@ def packing_for(kind: str, cfg: Any) -> str:
     return "off" if kind == "thor" else packing.mode(cfg)
 
 
-def collate_for(kind: str, cfg: Any, hidden_size: int | None = None):
+def collate_for(kind: str, cfg: Any):
     """MLPerf's padded batches, or the same samples packed: into rows of the shards' sequence
-    length (``plain``), or into rows as long as each length-grouped step needs (``length``, its
-    cost weighing attention by ``hidden_size``)."""
+    length (``plain``), or each length-grouped step end to end in one row (``length``, attended
+    per sample: ``nbzoo.varlen_attention``)."""
     how = packing_for(kind, cfg)
     if how == "off":
         return mlperf.collate
-    return packing.MLPerfPackedCollator(fit_rows=how == "length", hidden_size=hidden_size)
+    return packing.MLPerfPackedCollator(one_row=how == "length")
 
 
 def batch_plan_for(kind: str, cfg: Any, train_data: Sequence):
@@ -435,18 +435,20 @@ def train_one(
     def eval_fn(m):
         return evaluate(m, eval_data, rt, cfg.eval_batch_size)
 
+    attention = packing.LENGTH_ATTENTION.get(packing_for(kind, cfg))
     try:
-        result = fit(
-            model,
-            train_data,
-            opt,
-            rt,
-            tc,
-            collate_fn=collate_for(kind, cfg, model.bert_pretraining.config.hidden_size),
-            scheduler=sched,
-            eval_fn=eval_fn,
-            batch_plan=batch_plan_for(kind, cfg, train_data),
-        )
+        with packing.attention_set(model.bert_pretraining, attention, rt.kind):
+            result = fit(
+                model,
+                train_data,
+                opt,
+                rt,
+                tc,
+                collate_fn=collate_for(kind, cfg),
+                scheduler=sched,
+                eval_fn=eval_fn,
+                batch_plan=batch_plan_for(kind, cfg, train_data),
+            )
     finally:
         if isinstance(opt, THOR):
             opt.remove_hooks()

@@ -284,13 +284,12 @@ def finetune(
     how = packing.mode(cfg)
     if how != "off":
         # whole sentences in rows, the loss the mean over each step's sentences: "plain" packs
-        # a padded step's sentences into rows of max_positions (exact), "length" the sentences
-        # of a length-grouped step (batch_plan) into rows as long as the step needs
+        # a padded step's sentences into rows of max_positions (exact), "length" lays the
+        # sentences of a length-grouped step (batch_plan) in one row, attended per sentence
         collate = packing.PackedCollator(
-            cfg.max_positions, pad_token_id=train.dictionary.pad(), fit_rows=how == "length",
-            hidden_size=model.config.hidden_size,
-        )  # fmt: skip
-        packed = packing.packed_training(model, rt.kind)
+            cfg.max_positions, pad_token_id=train.dictionary.pad(), one_row=how == "length"
+        )
+        packed = packing.packed_training(model, rt.kind, packing.LENGTH_ATTENTION.get(how))
     with packed:
         result = fit(
             model,

@@ -1,20 +1,23 @@
-"""Variable-length attention for packed rows: torch's FlashAttention over the sequences of a
-packed batch, without a mask (``packing.attention_implementation`` picks it on CUDA).
+"""Variable-length attention: a packed batch's sequences attended one by one, without a mask.
 
-A packed batch keeps sequences apart with a block-diagonal mask: SDPA then computes every
-(query, key) pair of a row and masks most of them, and FlexAttention skips whole masked blocks
-but needs ``torch.compile``. ``torch.nn.attention.varlen.varlen_attn`` (torch >= 2.10) takes the
-tokens of all rows as one stream with the sequences' boundaries (``cu_seq_lens``, as
-FlashAttention's ``flash_attn_varlen_func``) and computes each sequence's attention alone: no
-mask, no masked pair, no compile. It is registered with transformers' ``AttentionInterface``
-under :data:`NAME`, so a model set to it (``model.set_attn_implementation(NAME)``) calls
-:func:`attention_forward` in every layer; the packing patches pass the boundaries down
-(:func:`packing.model_attention`).
+A packed batch keeps its sequences apart with a block-diagonal mask: SDPA then computes every
+(query, key) pair of a row and masks most of them, so rows must stay short, and each row's
+padding still runs through every layer. Attention that takes the sequences' boundaries instead
+(``cu_seq_lens``, as FlashAttention's ``flash_attn_varlen_func``) lets a step's sequences sit in
+one row, end to end: the projections, the feed-forward layers and the norms (nearly all of an
+encoder's work) then run on the real tokens only, and attention on each sequence alone:
 
-Limits, each refused with a message: torch's kernel has no dropout (a model training with
-attention dropout keeps SDPA or FlexAttention), and runs fp16 / bf16 on CUDA only. On a CPU the
-same function computes each sequence with SDPA in a loop: slow, there so that the tests check
-the boundaries and the layout against the padded model without a GPU.
+- on CUDA in fp16 / bf16 without attention dropout: ``torch.nn.attention.varlen.varlen_attn``
+  (torch >= 2.10), FlashAttention over the token stream;
+- elsewhere (a CPU, fp32, attention dropout): the sequences are scattered into a batch of rows
+  as long as the longest, attended with SDPA under a key-padding mask and gathered back: the
+  attention a length-grouped padded batch computes, without its padding anywhere else.
+
+:func:`register` makes :data:`NAME` an attention implementation of transformers (its
+``AttentionInterface``, and SDPA's mask builder under the same name): a model set to it calls
+:func:`attention_forward` in every layer, which serves a packed batch's call (the packing
+patches pass ``cu_seq_lens`` and ``max_seq_len`` down: ``packing.model_attention``) and hands
+every other call to transformers' SDPA unchanged.
 """
 
 from __future__ import annotations
@@ -24,8 +27,8 @@ import torch
 NAME = "nbzoo_varlen"
 
 
-def available() -> bool:
-    """Whether this torch has the varlen kernel and a CUDA device to run it."""
+def kernel_available() -> bool:
+    """Whether this torch has the varlen FlashAttention kernel and a CUDA device to run it."""
     try:
         from torch.nn.attention.varlen import varlen_attn  # noqa: F401
     except ImportError:
@@ -36,8 +39,10 @@ def available() -> bool:
 def register() -> None:
     """Make :data:`NAME` an attention implementation transformers' models accept."""
     from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 
     AttentionInterface.register(NAME, attention_forward)
+    AttentionMaskInterface.register(NAME, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
 
 
 def boundaries(sequence_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -69,15 +74,11 @@ def attention_forward(
 ) -> tuple[torch.Tensor, None]:
     """transformers' attention-function signature: ``query`` / ``key`` / ``value`` of shape
     (rows, heads, length, head dim); returns (rows, length, heads, head dim)."""
-    if cu_seq_lens is None:
-        raise ValueError(
-            f"attention {NAME!r} serves packed batches only (it needs their sequence boundaries); "
-            "set the model's attention to sdpa for padded batches"
-        )
-    if dropout > 0:
-        raise ValueError(
-            f"attention {NAME!r} has no dropout (torch's varlen_attn), and this model trains with "
-            f"attention dropout {dropout}: use sdpa or flex_attention"
+    if cu_seq_lens is None:  # an ordinary batch: SDPA, as the model would run it
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
         )
     rows, heads, length, dim = query.shape
 
@@ -85,23 +86,42 @@ def attention_forward(
         return t.transpose(1, 2).reshape(rows * length, heads, dim)
 
     q, k, v = stream(query), stream(key), stream(value)
-    if query.is_cuda:
+    half = q.dtype in (torch.float16, torch.bfloat16)
+    if q.is_cuda and half and dropout == 0 and kernel_available():
         from torch.nn.attention.varlen import varlen_attn
 
-        if q.dtype not in (torch.float16, torch.bfloat16):
-            raise ValueError(
-                f"attention {NAME!r} runs fp16 / bf16 (FlashAttention); the model computes in "
-                f"{q.dtype}: train under bf16 / fp16 autocast, or use sdpa"
-            )
         out = varlen_attn(
             q, k, v, cu_seq_lens, cu_seq_lens, max_seq_len, max_seq_len, scale=scaling
         )
     else:
-        out = torch.empty_like(q)
-        edges = cu_seq_lens.tolist()
-        for start, end in zip(edges[:-1], edges[1:], strict=True):
-            part = [t[start:end].transpose(0, 1) for t in (q, k, v)]  # (heads, n, dim)
-            out[start:end] = torch.nn.functional.scaled_dot_product_attention(
-                *part, scale=scaling
-            ).transpose(0, 1)
+        out = _padded_per_sequence(q, k, v, cu_seq_lens, max_seq_len, dropout, scaling)
     return out.reshape(rows, length, heads, dim), None
+
+
+def _padded_per_sequence(q, k, v, cu_seq_lens, max_seq_len, dropout, scaling):
+    """Attention of each segment of the token stream alone: the segments scattered into rows of
+    ``max_seq_len`` (one a segment), SDPA under a key-padding mask, the real positions gathered
+    back. (tokens, heads, dim) in and out."""
+    tokens, heads, dim = q.shape
+    cu = cu_seq_lens.to(q.device, torch.long)
+    lengths = cu[1:] - cu[:-1]
+    segments = lengths.numel()
+    if segments * max_seq_len == tokens:  # every segment full length: rows without padding
+        out = torch.nn.functional.scaled_dot_product_attention(
+            *(t.view(segments, max_seq_len, heads, dim).transpose(1, 2) for t in (q, k, v)),
+            dropout_p=dropout, scale=scaling,
+        )  # fmt: skip
+        return out.transpose(1, 2).reshape(tokens, heads, dim)
+    segment = torch.repeat_interleave(torch.arange(segments, device=q.device), lengths)
+    slot = segment * max_seq_len + torch.arange(tokens, device=q.device) - cu[:-1][segment]
+
+    def rows(t: torch.Tensor) -> torch.Tensor:  # (tokens, heads, dim) -> (segments, heads, L, dim)
+        padded = t.new_zeros(segments * max_seq_len, heads, dim).index_copy(0, slot, t)
+        return padded.view(segments, max_seq_len, heads, dim).transpose(1, 2)
+
+    keys = torch.arange(max_seq_len, device=q.device)[None, :] < lengths[:, None]
+    out = torch.nn.functional.scaled_dot_product_attention(
+        rows(q), rows(k), rows(v), attn_mask=keys[:, None, None, :], dropout_p=dropout,
+        scale=scaling,
+    )  # fmt: skip
+    return out.transpose(1, 2).reshape(segments * max_seq_len, heads, dim).index_select(0, slot)

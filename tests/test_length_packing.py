@@ -1,14 +1,16 @@
-"""``packing = "length"``: steps grouped by length (nbzoo.length_grouping), rows fitted to each
-step (packing.fitted_rows), and the knob that picks it.
+"""``packing = "length"``: steps grouped by length (nbzoo.length_grouping), each laid end to end
+in one row (packing.one_row) and attended per sequence (nbzoo.varlen_attention), and the knob.
 
-The equivalence tests pack the length-grouped steps of 16 sentences into fitted rows and require
-the loss and every gradient (and each sentence's logits) to equal those of the same sentences
-padded, to 1e-5, for every model packing serves: ALBERT and RoBERTa classification, BERT
-pre-training (transformers' batch and 06's MLPerf batch). They run in float64: a gradient that
-sums to about zero (a classifier's bias over balanced labels) is then compared with its exact
-value, not with float32's rounding of the sum (tests/test_packing.py checks float32). The epoch
-tests require every sentence once per epoch: one process, every rank of several, and through
-the training loop with gradient accumulation.
+The equivalence tests pack the length-grouped steps of 16 sentences into one row each and
+require the loss and every gradient (and each sentence's logits) to equal those of the same
+sentences padded, to 1e-5, for every model packing serves: ALBERT and RoBERTa classification,
+BERT pre-training (transformers' batch and 06's MLPerf batch). They run in float64: a gradient
+that sums to about zero (a classifier's bias over balanced labels) is then compared with its
+exact value, not with float32's rounding of the sum (tests/test_packing.py checks float32). On
+a CPU varlen attention pads each sequence to the step's longest for SDPA; torch's varlen
+FlashAttention kernel runs on CUDA only (bench/gpu_check.sh). The epoch tests require every
+sentence once per epoch: one process, every rank of several, and through the training loop
+with gradient accumulation.
 """
 
 from __future__ import annotations
@@ -50,35 +52,26 @@ def grouped_steps(lengths=LENGTHS, batch_size=8, mult=None):
     return list(length_grouping.GroupedBatches(range(len(lengths)), lengths, batch_size, mult=mult))
 
 
-# ----------------------------------------------------------------------------- fitted rows
+# ----------------------------------------------------------------------------- one row
 
 
-def test_fitted_rows_hold_long_sentences_one_a_row_and_short_ones_several():
-    width, packs = packing.fitted_rows([120, 118, 117, 115], 128, hidden_size=768)
-    assert width == 120 and sorted(map(len, packs)) == [1, 1, 1, 1]  # dynamic padding
-    width, packs = packing.fitted_rows([30, 29, 29, 28, 27, 26, 26, 25], 128, hidden_size=768)
-    assert width == 56 and sorted(map(len, packs)) == [2, 2, 2, 2]  # 224 tokens, not 8 x 32
+def test_a_step_in_one_row_is_a_multiple_of_eight_long_its_sentences_end_to_end():
+    items = make_items([5, 3, 4], 8, 50, 0)
+    for i, item in enumerate(items):
+        item["labels"] = torch.tensor(i)
+        del item["token_type_ids"]  # fairseq's items (03) carry none
+    batch = packing.PackedCollator(8, one_row=True)(items)
+    assert batch["input_ids"].shape == (1, 16)
+    assert batch["sequence_ids"].tolist() == [[1] * 5 + [2] * 3 + [3] * 4 + [0] * 4]
+    assert batch["position_ids"][0, :12].tolist() == [0, 1, 2, 3, 4, 0, 1, 2, 0, 1, 2, 3]
+    assert batch["cls_positions"].tolist() == [0, 5, 8]
+    # zeros, explicitly: a model's own token types stop at its position table (8 here)
+    assert batch["token_type_ids"].tolist() == [[0] * 16]
 
 
-def test_fitted_rows_are_a_multiple_of_eight_within_the_maximum():
-    rng = np.random.default_rng(0)
-    for _ in range(50):
-        lengths = rng.integers(1, 101, rng.integers(1, 20)).tolist()
-        width, packs = packing.fitted_rows(lengths, 100, hidden_size=64)
-        assert width <= 100 and (width % 8 == 0 or width == 100)
-        assert sorted(i for p in packs for i in p) == list(range(len(lengths)))
-        assert all(sum(lengths[i] for i in p) <= width for p in packs)
-
-
-def test_a_narrow_model_prefers_short_rows_to_long_shared_ones():
-    lengths = [30, 29, 29, 28]
-    assert packing.fitted_rows(lengths, 128)[0] == 120  # tokens only: one row of 4
-    assert packing.fitted_rows(lengths, 128, hidden_size=8)[0] == 32  # attention dominates
-
-
-def test_fitted_rows_refuse_a_sentence_longer_than_the_maximum():
+def test_one_row_refuses_a_sentence_longer_than_the_maximum():
     with pytest.raises(ValueError, match="sequence 1 has length 40"):
-        packing.fitted_rows([3, 40], 32)
+        packing.one_row([3, 40], 32)
 
 
 # ----------------------------------------------------------------------------- grouping
@@ -184,7 +177,7 @@ def test_notebook_06_packs_adamw_and_sgd_but_never_thor():
     samples = [{"input_mask": np.ones(n)} for n in (5, 9, 2, 7)]
     assert pretraining.batch_plan_for("thor", cfg, samples) is None
     assert pretraining.collate_for("thor", cfg) is mlperf.collate
-    assert pretraining.collate_for("adamw", cfg).fit_rows
+    assert pretraining.collate_for("adamw", cfg).one_row
     assert list(pretraining.batch_plan_for("sgd", cfg, samples)(0, 0, 1)) == [[1, 3, 0, 2]]
 
 
@@ -192,47 +185,42 @@ def test_notebook_06_packs_adamw_and_sgd_but_never_thor():
 
 
 def length_step_items(vocab, pad_id, pairs, labels):
-    """Both length-grouped steps of LENGTHS as padded items, each step packed into fitted rows
-    (the short step's rows shorter than WIDTH and holding several sentences)."""
+    """The 16 sentences of LENGTHS as padded items, and their two length-grouped steps."""
     items = make_items(LENGTHS, WIDTH, vocab, pad_id, pairs=pairs)
     for item, y in zip(items, labels, strict=True):
         item["labels"] = y
     return items, grouped_steps(mult=2)  # one mega-batch of both steps
 
 
-def check_length_step(model, patch, items, steps, pad_id, packed_attention=None, **collate_keys):
-    """Each step padded (the model's own attention) and packed into fitted rows (the patch, and
-    ``packed_attention`` where given): the same loss and gradients; yields the outputs."""
-    model.double()
-    padded_attention = model.config._attn_implementation
-    collate = packing.PackedCollator(
-        WIDTH, pad_token_id=pad_id, fit_rows=True, hidden_size=768, **collate_keys
-    )
-    shapes = []
+def check_length_step(model, patch, items, steps, pad_id, **collate_keys):
+    """Each step padded (the model's SDPA) and in one row (the patch, varlen attention): the
+    same loss and gradients; yields the outputs."""
+    model.double().set_attn_implementation("sdpa")
+    collate = packing.PackedCollator(WIDTH, pad_token_id=pad_id, one_row=True, **collate_keys)
     for step in steps:
         chosen = [items[i] for i in step]
         padded = torch.utils.data.default_collate(chosen)
         packed = collate(chosen)
         order = packed.pop("packed_order")
-        shapes.append(tuple(packed["input_ids"].shape))
-        model.set_attn_implementation(padded_attention)
+        assert packed["input_ids"].shape[0] == 1 and packed["input_ids"].shape[1] % 8 == 0
         ref, ref_grads = run(model, padded)
-        model.set_attn_implementation(packed_attention or padded_attention)
-        got, got_grads = run(model, packed, patch)
+        with packing.attention_set(model, varlen_attention.NAME):
+            got, got_grads = run(model, packed, patch)
+        assert model.config._attn_implementation == "sdpa"  # the model's own, after the block
         assert abs(got.loss.item() - ref.loss.item()) <= TOL * abs(ref.loss.item())
         assert grad_error(ref_grads, got_grads) <= TOL
         yield ref, got, order
-    assert shapes[1][0] < len(steps[1]) and shapes[1][1] < WIDTH  # the short step: fitted rows
 
 
-def test_a_length_grouped_albert_step_in_fitted_rows_matches_it_padded():
+def test_a_length_grouped_albert_step_in_one_row_matches_it_padded():
     labels = torch.tensor([i % 2 for i in range(len(LENGTHS))])
     items, steps = length_step_items(100, 0, True, labels)
-    for ref, got, order in check_length_step(albert(2), "albert_packed_sequences", items, steps, 0):
+    checked = check_length_step(albert(2), "albert_packed_sequences", items, steps, 0)
+    for ref, got, order in checked:
         assert torch.allclose(got.logits, ref.logits[order], atol=TOL, rtol=0)
 
 
-def test_a_length_grouped_roberta_step_in_fitted_rows_matches_it_padded():
+def test_a_length_grouped_roberta_step_in_one_row_matches_it_padded():
     torch.manual_seed(0)
     config = RobertaConfig(
         vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
@@ -247,7 +235,7 @@ def test_a_length_grouped_roberta_step_in_fitted_rows_matches_it_padded():
         assert torch.allclose(got.logits, ref.logits[order], atol=TOL, rtol=0)
 
 
-def test_a_length_grouped_bert_pretraining_step_in_fitted_rows_matches_it_padded():
+def test_a_length_grouped_bert_pretraining_step_in_one_row_matches_it_padded():
     torch.manual_seed(0)
     config = BertConfig(
         vocab_size=120, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
@@ -275,7 +263,7 @@ def test_a_length_grouped_bert_pretraining_step_in_fitted_rows_matches_it_padded
         )
 
 
-def test_a_length_grouped_mlperf_step_in_fitted_rows_gives_notebook_06s_loss_and_gradients():
+def test_a_length_grouped_mlperf_step_in_one_row_gives_notebook_06s_loss_and_gradients():
     torch.manual_seed(0)
     bert = pretraining.build_model(
         dict(vocab_size=120, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
@@ -303,16 +291,16 @@ def test_a_length_grouped_mlperf_step_in_fitted_rows_gives_notebook_06s_loss_and
         })  # fmt: skip
     cfg = Config(packing="length", batch_size=4, seed=0)  # 2 mega-batches of 4 steps of 4
     steps = list(pretraining.batch_plan_for("adamw", cfg, samples)(0, 0, 1))
-    collate = pretraining.collate_for("adamw", cfg, hidden_size=768)
+    collate = pretraining.collate_for("adamw", cfg)
     for step in steps:
         chosen = [samples[i] for i in step]
         packed = collate(chosen)
-        assert packed["input_ids"].shape[1] <= WIDTH
+        assert packed["input_ids"].shape[0] == 1
         ref, ref_grads = run(model, mlperf.collate(chosen))
-        got, got_grads = run(model, packed)
+        with packing.attention_set(bert, packing.LENGTH_ATTENTION["length"]):
+            got, got_grads = run(model, packed)
         assert abs(got["loss"].item() - ref["loss"].item()) <= TOL * abs(ref["loss"].item())
         assert grad_error(ref_grads, got_grads) <= TOL
-    assert min(collate([samples[i] for i in s])["input_ids"].shape[1] for s in steps) < WIDTH
 
 
 # ----------------------------------------------------------------------------- varlen attention
@@ -325,48 +313,51 @@ def test_varlen_boundaries_split_rows_into_sequences_and_their_padding():
     assert cu.tolist() == [0, 2, 5, 6, 12, 15, 16, 18]  # row 2's sequence 1 follows row 1's
 
 
-@pytest.mark.parametrize("patch", ["albert_packed_sequences", "bert_pretraining_packed"])
-def test_varlen_attention_of_a_length_grouped_step_matches_it_padded(patch):
-    """The CPU stand-in of torch's varlen kernel (one SDPA per sequence) checks the boundaries,
-    the token stream's layout and the patches' plumbing; the kernel itself runs on the GPU check."""
-    varlen_attention.register()
-    if patch == "albert_packed_sequences":
-        model, keys = albert(2), {}
-        items, steps = length_step_items(100, 0, True, torch.tensor([i % 2 for i in LENGTHS]))
-    else:
-        torch.manual_seed(0)
-        model = BertForPreTraining(
-            BertConfig(
-                vocab_size=120, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                intermediate_size=64, max_position_embeddings=64, hidden_dropout_prob=0.0,
-                attention_probs_dropout_prob=0.0,
-            )
-        ).train()  # fmt: skip
-        keys = dict(token_labels=("labels",), sequence_labels=("next_sentence_label",))
-        items, steps = length_step_items(120, 0, True, [None] * len(LENGTHS))
-        for i, item in enumerate(items):
-            mlm = torch.full((WIDTH,), -100, dtype=torch.long)
-            mlm[: LENGTHS[i] : 3] = item["input_ids"][: LENGTHS[i] : 3]
-            item["labels"], item["next_sentence_label"] = mlm, torch.tensor(i % 2)
-    model.set_attn_implementation("sdpa")
-    steps_checked = check_length_step(
-        model, patch, items, steps, 0, packed_attention=varlen_attention.NAME, **keys
-    )
-    assert len(list(steps_checked)) == 2
+def test_varlen_attention_of_rows_of_max_length_matches_the_block_diagonal_mask():
+    """Plain rows (several sentences each) attended per sequence: as SDPA under the mask."""
+    model = albert(2).double()
+    items = make_items(LENGTHS[:8], WIDTH, 100, 0, pairs=True)
+    for i, item in enumerate(items):
+        item["labels"] = torch.tensor(i % 2)
+    packed = packing.PackedCollator(WIDTH)(items)
+    packed.pop("packed_order")
+    assert packed["input_ids"].shape[0] < 8
+    ref, ref_grads = run(model, packed, "albert_packed_sequences")
+    with packing.attention_set(model, varlen_attention.NAME):
+        got, got_grads = run(model, packed, "albert_packed_sequences")
+    assert torch.allclose(got.logits, ref.logits, atol=TOL, rtol=0)
+    assert grad_error(ref_grads, got_grads) <= TOL
 
 
-def test_varlen_attention_refuses_dropout_and_batches_without_boundaries():
-    q = torch.zeros(1, 2, 4, 8)
-    with pytest.raises(ValueError, match="packed batches only"):
-        varlen_attention.attention_forward(None, q, q, q, None)
-    with pytest.raises(ValueError, match="no dropout"):
-        cu = torch.tensor([0, 4], dtype=torch.int32)
-        varlen_attention.attention_forward(None, q, q, q, None, dropout=0.1, cu_seq_lens=cu)
+def test_a_model_set_to_varlen_runs_ordinary_batches_as_sdpa():
+    model = albert(2).eval()
+    batch = torch.utils.data.default_collate(make_items([4, 6, 9], 12, 100, 0))
+    with torch.no_grad():
+        ref = model(**batch).logits
+        with packing.attention_set(model, varlen_attention.NAME):
+            got = model(**batch).logits
+    assert torch.equal(ref, got)
 
 
-def test_cuda_packs_with_varlen_where_no_attention_dropout_forbids_it(monkeypatch):
-    monkeypatch.setattr(varlen_attention, "available", lambda: True)
-    assert packing.attention_implementation("cuda") == varlen_attention.NAME
-    assert packing.attention_implementation("cuda", attention_dropout=0.1) == "flex_attention"
-    assert packing.attention_implementation("cuda", attention_dropout=0.1, compiled=False) == "sdpa"
+def test_full_length_sequences_need_no_padding_for_varlen_attention():
+    q, k, v = (torch.randn(2 * 6, 3, 4, dtype=torch.float64) for _ in range(3))
+    cu = torch.tensor([0, 6, 12], dtype=torch.int32)
+    got = varlen_attention._padded_per_sequence(q, k, v, cu, 6, 0.0, None)
+    rows = [t.view(2, 6, 3, 4).transpose(1, 2) for t in (q, k, v)]
+    ref = torch.nn.functional.scaled_dot_product_attention(*rows).transpose(1, 2).reshape(12, 3, 4)
+    assert torch.allclose(got, ref)
+    ragged = torch.tensor([0, 5, 12], dtype=torch.int32)  # padded to 7, keys masked
+    got = varlen_attention._padded_per_sequence(q, k, v, ragged, 7, 0.0, None)
+    first = [t[:5].transpose(0, 1) for t in (q, k, v)]
+    ref = torch.nn.functional.scaled_dot_product_attention(*first).transpose(0, 1)
+    assert torch.allclose(got[:5], ref)
+
+
+def test_length_packing_attends_with_varlen_and_plain_rows_with_a_mask():
+    assert packing.attention_implementation("cpu", mode="length") == varlen_attention.NAME
+    assert packing.attention_implementation("cuda", mode="length") == varlen_attention.NAME
     assert packing.attention_implementation("cpu") == "sdpa"
+    assert packing.attention_implementation("cuda") == "flex_attention"
+    assert packing.attention_implementation("cuda", compiled=False) == "sdpa"
+    with pytest.raises(ValueError, match="packing attention must be auto or one of"):
+        packing.attention_implementation("cpu", "varlen")
