@@ -22,10 +22,12 @@
 #    27: ALBERT-base at SST-2 lengths, BERT-Large at MLPerf Wikipedia lengths, ALBERT-base at 0-90 %
 #    padding at batch 8 and 32; stock as the seed, stock at its best, nbzoo plain and nbzoo
 #    length-packed, interleaved in rounds), all four paths uncompiled (`--compile off`: compiling
-#    three paths of twelve cases takes longer than the phase; FlexAttention is not used
-#    uncompiled), nbzoo's attention torch's varlen FlashAttention where the model has no attention
-#    dropout (ALBERT), SDPA's block-diagonal mask otherwise (BERT-Large); estimated 2-3 minutes on
-#    an H100 (not yet run), at most LENGTH_SECONDS (default 220);
+#    three paths of twelve cases takes longer than the phase, and stock is compared uncompiled
+#    too); nbzoo's length packing attends with torch's varlen FlashAttention
+#    (torch.nn.attention.varlen, bf16) where the model has no attention dropout (ALBERT), each
+#    sequence padded for SDPA otherwise (BERT-Large); nbzoo plain with SDPA's block-diagonal mask
+#    (FlexAttention runs unfused uncompiled); estimated 2-3 minutes on an H100 (never run yet:
+#    prepared without a GPU), at most LENGTH_SECONDS (default 220);
 # 3. the full-length cases that lost on 2026-11-26 (albert_base_cls, bert_large_pretrain_512),
 #    the perf path measured first (`--order nbzoo-first`, to rule the order out), at most
 #    BENCH_SECONDS (default 160).

@@ -429,6 +429,9 @@ def train_one(
             cfg.batch_size,
             rt.world_size,
             cfg.get("init_checkpoint", ""),
+            # packed runs see other batches (length: another order): not resumed across modes;
+            # an unpacked run keeps the id it had before the knob existed
+            *([f"packing={how}"] if (how := packing_for(kind, cfg)) != "off" else []),
         ),
     )
 
