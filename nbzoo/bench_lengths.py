@@ -148,7 +148,7 @@ def _cases() -> dict[str, LengthCase]:
         LengthCase(
             "albert_base_sst2", "ALBERT-base, SST-2 lengths, max 128",
             "AlbertForSequenceClassification", _albert_base, "sst2_128", 32, 8,
-            cpu={"batches": 4}, goal=("stock_seed", 5.0),
+            cpu={"batches": 4, "rounds": 3}, goal=("stock_seed", 5.0),
         ),
         LengthCase(
             "bert_large_mlperf512", "BERT-Large MLM+NSP, MLPerf Wikipedia lengths, max 512",

@@ -43,7 +43,7 @@ def _goal(r: dict[str, Any]) -> str:
 
 def table(records: list[dict[str, Any]]) -> str:
     head = (
-        "| case | batch | padding: padded → plain → length | seq/s: stock seed / stock best / "
+        "| case | shape | padding: padded → plain → length | seq/s: stock seed / stock best / "
         "nbzoo plain / nbzoo | nbzoo vs stock seed | nbzoo vs stock best | plain vs stock best "
         "| goal | loss rel. diff | load 1 min |\n"
         "|---|---|---|---|---|---|---|---|---|---|\n"
@@ -57,7 +57,7 @@ def table(records: list[dict[str, Any]]) -> str:
         )
         loss = max(r["loss_rel_diff"].values())
         rows.append(
-            f"| {r['case']} | {r['batch_size']} | {r['padding_fraction']:.0%} → "
+            f"| {r['case']} | {r['shape']} | {r['padding_fraction']:.0%} → "
             f"{left['nbzoo_plain']:.0%} → {left['nbzoo']:.0%} | {rate} "
             f"| {_ratio(r, 'nbzoo_vs_stock_seed')} | {_ratio(r, 'nbzoo_vs_stock_best')} "
             f"| {_ratio(r, 'nbzoo_plain_vs_stock_best')} | {_goal(r)} | {loss:.1e} "
