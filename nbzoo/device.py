@@ -14,11 +14,15 @@ import random
 import shutil
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 os.environ.setdefault("TORCH_DEVICE_BACKEND_AUTOLOAD", "0")
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+
+from nbzoo import cpus  # noqa: E402
 
 DEVICES = ("auto", "cpu", "cuda", "npu")
 KINDS = ("cpu", "cuda", "npu")
@@ -255,6 +259,35 @@ def accelerator_name(rt: Runtime) -> str:
     if rt.kind == "npu":
         return torch.npu.get_device_name(rt.local_rank)
     return platform.processor() or platform.machine()
+
+
+# /proc/cpuinfo flags that decide how fast fp32 / bf16 / int8 training runs on a CPU
+SPEED_FLAGS = (
+    "avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "avx512_fp16", "amx_tile",
+    "amx_bf16", "amx_int8",
+)  # fmt: skip
+
+
+def cpu_description(cpuinfo: str | os.PathLike = "/proc/cpuinfo") -> dict[str, Any]:
+    """The CPU a measurement ran on: its ``model name``, the :data:`SPEED_FLAGS` it has, torch's
+    reading of its vector level and the CPUs this process may use ("unknown" where unreadable)."""
+    model, flags = "unknown", set()
+    try:
+        text = Path(cpuinfo).read_text(errors="replace")
+    except OSError:
+        text = ""
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "model name" and model == "unknown":
+            model = value.strip()
+        elif key.strip() in ("flags", "Features") and not flags:
+            flags = set(value.split())
+    return {
+        "model_name": model if model != "unknown" else platform.processor() or model,
+        "flags": [f for f in SPEED_FLAGS if f in flags],
+        "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "cpus": cpus.share(),
+    }
 
 
 def describe(rt: Runtime | None = None):

@@ -24,7 +24,17 @@ from transformers import (
     get_linear_schedule_with_warmup,
 )
 
-from nbzoo import launch, lesson, metrics, packing, paths, safe_write, verdicts, weights
+from nbzoo import (
+    launch,
+    length_grouping,
+    lesson,
+    metrics,
+    packing,
+    paths,
+    safe_write,
+    verdicts,
+    weights,
+)
 from nbzoo.data import glue
 from nbzoo.device import Runtime
 from nbzoo.text import word_tokenizer
@@ -181,16 +191,23 @@ def finetune_glue(
         run_id=config_hash(task, launch.identity(cfg), len(train_set)),
         desc=f"{task} training",
     )
-    collate, packed = None, contextlib.nullcontext()
-    if getattr(cfg, "packing", False):  # notebook 02 has no packing knob
-        # The same sentences per optimizer step as padded; only their layout changes (rows of
-        # whole sentences), and the loss stays the mean over sentences: an exact change.
-        collate = packing.PackedCollator(cfg.max_seq_length, pad_token_id=tokenizer.pad_token_id)
-        packed = packing.packed_training(model, rt.kind)
+    collate, plan, packed = None, None, contextlib.nullcontext()
+    how = packing.mode(cfg)  # "off" for notebook 02, which has no packing knob
+    if how != "off":
+        # Whole sentences in rows, the loss still the mean over each step's sentences: "plain"
+        # packs the sentences a padded step holds (an exact change); "length" groups them by
+        # length first (as group_by_length) and lays each step in one row, attended per sentence.
+        collate = packing.PackedCollator(
+            cfg.max_seq_length, pad_token_id=tokenizer.pad_token_id, one_row=how == "length"
+        )
+        packed = packing.packed_training(model, rt.kind, packing.LENGTH_ATTENTION.get(how))
+    if how == "length":
+        lengths = train_set.features["attention_mask"].sum(dim=1).tolist()
+        plan = length_grouping.batch_plan(lengths, len(train_set), cfg.batch_size, cfg.seed)
     with packed:
         result = fit(
             model, train_set, optimizer, rt, train_cfg, collate_fn=collate,
-            scheduler=scheduler, eval_fn=evaluate,
+            scheduler=scheduler, eval_fn=evaluate, batch_plan=plan,
         )  # fmt: skip
     final = result.evals[-1] if result.evals else evaluate(model)
     scores = {k: v for k, v in final.items() if k not in ("step", "epoch")}

@@ -26,7 +26,7 @@ from torch import nn
 from transformers import BertConfig, BertForPreTraining
 from transformers.initialization import no_init_weights
 
-from nbzoo import packing, paths, progress, weights
+from nbzoo import length_grouping, packing, paths, progress, weights
 from nbzoo.checkpoint_formats import tf_bundle
 from nbzoo.data import mlperf
 from nbzoo.device import Runtime
@@ -126,14 +126,11 @@ def packed_pretraining_terms(model: BertForPreTraining, batch: dict[str, torch.T
     """:func:`pretraining_terms` of a batch from ``packing.MLPerfPackedCollator``: the samples
     side by side in rows, attention block-diagonal, positions restarting per sample, NSP on each
     sample's [CLS]. The same weighted masked-LM mean and NSP mean as the padded batch's."""
-    mask = packing.attention_mask_for(
-        batch["sequence_ids"], model.config._attn_implementation, model.dtype
-    )
     out = model.bert(
         input_ids=batch["input_ids"],
-        attention_mask=mask,
         token_type_ids=batch["segment_ids"],
         position_ids=batch["position_ids"],
+        **packing.model_attention(model, batch["sequence_ids"]),
     )
     hidden = packing.gather_sequences(out.last_hidden_state, batch["masked_lm_positions"])
     scores = model.cls.predictions(hidden)
@@ -451,13 +448,34 @@ def start_from(
     return model, opt, sched
 
 
+def packing_for(kind: str, cfg: Any) -> str:
+    """The ``packing`` mode of one grid point: THOR keeps padded batches in the sampler's order,
+    whatever the knob says: its curvature statistics average over every position of the batch,
+    padding included, so packing would change them."""
+    return "off" if kind == "thor" else packing.mode(cfg)
+
+
 def collate_for(kind: str, cfg: Any):
-    """MLPerf's padded batches, or (``cfg.packing``) the same samples packed into rows of the
-    shards' sequence length. THOR keeps padded batches: its curvature statistics average over
-    every position of the batch, padding included, so packing would change them."""
-    if getattr(cfg, "packing", False) and kind != "thor":
-        return packing.MLPerfPackedCollator()  # rows as long as the shards' sequences
-    return mlperf.collate
+    """MLPerf's padded batches, or the same samples packed: into rows of the shards' sequence
+    length (``plain``), or each length-grouped step end to end in one row (``length``, attended
+    per sample: ``nbzoo.varlen_attention``)."""
+    how = packing_for(kind, cfg)
+    if how == "off":
+        return mlperf.collate
+    return packing.MLPerfPackedCollator(one_row=how == "length")
+
+
+def batch_plan_for(kind: str, cfg: Any, train_data: Sequence):
+    """None (the loop's own seeded order), or with ``packing = "length"`` the same permutation
+    grouped by length within windows of steps; a sample's length is read when its window is
+    first reached, not the whole data up front."""
+    if packing_for(kind, cfg) != "length":
+        return None
+
+    def length_of(i: int) -> int:
+        return int(np.asarray(train_data[i]["input_mask"]).sum())
+
+    return length_grouping.batch_plan(length_of, len(train_data), cfg.batch_size, cfg.seed)
 
 
 def epochs_read(cfg: Any, world_size: int, samples: int) -> int:
@@ -508,6 +526,9 @@ def train(
             rt.world_size,
             grad_accum,
             cfg.get("init_checkpoint", ""),
+            # packed runs see other batches (length: another order): not resumed across modes;
+            # an unpacked run keeps the id it had before the knob existed
+            *([f"packing={how}"] if (how := packing_for(kind, cfg)) != "off" else []),
         ),
     )
 
@@ -517,19 +538,22 @@ def train(
         predictions.clear()
         return evaluate(m, eval_data, rt, cfg.eval_batch_size, predictions)
 
+    attention = packing.LENGTH_ATTENTION.get(packing_for(kind, cfg))
     try:
-        result = fit(
-            model,
-            train_data,
-            opt,
-            rt,
-            tc,
-            collate_fn=collate_for(kind, cfg),
-            scheduler=sched,
-            eval_fn=eval_fn,
-            loss_fn=loss_terms,
-            loss_counts=loss_counts,
-        )
+        with packing.attention_set(model.bert_pretraining, attention, rt.kind):
+            result = fit(
+                model,
+                train_data,
+                opt,
+                rt,
+                tc,
+                collate_fn=collate_for(kind, cfg),
+                scheduler=sched,
+                eval_fn=eval_fn,
+                loss_fn=loss_terms,
+                loss_counts=loss_counts,
+                batch_plan=batch_plan_for(kind, cfg, train_data),
+            )
     finally:
         if isinstance(opt, THOR):
             opt.remove_hooks()

@@ -34,6 +34,7 @@ from transformers import (
 from nbzoo import (
     convert_fairseq,
     launch,
+    length_grouping,
     lesson,
     metrics,
     packing,
@@ -157,10 +158,19 @@ def load_splits(
 def batch_plan(cfg: Any, train: SentencePredictionDataset):
     """fairseq's --max-tokens batching (``max_tokens`` tokens, at most ``batch_size`` sentences
     per batch, fixed batches shuffled per epoch), or None for plain batches of ``batch_size``
-    when ``max_tokens`` is 0."""
+    when ``max_tokens`` is 0. With ``packing = "length"`` either is grouped by length within
+    windows of steps (``nbzoo.length_grouping``)."""
+    grouped = packing.mode(cfg) == "length"
     if not cfg.max_tokens:
-        return None
-    return EpochBatches(train.item_tokens, cfg.max_tokens, cfg.batch_size, seed=cfg.seed).epoch
+        if not grouped:
+            return None
+        return length_grouping.batch_plan(train.item_tokens, len(train), cfg.batch_size, cfg.seed)
+    window = None
+    if grouped:
+        window = cfg.batch_size * length_grouping.mega_batch_mult(len(train), cfg.batch_size)
+    return EpochBatches(
+        train.item_tokens, cfg.max_tokens, cfg.batch_size, seed=cfg.seed, length_window=window
+    ).epoch
 
 
 def download_roberta_base(model_path: Path, url: str) -> Path:
@@ -378,10 +388,15 @@ def finetune(
         desc="SST-2 fine-tuning",
     )
     collate, packed = PadCollator(train.dictionary.pad()), contextlib.nullcontext()
-    if cfg.packing:
-        # the same sentences per step, packed whole into rows of max_positions: exact
-        collate = packing.PackedCollator(cfg.max_positions, pad_token_id=train.dictionary.pad())
-        packed = packing.packed_training(model, rt.kind)
+    how = packing.mode(cfg)
+    if how != "off":
+        # whole sentences in rows, the loss the mean over each step's sentences: "plain" packs
+        # a padded step's sentences into rows of max_positions (exact), "length" lays the
+        # sentences of a length-grouped step (batch_plan) in one row, attended per sentence
+        collate = packing.PackedCollator(
+            cfg.max_positions, pad_token_id=train.dictionary.pad(), one_row=how == "length"
+        )
+        packed = packing.packed_training(model, rt.kind, packing.LENGTH_ATTENTION.get(how))
     with packed:
         result = fit(
             model,

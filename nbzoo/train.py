@@ -116,17 +116,23 @@ def config_hash(*parts: Any) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def epoch_batches(
-    n: int, batch_size: int, seed: int, epoch: int, rank: int = 0, world_size: int = 1
-) -> list[list[int]]:
-    """This rank's micro-batches for one epoch: a seeded permutation, sharded like
-    DistributedSampler (padded so that every rank gets the same number of samples)."""
+def epoch_order(n: int, seed: int, epoch: int, world_size: int = 1) -> list[int]:
+    """An epoch's seeded permutation of ``n`` samples, padded as DistributedSampler pads it (its
+    first samples repeated) to a multiple of ``world_size``, so that every rank gets as many."""
     g = torch.Generator().manual_seed(seed * 100_003 + epoch)
     order = torch.randperm(n, generator=g).tolist()
     if world_size > 1:
         per_rank = math.ceil(n / world_size)
         order = (order * world_size)[: per_rank * world_size]
-        order = order[rank::world_size]
+    return order
+
+
+def epoch_batches(
+    n: int, batch_size: int, seed: int, epoch: int, rank: int = 0, world_size: int = 1
+) -> list[list[int]]:
+    """This rank's micro-batches for one epoch: :func:`epoch_order` sharded like
+    DistributedSampler (rank r takes every world_size-th sample from the r-th)."""
+    order = epoch_order(n, seed, epoch, world_size)[rank::world_size]
     return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
 
 

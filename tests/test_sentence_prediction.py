@@ -96,7 +96,7 @@ def test_demo_pipeline_binarizes_trains_and_predicts(tmp_path):
 
 
 def test_max_tokens_batches_as_fairseq_and_the_schedule_counts_those_batches(tmp_path):
-    cfg = demo_cfg(tmp_path, max_tokens=160)
+    cfg = demo_cfg(tmp_path, max_tokens=160, packing="plain")  # fairseq's own order
     folder = sp.prepare_data(cfg)
     train = sp.load_splits(folder, cfg.max_positions)["train"]
     plan = sp.batch_plan(cfg, train)
@@ -108,7 +108,7 @@ def test_max_tokens_batches_as_fairseq_and_the_schedule_counts_those_batches(tmp
     run = sp.finetune(cfg, rt, folder)
     assert run.result.steps == len(batches)
     assert run.result.samples == len(train)
-    assert sp.batch_plan(demo_cfg(tmp_path, max_tokens=0), train) is None
+    assert sp.batch_plan(demo_cfg(tmp_path, max_tokens=0, packing="plain"), train) is None
 
 
 def test_the_seeds_lable_folder_is_read_like_label(tmp_path):
