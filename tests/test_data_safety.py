@@ -623,7 +623,7 @@ def _finetuned(tmp_path, monkeypatch):
 
     def write(folder):
         cfg = config("01_albert_glue", checkpoint_dir=str(folder), epochs=1, batch_size=8)
-        cfg.update(max_steps=1, max_seq_length=16, model_config=model_config, packing=False)
+        cfg.update(max_steps=1, max_seq_length=16, model_config=model_config, packing="off")
         finetune.finetune_glue("sst2", cfg, device.Runtime("cpu", "fp32"), data)
 
     return Writer(
