@@ -18,9 +18,16 @@
 # 1. THOR's step cost with the batched preconditioning (bench/thor_gpu_check.py, notebook 06's
 #    full-preset path, 60 steps per optimizer and 200 alternating THOR/AdamW steps; the run of
 #    2026-11-26 predates the batching: 1.49 x AdamW), at most THOR_SECONDS (default 160);
-# 2. the real-length cases (`nbzoo bench real_lengths`: ALBERT-base at SST-2 lengths, BERT-Large
-#    at MLPerf Wikipedia lengths; stock as the seed, stock at its best and nbzoo packing,
-#    interleaved), at most LENGTH_SECONDS (default 220);
+# 2. the real-length cases and the padding sweep (`nbzoo bench real_lengths padding_sweep`, issue
+#    27: ALBERT-base at SST-2 lengths, BERT-Large at MLPerf Wikipedia lengths, ALBERT-base at 0-90 %
+#    padding at batch 8 and 32; stock as the seed, stock at its best, nbzoo plain and nbzoo
+#    length-packed, interleaved in rounds), all four paths uncompiled (`--compile off`: compiling
+#    three paths of twelve cases takes longer than the phase, and stock is compared uncompiled
+#    too); nbzoo's length packing attends with torch's varlen FlashAttention
+#    (torch.nn.attention.varlen, bf16) where the model has no attention dropout (ALBERT), each
+#    sequence padded for SDPA otherwise (BERT-Large); nbzoo plain with SDPA's block-diagonal mask
+#    (FlexAttention runs unfused uncompiled); estimated 2-3 minutes on an H100 (never run yet:
+#    prepared without a GPU), at most LENGTH_SECONDS (default 220);
 # 3. the full-length cases that lost on 2026-11-26 (albert_base_cls, bert_large_pretrain_512),
 #    the perf path measured first (`--order nbzoo-first`, to rule the order out), at most
 #    BENCH_SECONDS (default 160).
@@ -28,6 +35,9 @@
 # Afterwards, here:
 #   cp <files_at>/bench/*.json results/bench/; cp <files_at>/thor_gpu_check.json results/bench/
 #   mkdir -p results/bench/lengths/cuda; cp <files_at>/lengths/*.json results/bench/lengths/cuda/
+#   (the packing patches are checked against torch 2.13: on another torch the preflight below
+#   says so, and phase 2's nbzoo paths stop with the patches' version error until tests/
+#   test_packing.py and tests/test_length_packing.py pass on that torch and the range is widened)
 #   .venv/bin/python -m nbzoo.bench --table --update-readme bench/README.md
 #   .venv/bin/python -m nbzoo.bench --table --lengths cuda --update-readme bench/README.md
 #   .venv/bin/python bench/thor_gpu_check.py --table --update-readme bench/README.md
@@ -67,6 +77,15 @@ print("torch", torch.__version__, "cuda", torch.version.cuda,
 print("transformers", transformers.__version__)
 if transformers.__version__ != "5.24.0":
     raise SystemExit("transformers 5.24.0 is needed (the patches are checked against it): carry .whl")
+from packaging.version import Version
+if not Version("2.13") <= Version(torch.__version__.split("+")[0]) < Version("2.14"):
+    print(f"WARNING: torch {torch.__version__}: the packing patches are checked against 2.13 only;"
+          " phase 2's nbzoo paths will stop with their version error")
+try:
+    from torch.nn.attention.varlen import varlen_attn  # noqa: F401
+    print("varlen attention: torch.nn.attention.varlen.varlen_attn present")
+except ImportError:
+    print("varlen attention: absent in this torch; nbzoo packs with FlexAttention / SDPA masks")
 PY
 
 if [ "${THOR_SECONDS:-160}" -gt 0 ]; then
@@ -76,9 +95,10 @@ if [ "${THOR_SECONDS:-160}" -gt 0 ]; then
 fi
 
 if [ "${LENGTH_SECONDS:-220}" -gt 0 ]; then
-  timeout "${LENGTH_SECONDS:-220}" "$PYTHON" -m nbzoo.bench real_lengths --device "$DEVICE" \
-    "${quick[@]}" --out "$OUT/lengths" || rc=1
-  echo "real-length cases: done (rc so far $rc)"
+  timeout "${LENGTH_SECONDS:-220}" "$PYTHON" -m nbzoo.bench real_lengths padding_sweep \
+    --device "$DEVICE" --compile off "${quick[@]}" --out "$OUT/lengths" || rc=1
+  "$PYTHON" -m nbzoo.bench --table --lengths "$DEVICE" --out "$OUT/lengths" || true
+  echo "real-length cases and padding sweep: done (rc so far $rc)"
 fi
 
 # 10 timed steps after 3 warm-up ones: enough for a median inside the phase's time

@@ -7,7 +7,7 @@
 throughput does not depend on the weights, so a randomly initialised model measures it without a
 download) or a fine-tuned checkpoint folder. Inputs are random token ids with realistic padding
 (lengths uniform in [seq/8, seq]). The model goes through the notebook's pipeline (export → onnxslim →
-ORT transformer optimizer, plus ORT's dynamic int8 quantization of the plain export), then PyTorch, the
+ORT transformer optimizer → ORT's dynamic int8 quantization of the optimized graph), then PyTorch, the
 optimized fp32 graph and the int8 one alternate timing rounds on the same batches with the same thread
 count; the medians of the per-round ratios are compared (with their IQR). Prints one JSON record, with
 the CPU's int8 instruction sets.

@@ -682,13 +682,15 @@ def main(args: argparse.Namespace) -> int:
     from nbzoo import bench_lengths
 
     if args.table and args.lengths:
+        from nbzoo import bench_lengths_table
+
         folder = bench_lengths.output_dir(args.lengths, args.out)
-        text = bench_lengths.render_table(folder)
+        text = bench_lengths_table.render_table(folder, args.lengths)
         if args.update_readme:
             update_readme(
                 paths.resolve(args.update_readme),
                 text,
-                (bench_lengths.README_START, bench_lengths.README_END),
+                (bench_lengths_table.README_START, bench_lengths_table.README_END),
             )
         print(text, end="")
         return 0
@@ -778,6 +780,9 @@ def _main_lengths(args: argparse.Namespace, names: list[str]) -> int:
             file=sys.stderr,
         )
         return 2
+    if args.rounds is not None and args.rounds < 1:
+        print(f"nbzoo bench: --rounds must be at least 1, got {args.rounds}", file=sys.stderr)
+        return 2
     # fp32 on a CPU unless asked: bf16 autocast is emulated on CPUs without AVX512-BF16 / AMX
     rt = setup(args.device, args.precision or "auto", seed=0)
     compile_ = {"on": True, "off": False}.get(args.compile)
@@ -788,6 +793,13 @@ def _main_lengths(args: argparse.Namespace, names: list[str]) -> int:
         flush=True,
     )
     failed = []
+    command = " ".join(
+        ["nbzoo bench", *args.cases, "--device", args.device]
+        + (["--precision", args.precision] if args.precision else [])
+        + (["--rounds", str(args.rounds)] if args.rounds else [])
+        + (["--quick"] if args.quick else [])
+    )
+    run = bench_lengths.run_stamp(command)
     for i, name in enumerate(names, 1):
         tick = time.perf_counter()
         try:
@@ -797,6 +809,7 @@ def _main_lengths(args: argparse.Namespace, names: list[str]) -> int:
                 warmup=args.warmup or (1 if rt.kind == "cpu" else 3),
                 compile_=compile_,
                 quick=args.quick,
+                rounds=args.rounds,
             )
         except Exception as exc:
             failed.append(name)
@@ -806,13 +819,17 @@ def _main_lengths(args: argparse.Namespace, names: list[str]) -> int:
             _free(rt)
             continue
         record["seconds"] = time.perf_counter() - tick
-        path = write_record(bench_lengths.finish(record, rt), folder)
+        path = write_record(bench_lengths.finish(record, rt, run), folder)
+        ratios = record["ratios"]
         print(
             f"[{i}/{len(names)}] {name}: seq/s stock as seed "
             f"{record['stock_seed']['samples_per_second']:.2f}, stock best "
-            f"{record['stock_best']['samples_per_second']:.2f}, nbzoo "
-            f"{record['nbzoo']['samples_per_second']:.2f}: {record['ratio_vs_padded']:.2f}x vs "
-            f"padded, {record['ratio_vs_stock_best']:.2f}x vs stock best "
+            f"{record['stock_best']['samples_per_second']:.2f}, nbzoo plain "
+            f"{record['nbzoo_plain']['samples_per_second']:.2f}, nbzoo "
+            f"{record['nbzoo']['samples_per_second']:.2f}: nbzoo "
+            f"{ratios['nbzoo_vs_stock_seed']['median']:.2f}x stock as seed, "
+            f"{ratios['nbzoo_vs_stock_best']['median']:.2f}x stock best (goal "
+            f"{'met' if record['goal']['met'] else 'NOT met'}) "
             f"({record['seconds']:.0f} s) → {paths.shown(path)}",
             flush=True,
         )
@@ -825,7 +842,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument(
         "cases", nargs="*",
         help=f"any of: {', '.join(CASES)} (default: all); or real-length cases / groups: "
-        "real_lengths, padding_sweep, albert_base_sst2, bert_large_mlperf512, albert_base_padNN",
+        "real_lengths, padding_sweep, albert_base_sst2, bert_large_mlperf512, albert_base_padNN_bB",
     )  # fmt: skip
     parser.add_argument("--device", default="auto")
     parser.add_argument(
@@ -833,6 +850,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         help="autocast precision of the paths (default bf16; real-length cases: auto, fp32 on a CPU)",
     )  # fmt: skip
     parser.add_argument("--steps", type=int, default=20, help="timed steps per path")
+    parser.add_argument(
+        "--rounds", type=int, default=None,
+        help="real-length cases: rounds over the timed batches (default: the case's, 5 or 3)",
+    )  # fmt: skip
     parser.add_argument(
         "--warmup", type=int, default=None, help="untimed steps (default 3; 1 quick)"
     )

@@ -3,8 +3,8 @@
 Each case draws a pool of sentences (or pre-training samples) whose token lengths follow a
 distribution modelled from published figures (``nbzoo/length_histograms.json``, each with its
 source; MLPerf's Wikipedia lengths are nbzoo's model of BERT's sampling, calibrated to the 50 %
-padding Krell et al. state, not their histogram), or a padding sweep, and trains three paths on the same pool, step by step in alternation (so that a busy,
-shared machine slows all three alike):
+padding Krell et al. state, not their histogram), or a padding sweep, and trains four paths on
+the same sentences:
 
 - ``stock_seed``: transformers as the seed runs it: every sequence padded to ``max_length``,
   eager attention (the seed's transformers 4.28 had no SDPA), batches in the sampler's order;
@@ -12,14 +12,25 @@ shared machine slows all three alike):
   ``Trainer(group_by_length=True)`` does: sorted by length within mega-batches of 50 batches),
   dynamic padding to the longest in the batch (a multiple of 8), SDPA, bf16 autocast on
   accelerators, ``torch.compile`` where it works (not on a CPU);
-- ``nbzoo``: the same sentences per step as ``stock_seed``, packed into rows of
-  ``max_length`` (``nbzoo.packing``: SPFHP, block-diagonal attention, per-sequence heads), SDPA
-  (FlexAttention document masks on CUDA), BERT's MLM head on the labelled positions only.
+- ``nbzoo_plain``: ``packing = "plain"``: the sentences of ``stock_seed``'s steps packed into
+  rows of ``max_length`` (``nbzoo.packing``: SPFHP, a block-diagonal attention mask -- SDPA's,
+  or FlexAttention's under ``torch.compile`` on CUDA --, per-sequence heads), BERT's MLM head on
+  the labelled positions;
+- ``nbzoo``: ``packing = "length"``, nbzoo at its best: the sentences of ``stock_best``'s steps
+  (the same grouping: ``nbzoo.length_grouping``), each step laid end to end in one row (a
+  multiple of 8 long, as stock pads) and attended per sequence (``nbzoo.varlen_attention``:
+  torch's varlen FlashAttention on CUDA in bf16 without attention dropout, else each sequence
+  padded to the step's longest for SDPA), otherwise as ``nbzoo_plain``.
 
-Throughput is sequences per second over the whole pool. ``ratio_vs_padded`` is nbzoo over
-stock as the seed runs it, ``ratio_vs_stock_best`` nbzoo over stock at its best. The first
-batch's loss (eval mode, dropout off) of nbzoo and stock as the seed agree to float rounding:
-the same sentences, packed or padded (``loss_rel_diff``).
+Every path trains on the same sentences: one mega-batch is drawn, grouped by length, and
+``batches`` of its batches evenly spaced in length order are timed (a sample stratified by
+length); the padded and plain paths take the same sentences in the order they were drawn.
+The paths alternate step by step (who goes first rotates every round), for ``rounds`` rounds
+over those batches, so that a busy machine slows all of them alike. Throughput is sequences
+per second per round; a record holds each path's median over the rounds, and each ratio's
+median and interquartile range over the rounds (the ratio taken within each round).
+``loss_rel_diff`` holds the first batch's loss (eval mode, dropout off) packed against padded,
+the same sentences: float rounding. ``goal`` is issue 27's target for the case.
 """
 
 from __future__ import annotations
@@ -36,15 +47,26 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
-from nbzoo import bert_sample_lengths, metrics, packing, paths, perf
-from nbzoo.device import Runtime, accelerator_name
+from nbzoo import (
+    bert_sample_lengths,
+    length_grouping,
+    metrics,
+    packing,
+    paths,
+    perf,
+)
+from nbzoo.device import Runtime, accelerator_name, cpu_description
 
 MASK_FRACTION = 0.15
 GROUPED_BATCHES = 50  # transformers' LengthGroupedSampler sorts mega-batches of 50 batches
-PATHS = ("stock_seed", "stock_best", "nbzoo")
+PATHS = ("stock_seed", "stock_best", "nbzoo_plain", "nbzoo")
 SWEEP = (0, 25, 50, 75, 90)  # padding percentages of the padding sweep
+SWEEP_BATCHES = (8, 32)  # batch 8, and the seeds' 32 (01, 03)
+ROUNDS = 5  # rounds over a case's timed batches (the CPU shapes of the big cases take fewer)
+ROW_MULTIPLE = packing.ROW_MULTIPLE  # stock pads to a multiple of it, nbzoo's one-row steps too
 
 
 def histograms() -> dict[str, Any]:
@@ -97,10 +119,11 @@ class LengthCase:
     model_class: str
     config: Callable[[dict[str, Any]], Any]  # overrides -> PretrainedConfig
     distribution: str
-    batch_size: int  # sequences per optimizer step (all three paths)
-    batches: int  # steps per path over the pool
+    batch_size: int  # sequences per optimizer step (every path)
+    batches: int  # timed steps per path per round
     pretraining: bool = False
     cpu: dict[str, Any] = field(default_factory=dict)  # smaller shapes on a CPU, named
+    goal: tuple[str, float] = ("stock_best", 1.0)  # nbzoo's median ratio over that path, at least
 
 
 def _albert_base(overrides):
@@ -122,42 +145,35 @@ def _bert_large(overrides):
 def _cases() -> dict[str, LengthCase]:
     cases = [
         LengthCase(
-            "albert_base_sst2",
-            "ALBERT-base, SST-2 lengths, max 128",
-            "AlbertForSequenceClassification",
-            _albert_base,
-            "sst2_128",
-            32,
-            8,
-            cpu={"batches": 4},
+            "albert_base_sst2", "ALBERT-base, SST-2 lengths, max 128",
+            "AlbertForSequenceClassification", _albert_base, "sst2_128", 32, 8,
+            cpu={"batches": 4, "rounds": 3}, goal=("stock_seed", 5.0),
         ),
         LengthCase(
-            "bert_large_mlperf512",
-            "BERT-Large MLM+NSP, MLPerf Wikipedia lengths, max 512",
-            "BertForPreTraining",
-            _bert_large,
-            "wikipedia_phase2_512",
-            12,
-            8,
-            pretraining=True,
-            cpu={"batch_size": 4, "batches": 3, "config": {"num_hidden_layers": 2}},
+            "bert_large_mlperf512", "BERT-Large MLM+NSP, MLPerf Wikipedia lengths, max 512",
+            "BertForPreTraining", _bert_large, "wikipedia_phase2_512", 12, 8, pretraining=True,
+            cpu={"batches": 2, "rounds": 3, "config": {"num_hidden_layers": 2}},
+            goal=("stock_seed", 1.7),
         ),
-    ]
-    for pct in SWEEP:
-        cases.append(
-            LengthCase(
-                f"albert_base_pad{pct:02d}", f"ALBERT-base, {pct} % padding at 128",
-                "AlbertForSequenceClassification", _albert_base, f"padding_{pct}", 32, 6,
-                cpu={"batch_size": 8, "batches": 6, "config": {"num_hidden_layers": 2}},
-            )
-        )  # fmt: skip
+    ]  # fmt: skip
+    for batch in SWEEP_BATCHES:
+        for pct in SWEEP:
+            cases.append(
+                LengthCase(
+                    f"albert_base_pad{pct:02d}_b{batch}",
+                    f"ALBERT-base, {pct} % padding at 128, batch {batch}",
+                    "AlbertForSequenceClassification", _albert_base, f"padding_{pct}", batch,
+                    6 if batch < 32 else 4, cpu={"config": {"num_hidden_layers": 2}},
+                    goal=("stock_best", 0.97 if pct == 0 else 1.0),
+                )
+            )  # fmt: skip
     return {c.name: c for c in cases}
 
 
 CASES = _cases()
 GROUPS = {
     "real_lengths": ["albert_base_sst2", "bert_large_mlperf512"],
-    "padding_sweep": [f"albert_base_pad{p:02d}" for p in SWEEP],
+    "padding_sweep": [f"albert_base_pad{p:02d}_b{b}" for b in SWEEP_BATCHES for p in SWEEP],
 }
 
 
@@ -194,43 +210,48 @@ def make_pool(case: LengthCase, config, lengths: list[int], max_length: int, see
     return items
 
 
-def seed_batches(items, batch_size: int) -> list[dict[str, torch.Tensor]]:
-    """Stock as the seed runs it: the sampler's order, every sequence padded to max_length."""
-    groups = [items[i : i + batch_size] for i in range(0, len(items), batch_size)]
-    return [torch.utils.data.default_collate(g) for g in groups]
+def timed_steps(lengths: list[int], batch_size: int, n_batches: int):
+    """(grouped, arrival, picked): ``n_batches`` of the pool's length-grouped batches, evenly
+    spaced in length order (``picked``: their numbers), and the same sentences in the order they
+    were drawn, cut into batches as the sampler would."""
+    groups = length_grouping.GroupedBatches(
+        range(len(lengths)), lengths, batch_size, mult=GROUPED_BATCHES
+    )
+    picked = sorted(
+        {round(i * (len(groups) - 1) / max(1, n_batches - 1)) for i in range(n_batches)}
+    )
+    grouped = [groups[i] for i in picked]
+    chosen = sorted(i for g in grouped for i in g)
+    arrival = [chosen[i : i + batch_size] for i in range(0, len(chosen), batch_size)]
+    return grouped, arrival, picked
 
 
-def best_batches(items, batch_size: int, multiple: int = 8) -> list[dict[str, torch.Tensor]]:
-    """Stock at its best: length-grouped batches (mega-batches of 50 batches sorted by length,
-    as transformers' ``LengthGroupedSampler``), each padded to its longest (a multiple of 8)."""
-    lengths = [int(it["attention_mask"].sum()) for it in items]
-    mega = 50 * batch_size
-    order: list[int] = []
-    for start in range(0, len(items), mega):
-        chunk = list(range(start, min(start + mega, len(items))))
-        order += sorted(chunk, key=lambda i: -lengths[i])
+def padded_batches(items, steps, multiple: int | None = None) -> list[dict[str, torch.Tensor]]:
+    """Each step's items padded to ``max_length`` (``multiple`` None: as the seed pads), or to
+    the step's longest sequence rounded up to ``multiple`` (dynamic padding)."""
     out = []
-    for start in range(0, len(order), batch_size):
-        idx = order[start : start + batch_size]
-        width = min(
-            items[0]["input_ids"].numel(), -(-max(lengths[i] for i in idx) // multiple) * multiple
-        )
+    for idx in steps:
         batch = torch.utils.data.default_collate([items[i] for i in idx])
-        out.append({k: (v[:, :width].contiguous() if v.ndim == 2 else v) for k, v in batch.items()})
+        if multiple is not None:
+            full = batch["input_ids"].shape[1]
+            longest = int(batch["attention_mask"].sum(dim=1).max())
+            width = min(full, -(-longest // multiple) * multiple)
+            batch = {k: (v[:, :width].contiguous() if v.ndim == 2 else v) for k, v in batch.items()}
+        out.append(batch)
     return out
 
 
-def packed_batches(case: LengthCase, items, batch_size: int, max_length: int):
-    """nbzoo: the same sentences per step as the seed's batches, packed into rows."""
-    if case.pretraining:
-        collate = packing.PackedCollator(
-            max_length, token_labels=("labels",), sequence_labels=("next_sentence_label",)
-        )
-    else:
-        collate = packing.PackedCollator(max_length)
+def packed_batches(case: LengthCase, items, steps, max_length: int, one_row: bool):
+    """nbzoo: each step's sentences packed into rows of ``max_length`` (``plain``), or laid end
+    to end in one row (``length``: :func:`nbzoo.packing.one_row`)."""
+    labels = dict(token_labels=("labels",), sequence_labels=("next_sentence_label",))
+    collate = packing.PackedCollator(
+        max_length, one_row=one_row, row_multiple=ROW_MULTIPLE,
+        **(labels if case.pretraining else {}),
+    )  # fmt: skip
     out = []
-    for i in range(0, len(items), batch_size):
-        batch = collate(items[i : i + batch_size])
+    for idx in steps:
+        batch = collate([items[i] for i in idx])
         batch.pop("packed_order")
         out.append(batch)
     return out
@@ -249,7 +270,8 @@ class Path_:
     autocast: bool
     mode: str
     times: list[float] = field(default_factory=list)
-    sequences: int = 0
+    round_seconds: list[float] = field(default_factory=list)
+    sequences: int = 0  # per round
     error: str | None = None
 
 
@@ -272,40 +294,63 @@ def _step(path: Path_, batch, rt: Runtime) -> float:
 
 
 COMPILED = ", torch.compile(dynamic=True)"
+FALLS_BACK = ("flex_attention",)  # to SDPA's block-diagonal mask
 
 
-def _warm_up(path: Path_, batch, rt: Runtime) -> None:
-    """One untimed step; where it fails, fall back (recording why): first off torch.compile,
-    then (nbzoo) from FlexAttention to SDPA's block-diagonal mask."""
+def _falling_back(path: Path_, run: Callable[[], Any]) -> Any:
+    """``run()``; where it fails, fall back (recording why) and run again: first off
+    torch.compile, then (nbzoo) from FlexAttention to SDPA's block-diagonal mask."""
     while True:
         try:
-            _step(path, batch, rt)
-            return
+            return run()
         except Exception as exc:
             error = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
             path.optimizer.zero_grad(set_to_none=True)
             if path.module is not path.model:
                 path.error = (path.error or "") + f"compile: {error}; "
                 path.module, path.mode = path.model, path.mode.replace(COMPILED, "")
-            elif path.model.config._attn_implementation == "flex_attention":
-                path.error = (path.error or "") + f"flex_attention: {error}; "
+            elif (attention := path.model.config._attn_implementation) in FALLS_BACK:
+                path.error = (path.error or "") + f"{attention}: {error}; "
                 path.model.set_attn_implementation("sdpa")
-                path.mode = path.mode.replace("flex_attention", "sdpa")
+                path.mode = path.mode.replace(attention, "sdpa")
             else:
                 raise
 
 
-def _eval_loss(model, batch, rt: Runtime) -> float:
-    model.eval()
-    with torch.no_grad():
-        value = float(model(**batch).loss)
-    model.train()
-    return value
+def _eval_loss(path: Path_, rt: Runtime) -> float:
+    """The path's loss on its first batch, dropout off, under the path's autocast."""
+    ctx = rt.autocast() if path.autocast else contextlib.nullcontext()
+
+    def loss() -> float:
+        with torch.no_grad(), ctx:
+            return float(path.model(**path.batches[0]).loss)
+
+    path.model.eval()
+    try:
+        return _falling_back(path, loss)
+    finally:
+        path.model.train()
+
+
+def median_iqr(values: list[float]) -> dict[str, Any]:
+    """Median and interquartile range (numpy's 25th and 75th percentiles) of per-round values."""
+    q1, median, q3 = np.percentile(values, [25, 50, 75])
+    return {"median": float(median), "iqr": [float(q1), float(q3)], "rounds": list(values)}
+
+
+RATIOS = {  # name -> (numerator path, denominator path)
+    "nbzoo_vs_stock_seed": ("nbzoo", "stock_seed"),
+    "nbzoo_vs_stock_best": ("nbzoo", "stock_best"),
+    "nbzoo_plain_vs_stock_best": ("nbzoo_plain", "stock_best"),
+    "nbzoo_vs_nbzoo_plain": ("nbzoo", "nbzoo_plain"),
+    "stock_best_vs_stock_seed": ("stock_best", "stock_seed"),
+}
 
 
 QUICK = {  # --quick: toy sizes of every case (tests, the CPU run of bench/gpu_check.sh)
     "batch_size": 4,
     "batches": 2,
+    "rounds": 2,
     "config": dict(
         hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
         vocab_size=1200,
@@ -320,67 +365,63 @@ def run_length_case(
     compile_: bool | None = None,
     seed: int = 0,
     quick: bool = False,
+    rounds: int | None = None,
 ) -> dict[str, Any]:
-    """Measure one case: the three paths, interleaved step by step over the same pool."""
+    """Measure one case: the four paths, interleaved step by step, on the same sentences."""
     import transformers
 
     on_cpu = rt.kind == "cpu"
     shape = QUICK if quick else case.cpu if on_cpu else {}
     batch_size = shape.get("batch_size", case.batch_size)
     n_batches = shape.get("batches", case.batches)
+    rounds = rounds or shape.get("rounds", ROUNDS)
     config = case.config(shape.get("config", {}))
-    # One mega-batch (50 batches) is drawn: stock at its best sorts it by length, as its
-    # sampler would, and times n_batches of its batches spread evenly over the sorted order (a
-    # sample stratified by length); the other two paths take the first n_batches batches.
-    mega = GROUPED_BATCHES * batch_size
-    pool_lengths, max_length, source = sample_lengths(case.distribution, mega, seed)
-    pool = make_pool(case, config, pool_lengths, max_length, seed)
-    items, lengths = pool[: batch_size * n_batches], pool_lengths[: batch_size * n_batches]
-    grouped = best_batches(pool, batch_size)
-    picked = sorted(
-        {round(i * (len(grouped) - 1) / max(1, n_batches - 1)) for i in range(n_batches)}
+    pool_lengths, max_length, source = sample_lengths(
+        case.distribution, GROUPED_BATCHES * batch_size, seed
     )
-    best = [grouped[i] for i in picked]
-    compile_ = (not on_cpu) if compile_ is None else compile_
+    pool = make_pool(case, config, pool_lengths, max_length, seed)
+    grouped, arrival, picked = timed_steps(pool_lengths, batch_size, n_batches)
+    lengths = [pool_lengths[i] for g in grouped for i in g]
     torch.manual_seed(0)
     state = getattr(transformers, case.model_class)(config).state_dict()
 
-    def fresh(attention: str) -> torch.nn.Module:
+    def fresh(attention: str, nbzoo: bool = False) -> torch.nn.Module:
         model = getattr(transformers, case.model_class)(config)
         model.load_state_dict(state)
         model.set_attn_implementation(attention)
+        model._nbzoo_sparse_mlm = nbzoo  # BERT: the MLM head on labelled positions (perf path)
         return model.to(rt.device).train()
 
-    def optimizer(model):
-        return perf.make_optimizer(model, rt)
-
     amp = rt.precision in ("bf16", "fp16") and not on_cpu
-    seed_model = fresh("eager")
-    best_model = fresh("sdpa")
-    nbzoo_attention = packing.attention_implementation(rt.kind)
-    nbzoo_model = fresh(nbzoo_attention)
-    nbzoo_model._nbzoo_sparse_mlm = True  # MLM head on labelled positions (perf path)
-    best_module = best_model
-    best_mode = f"length-grouped, dynamic padding, sdpa{', ' + rt.precision if amp else ''}"
-    nbzoo_module = nbzoo_model
-    nbzoo_mode = f"packed (SPFHP) into rows of {max_length}, {nbzoo_attention} block-diagonal"
-    nbzoo_mode += f", {rt.precision}" if amp else ""
-    if compile_:
-        best_module = torch.compile(best_model, dynamic=True)
-        best_mode += COMPILED
-        nbzoo_module = torch.compile(nbzoo_model, dynamic=True)
-        nbzoo_mode += COMPILED
-    seed_mode = "padded to max_length, eager attention" + (f", {rt.precision}" if amp else "")
-    paths_ = {
-        "stock_seed": Path_("stock_seed", seed_model, seed_model, optimizer(seed_model),
-                            [rt.to_device(b) for b in seed_batches(items, batch_size)],
-                            amp, seed_mode),
-        "stock_best": Path_("stock_best", best_model, best_module, optimizer(best_model),
-                            [rt.to_device(b) for b in best], amp, best_mode),
-        "nbzoo": Path_("nbzoo", nbzoo_model, nbzoo_module, optimizer(nbzoo_model),
-                       [rt.to_device(b) for b in packed_batches(case, items, batch_size, max_length)],
-                       amp, nbzoo_mode),
+    suffix = f", {rt.precision}" if amp else ""
+    compile_ = (not on_cpu) if compile_ is None else compile_
+    plain_attention = packing.attention_implementation(rt.kind, mode="plain", compiled=compile_)
+    length_attention = packing.attention_implementation(rt.kind, mode="length")
+    made = {
+        "stock_seed": (fresh("eager"), padded_batches(pool, arrival),
+                       "padded to max_length, eager attention"),
+        "stock_best": (fresh("sdpa"), padded_batches(pool, grouped, ROW_MULTIPLE),
+                       f"length-grouped, dynamic padding (multiple of {ROW_MULTIPLE}), sdpa"),
+        "nbzoo_plain": (fresh(plain_attention, nbzoo=True),
+                        packed_batches(case, pool, arrival, max_length, False),
+                        f"sampler's order, packed (SPFHP) into rows of {max_length}, "
+                        f"{plain_attention} block-diagonal"),
+        "nbzoo": (fresh(length_attention, nbzoo=True),
+                  packed_batches(case, pool, grouped, max_length, True),
+                  f"length-grouped, each step one row (a multiple of {ROW_MULTIPLE}), "
+                  f"{length_attention} attention per sequence"),
     }  # fmt: skip
+    paths_ = {}
+    for name, (model, batches, mode) in made.items():
+        module = model
+        if compile_ and name != "stock_seed":
+            module, mode = torch.compile(model, dynamic=True), mode + COMPILED
+        paths_[name] = Path_(
+            name, model, module, perf.make_optimizer(model, rt),
+            [rt.to_device(b) for b in batches], amp, mode + suffix,
+        )  # fmt: skip
+    real_tokens = sum(lengths)
+    computed = {n: sum(int(b["input_ids"].numel()) for b in p.batches) for n, p in paths_.items()}
     load_before = os.getloadavg()
     record: dict[str, Any] = {
         "case": case.name,
@@ -390,51 +431,73 @@ def run_length_case(
         "source": source,
         "max_length": max_length,
         "batch_size": batch_size,
-        "sequences": len(items),
-        "shape": _shape_note(shape, batch_size, n_batches),
+        "sequences": len(lengths),
+        "rounds": rounds,
+        "shape": _shape_note(shape, batch_size, n_batches, rounds),
         "config_overrides": shape.get("config", {}),
-        "mean_length": sum(lengths) / len(lengths),
+        "mean_length": real_tokens / len(lengths),
         "padding_fraction": packing.padding_fraction(lengths, max_length),
-        "rows_packed": sum(int(b["input_ids"].shape[0]) for b in paths_["nbzoo"].batches),
-        "rows_padded": len(items),
-        "stock_best_batches": f"{len(best)} of the {len(grouped)} length-grouped batches of "
-        f"{len(pool)} sequences, evenly spaced in length order: {picked}",
-        "tokens_computed": {
-            name: sum(int(b["input_ids"].numel()) for b in p.batches) for name, p in paths_.items()
+        "padding_left": {n: 1 - real_tokens / computed[n] for n in PATHS},
+        "rows": {
+            n: sum(int(b["input_ids"].shape[0]) for b in p.batches) for n, p in paths_.items()
         },
+        "row_lengths": {
+            n: [int(b["input_ids"].shape[1]) for b in paths_[n].batches]
+            for n in ("stock_best", "nbzoo")
+        },
+        "tokens_computed": computed,
+        "grouping": f"{len(grouped)} of the {len(pool) // batch_size} length-grouped batches of "
+        f"one mega-batch of {len(pool)} sequences (nbzoo.length_grouping, as transformers' "
+        f"LengthGroupedSampler), evenly spaced in length order: {picked}; stock_seed and "
+        "nbzoo_plain take the same sentences in the order they were drawn",
+        "row_multiple": ROW_MULTIPLE,
         "precision": rt.precision if amp else "fp32",
         "warmup": warmup,
     }
-    record["packed_padding_fraction"] = 1 - sum(lengths) / (record["rows_packed"] * max_length)
-    # the same sentences, padded and packed: the first batch's loss, dropout off
-    with packing.packed_training(nbzoo_model, rt.kind):
-        seed_loss = _eval_loss(seed_model, paths_["stock_seed"].batches[0], rt)
-        nbzoo_loss = _eval_loss(nbzoo_model, paths_["nbzoo"].batches[0], rt)
-        record["loss_rel_diff"] = abs(nbzoo_loss - seed_loss) / abs(seed_loss)
+    with packing.packed_training(paths_["nbzoo"].model, rt.kind):
+        # the same sentences, padded and packed: the first batch's loss, dropout off
+        record["loss_rel_diff"] = {
+            f"{packed}_vs_{padded}": _rel_diff(
+                _eval_loss(paths_[packed], rt), _eval_loss(paths_[padded], rt)
+            )
+            for packed, padded in (("nbzoo_plain", "stock_seed"), ("nbzoo", "stock_best"))
+        }
         for p in paths_.values():  # warm-up (compiles), untimed
             for w in range(warmup):
-                _warm_up(p, p.batches[w % len(p.batches)], rt)
-        for i in range(n_batches):  # interleaved: one step of each path in turn
-            for p in paths_.values():
-                batch = p.batches[i % len(p.batches)]
-                p.times.append(_step(p, batch, rt))
-                p.sequences += _sequences(batch)
+                _falling_back(p, lambda p=p, w=w: _step(p, p.batches[w % len(p.batches)], rt))
+        for r in range(rounds):  # who goes first rotates every round
+            order = [paths_[PATHS[(r + k) % len(PATHS)]] for k in range(len(PATHS))]
+            for p in order:
+                p.round_seconds.append(0.0)
+            for i in range(len(grouped)):  # interleaved: one step of each path in turn
+                for p in order:
+                    seconds = _step(p, p.batches[i], rt)
+                    p.times.append(seconds)
+                    p.round_seconds[-1] += seconds
     load_after = os.getloadavg()
+    rates = {}
     for name, p in paths_.items():
-        total = sum(p.times)
+        p.sequences = sum(_sequences(b) for b in p.batches)
+        rates[name] = [p.sequences / s for s in p.round_seconds]
+        summary = median_iqr(rates[name])
         record[name] = {
             "mode": p.mode,
-            "sequences": p.sequences,
-            "samples_per_second": p.sequences / total,
-            "seconds": total,
+            "sequences_per_round": p.sequences,
+            "samples_per_second": summary["median"],
+            "samples_per_second_iqr": summary["iqr"],
+            "round_samples_per_second": summary["rounds"],
             "step_seconds": p.times,
             **({"fallback_errors": p.error} if p.error else {}),
         }
-    s, b, n = (record[k]["samples_per_second"] for k in PATHS)
-    record["ratio_vs_padded"] = n / s
-    record["ratio_vs_stock_best"] = n / b
-    record["stock_best_vs_padded"] = b / s
+    record["ratios"] = {
+        name: median_iqr([a / b for a, b in zip(rates[top], rates[bottom], strict=True)])
+        for name, (top, bottom) in RATIOS.items()
+    }
+    against, at_least = case.goal
+    got = record["ratios"][f"nbzoo_vs_{against}"]["median"]
+    record["goal"] = {"against": against, "at_least": at_least, "met": got >= at_least}
     record["machine"] = {
+        **({"cpu": cpu_description()} if on_cpu else {}),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "load_average_1min_before": round(load_before[0], 2),
@@ -443,10 +506,15 @@ def run_length_case(
     return record
 
 
-def _shape_note(shape: dict[str, Any], batch_size: int, n_batches: int) -> str:
+def _rel_diff(got: float, ref: float) -> float:
+    return abs(got - ref) / abs(ref)
+
+
+def _shape_note(shape: dict[str, Any], batch_size: int, n_batches: int, rounds: int) -> str:
     config = ", ".join(f"{k}={v}" for k, v in shape.get("config", {}).items())
     where = "quick shape" if shape is QUICK else "CPU shape" if shape else "full shape"
-    return f"{where}: {n_batches} steps of {batch_size}" + (f", {config}" if config else "")
+    note = f"{where}: {rounds} rounds of {n_batches} steps of {batch_size}"
+    return note + (f", {config}" if config else "")
 
 
 def output_dir(rt_kind: str, out: str | None = None) -> Path:
@@ -455,59 +523,21 @@ def output_dir(rt_kind: str, out: str | None = None) -> Path:
     return paths.results_dir() / "bench" / "lengths" / rt_kind
 
 
-def finish(record: dict[str, Any], rt: Runtime) -> dict[str, Any]:
+def finish(record: dict[str, Any], rt: Runtime, run: dict[str, Any]) -> dict[str, Any]:
+    """Stamp a case's record with the device, versions, and ``run``: the invocation it belongs
+    to (``started``, ``command``), which the table keeps together."""
     record["device"] = rt.kind
-    record["device_name"] = accelerator_name(rt)
+    record["device_name"] = (
+        record["machine"]["cpu"]["model_name"]
+        if "cpu" in record["machine"]
+        else accelerator_name(rt)
+    )
     record["versions"] = metrics._versions()
+    record["run"] = dict(run)
     record["finished_at"] = _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
     return record
 
 
-# ----------------------------------------------------------------------------- the table
-
-
-def read_records(folder: Path) -> list[dict[str, Any]]:
-    return metrics.in_order(
-        metrics.read_json_records(folder, ("case", "length_distribution", "nbzoo")),
-        "case",
-        list(CASES),
-    )
-
-
-def table(records: list[dict[str, Any]]) -> str:
-    head = (
-        "| case | device | shape | length distribution | padding | batch (rows padded → packed) "
-        "| stock as seed seq/s | stock best seq/s | nbzoo seq/s | vs padded | vs stock best "
-        "| loss rel. diff | load 1 min |\n"
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|\n"
-    )
-    rows = []
-    for r in records:
-        m = r["machine"]
-        rows.append(
-            f"| {r['case']} | {r['device_name']} | {r['shape']} | {r['length_distribution']} "
-            f"| {r['padding_fraction']:.0%} → {r['packed_padding_fraction']:.0%} "
-            f"| {r['batch_size']} ({r['rows_padded']} → {r['rows_packed']}) "
-            f"| {r['stock_seed']['samples_per_second']:.2f} "
-            f"| {r['stock_best']['samples_per_second']:.2f} "
-            f"| {r['nbzoo']['samples_per_second']:.2f} "
-            f"| {r['ratio_vs_padded']:.2f}× | {r['ratio_vs_stock_best']:.2f}× "
-            f"| {r['loss_rel_diff']:.1e} "
-            f"| {m['load_average_1min_before']:.1f} → {m['load_average_1min_after']:.1f} |"
-        )
-    return head + "\n".join(rows) + "\n"
-
-
-README_START, README_END = "<!-- bench-lengths:start -->", "<!-- bench-lengths:end -->"
-
-
-def render_table(folder: Path) -> str:
-    records = read_records(folder)
-    if not records:
-        return f"No real-length results in `{folder}` yet.\n"
-    when = max(r["finished_at"] for r in records)
-    note = (
-        f"Generated by `python -m nbzoo.bench --table --lengths {records[0]['device']}` from "
-        f"{len(records)} file(s) in `{paths.shown(folder)}`; latest run finished {when}.\n\n"
-    )
-    return note + table(records)
+def run_stamp(command: str) -> dict[str, Any]:
+    """What ties the records of one invocation together."""
+    return {"started": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"), "command": command}

@@ -16,14 +16,16 @@ from __future__ import annotations
 
 import argparse
 import ast
+import contextlib
 import os
+import signal
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-from nbzoo import cpus, paths, progress
+from nbzoo import cpus, lifeline, paths, progress
 from nbzoo.catalog import (
     UsageError,
     available_notebooks,
@@ -60,6 +62,10 @@ def convert(name: str, text: str, type_name: str | None) -> Any:
         value = ast.literal_eval(text)
     except (ValueError, SyntaxError):
         value = text
+    if wanted is float and isinstance(value, str):
+        # "nan", "inf", "-inf": floats Python reads, which the domain check then refuses by name
+        with contextlib.suppress(ValueError):
+            value = float(text)
     if wanted is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
     if wanted is not None and not (
@@ -158,12 +164,23 @@ def cmd_run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 1
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
         kept = f"; {output} left as it was" if output.exists() else ""
-        print(f"nbzoo: interrupted, nothing written{kept}", file=sys.stderr)
-        return EXIT_INTERRUPTED
+        print(f"nbzoo: {stopped_by(exc)}, nothing written{kept}", file=sys.stderr)
+        return exit_status(exc)
     print(f"done in {seconds:.1f} s", flush=True)
     return 0
+
+
+def stopped_by(exc: KeyboardInterrupt) -> str:
+    """``interrupted`` (Ctrl-C) or ``stopped by SIGTERM`` (kill, timeout)."""
+    signum = getattr(exc, "signum", None)
+    return f"stopped by {signal.Signals(signum).name}" if signum else "interrupted"
+
+
+def exit_status(exc: KeyboardInterrupt) -> int:
+    """What a shell reports for a command ended by that signal: 130 for SIGINT, 143 for SIGTERM."""
+    return 128 + getattr(exc, "signum", signal.SIGINT)
 
 
 def check_kernel(name: str) -> None:
@@ -220,7 +237,10 @@ def execute(
                 cwd=str(path.parent),
                 kernel_name=kernel,
                 progress_bar=False,
-                log_output=verbose,
+                # --verbose: the kernel's stdout and stderr, live, as each output arrives
+                # (papermill's log_output goes to a logger nobody configured: nothing shows)
+                stdout_file=sys.stdout if verbose else None,
+                stderr_file=sys.stderr if verbose else None,
                 # nbclient's default, a graceful shutdown, lets a kernel interrupted mid-cell
                 # (Ctrl-C) print a ZMQ traceback over our one-line message; the outputs are
                 # collected by then, so a kill loses nothing
@@ -254,6 +274,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if args.in_place:  # the committed outputs: from scratch, in build/, whatever the tree holds
         scratch = paths.resolve("build/notebooks-run")
         env = demo.clean_root(scratch, notebooks_dir(), paths.results_dir())
+        # one progress line per run in the committed outputs, however slow this machine is
+        env["NBZOO_PROGRESS_EVERY"] = "inf"
         print(f"[demo] data and checkpoints of this run go to {scratch}", flush=True)
     stems = available_notebooks()
     start = time.perf_counter()
@@ -312,7 +334,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="where the executed notebook goes (default: results/, or $NBZOO_RESULTS)",
     )
     run.add_argument("--kernel", default="python3", help="Jupyter kernel name")
-    run.add_argument("--verbose", action="store_true", help="stream the notebook's output")
+    run.add_argument(
+        "--verbose", action="store_true", help="stream the notebook's output as it runs"
+    )
     run.set_defaults(func=cmd_run)
     demo = sub.add_parser(
         "demo", help="run every notebook on the demo preset, then the results table"
@@ -372,13 +396,16 @@ def main(argv: list[str] | None = None) -> int:
     else:
         args = parser.parse_args(argv)
     try:
-        return args.func(args)
+        # SIGTERM / SIGHUP (kill, timeout) stop a run as Ctrl-C does: the kernel is shut down, and
+        # with it every process the notebook started (nbzoo.lifeline)
+        with lifeline.signals_as_interrupt():
+            return args.func(args)
     except UsageError as exc:
         print(f"nbzoo: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    except KeyboardInterrupt:
-        print("nbzoo: interrupted", file=sys.stderr)
-        return EXIT_INTERRUPTED
+    except KeyboardInterrupt as exc:
+        print(f"nbzoo: {stopped_by(exc)}", file=sys.stderr)
+        return exit_status(exc)
 
 
 if __name__ == "__main__":

@@ -7,8 +7,8 @@
 and ``model.ckpt-28252.data-00000-of-00001``; the ``.index`` path works too) or a MindSpore
 ``.ckpt`` with the parameter names of MindSpore's BERT model zoo. ``--config`` is Google's
 ``bert_config.json`` (the MLPerf download's). ``OUT_DIR`` receives ``model.safetensors``,
-``config.json`` and :data:`RECORD` (what was converted and skipped; it also marks the folder as
-nbzoo's, so a later conversion may replace it).
+``config.json`` and :data:`RECORD` (what was converted and skipped), in a folder nbzoo marks as
+its own (:mod:`nbzoo.safe_write`), so that a later conversion may replace it.
 
 Every weight of the configured ``BertForPreTraining`` must be in ``SRC`` as float32 with the shape
 the configuration gives (TensorFlow's kernels transposed from ``[in, out]``); the decoder is tied to
@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -39,6 +38,7 @@ from typing import Any
 
 import numpy as np
 
+from nbzoo import safe_write
 from nbzoo.checkpoint_formats import FormatError, ms_ckpt, tf_bundle
 from nbzoo.checkpoint_formats.bert_names import TIED, Sizes, Weight, bert_weights
 from nbzoo.checkpoint_formats.bert_names import weight_name_pattern as weight_pattern
@@ -322,38 +322,17 @@ def _config_hint(config_path: Path, config: dict, stray: list[str]) -> str:
 # --- the output folder ----------------------------------------------------------------------
 
 
+WRITER = "nbzoo.convert_checkpoint"
+OUT_HINT = "choose another OUT_DIR or move it away"
+
+
 def check_output(out_dir: Path) -> None:
-    """OUT_DIR may be absent, an empty folder, or an earlier conversion's (only its files, its
-    record among them); anything else is the user's and is left alone."""
-    if not out_dir.exists() and not out_dir.is_symlink():
-        return
-    if out_dir.is_symlink() or not out_dir.is_dir():
-        raise ConversionError(f"{out_dir}: exists and is not a folder; choose another OUT_DIR")
-    names = {p.name for p in out_dir.iterdir()}
-    if names and (RECORD not in names or names - OUTPUT_FILES):
-        foreign = sorted(names - OUTPUT_FILES) if RECORD in names else sorted(names)
-        raise ConversionError(
-            f"{out_dir}: exists and holds files nbzoo did not write ({', '.join(foreign[:3])}"
-            f"{', ...' if len(foreign) > 3 else ''}); nothing was written: choose another OUT_DIR "
-            "or move it away"
-        )
-
-
-def _move_into_place(tmp: Path, out_dir: Path) -> None:
-    check_output(out_dir)  # again: it may have changed while converting
-    old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
-    if out_dir.is_dir():
-        if any(out_dir.iterdir()):
-            out_dir.rename(old)
-        else:
-            out_dir.rmdir()
+    """OUT_DIR may be absent, empty, or an earlier conversion (nbzoo's marked folder,
+    :mod:`nbzoo.safe_write`); anything else is the user's and is left alone."""
     try:
-        tmp.rename(out_dir)
-    except OSError:
-        if old.exists():
-            old.rename(out_dir)  # the earlier conversion back in its place
-        raise
-    shutil.rmtree(old, ignore_errors=True)
+        safe_write.check_replaceable(out_dir, WRITER, what="OUT_DIR", hint=OUT_HINT)
+    except safe_write.NotOursError as exc:
+        raise ConversionError(str(exc)) from None
 
 
 # --- writing --------------------------------------------------------------------------------
@@ -441,32 +420,29 @@ def convert(src: str | os.PathLike, out_dir: str | os.PathLike, config_path: str
         log(f"reading the {source.format} {source.path} ({len(source.names())} tensors)")
         planned = plan(source, weights, config_path, config)
         result = Result(out_dir, source.format, [], [], planned["skipped"], ignored)
-        out_dir.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
         try:
-            parts_dir = tmp / "parts"
-            parts_dir.mkdir(parents=True)
-            parts = []
-            for i, (name, weight) in enumerate(planned["by_name"].items()):
-                array = source.read(name)
-                if source.name_field == "google" and weight.tf_transposed:
-                    array = array.T
-                    result.transposed.append(name)
-                parts.append(write_part(parts_dir, i, weight.hf, array))
-                result.converted.append(name)
-                del array
-            model_file = tmp / "model.safetensors"
-            result.bytes_written = assemble(parts, model_file)
-            parts_dir.rmdir()
-            _verify(model_file, {w.hf: w.shape for w in weights})
-            (tmp / "config.json").write_text(json.dumps(config_json, indent=2) + "\n")
-            (tmp / RECORD).write_text(
-                json.dumps(_record(src, config_path, result), indent=2) + "\n"
-            )
-            _move_into_place(tmp, out_dir)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+            with safe_write.new_folder(out_dir, WRITER, what="OUT_DIR", hint=OUT_HINT) as tmp:
+                parts_dir = tmp / "parts"
+                parts_dir.mkdir()
+                parts = []
+                for i, (name, weight) in enumerate(planned["by_name"].items()):
+                    array = source.read(name)
+                    if source.name_field == "google" and weight.tf_transposed:
+                        array = array.T
+                        result.transposed.append(name)
+                    parts.append(write_part(parts_dir, i, weight.hf, array))
+                    result.converted.append(name)
+                    del array
+                model_file = tmp / "model.safetensors"
+                result.bytes_written = assemble(parts, model_file)
+                parts_dir.rmdir()
+                _verify(model_file, {w.hf: w.shape for w in weights})
+                (tmp / "config.json").write_text(json.dumps(config_json, indent=2) + "\n")
+                (tmp / RECORD).write_text(
+                    json.dumps(_record(src, config_path, result), indent=2) + "\n"
+                )
+        except safe_write.NotOursError as exc:  # OUT_DIR changed while converting
+            raise ConversionError(str(exc)) from None
     finally:
         source.close()
     return result

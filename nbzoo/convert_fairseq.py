@@ -27,11 +27,10 @@ import argparse
 import builtins
 import codecs
 import collections
+import contextlib
 import copyreg
 import os
 import pickle
-import re
-import shutil
 import sys
 import types
 from dataclasses import dataclass, field
@@ -41,6 +40,8 @@ from typing import Any
 import numpy as np
 import torch
 from transformers import RobertaConfig, RobertaForMaskedLM, RobertaForSequenceClassification
+
+from nbzoo import safe_write
 
 TASKS = ("sequence-classification", "masked-lm")
 DEFAULT_HEAD = "sentence_classification_head"  # fairseq's --classification-head-name default
@@ -113,6 +114,10 @@ class Placeholder:
         return f"<placeholder for {self.qualname}>"
 
 
+class RefusedGlobal(pickle.UnpicklingError):
+    """A pickle that names a global outside the allowed list (never loaded)."""
+
+
 class RestrictedUnpickler(pickle.Unpickler):
     allowed = _allowed_globals()
 
@@ -122,7 +127,7 @@ class RestrictedUnpickler(pickle.Unpickler):
             return self.allowed[qualname]
         if module.split(".")[0] in INERT_MODULES:
             return type(name, (Placeholder,), {"qualname": qualname, "__module__": __name__})
-        raise pickle.UnpicklingError(
+        raise RefusedGlobal(
             f"refusing to unpickle the global {qualname}: only tensors, OrderedDict, "
             "argparse.Namespace, numpy scalars/arrays and inert fairseq/omegaconf objects are loaded"
         )
@@ -160,10 +165,19 @@ def load_checkpoint(path: str | os.PathLike) -> FairseqCheckpoint:
         state = torch.load(
             path, map_location="cpu", pickle_module=restricted_pickle, weights_only=False
         )
-    except pickle.UnpicklingError as exc:
+    except RefusedGlobal as exc:
         raise CheckpointError(f"{path}: {exc}") from None
-    except (RuntimeError, EOFError, OSError) as exc:
-        raise CheckpointError(f"{path}: not a readable torch checkpoint ({exc})") from None
+    except OSError as exc:
+        raise CheckpointError(f"{path}: cannot be read ({exc.strerror or exc})") from None
+    except Exception as exc:  # noqa: BLE001
+        # Bytes that are not a torch checkpoint fail anywhere in torch's zip reader or in the
+        # unpickler, with any of a dozen exception types (UnpicklingError, ValueError "unsupported
+        # pickle protocol", EOFError, KeyError, struct.error, ...): all of them mean the same.
+        why = "".join(c if c.isprintable() else "?" for c in str(exc))  # bytes of the file, often
+        why = why if len(why) <= 100 else why[:100] + "..."
+        raise CheckpointError(
+            f"{path} is not a fairseq checkpoint ({type(exc).__name__}: {why})"
+        ) from None
     if not isinstance(state, dict) or not isinstance(state.get("model"), dict):
         got = sorted(state) if isinstance(state, dict) else type(state).__name__
         raise CheckpointError(
@@ -421,6 +435,10 @@ def convert(
     ``roberta.base``), the classifier is freshly initialised, as fairseq's
     ``register_classification_head`` does before fine-tuning.
     """
+    if num_labels is not None and (
+        isinstance(num_labels, bool) or not isinstance(num_labels, int) or num_labels < 1
+    ):
+        raise CheckpointError(f"num_labels must be an integer >= 1, got {num_labels!r}")
     ckpt = checkpoint if isinstance(checkpoint, FairseqCheckpoint) else load_checkpoint(checkpoint)
     sd = upgrade_state_dict(ckpt.model)
     if num_labels is None:
@@ -457,58 +475,71 @@ def convert(
     return Converted(model, config, unused, initialized, ckpt.placeholders)
 
 
-# What ``save_pretrained`` writes, and the training record that sentence_prediction.finetune
-# writes beside it: an existing folder holding only these is an earlier output.
-_SAVED_FILES = re.compile(
-    r"config\.json|generation_config\.json|model(-\d+-of-\d+)?\.safetensors"
-    r"|model\.safetensors\.index\.json|training_record\.json"
-)
+WRITER = "nbzoo.convert_fairseq"
 
 
-def _check_replaceable(folder: Path) -> None:
-    """Refuse to replace anything but an empty folder or an earlier ``save_pretrained`` output."""
-    if not folder.exists() and not folder.is_symlink():
-        return
-    if folder.is_symlink() or not folder.is_dir():
-        raise CheckpointError(f"{folder} exists and is not a folder; choose another output folder")
-    foreign = sorted(p.name for p in folder.iterdir() if not _SAVED_FILES.fullmatch(p.name))
-    if foreign:
-        raise CheckpointError(
-            f"{folder} exists and holds files that are not a saved model ({', '.join(foreign[:3])}"
-            f"{', ...' if len(foreign) > 3 else ''}); nothing was written: choose another output "
-            "folder or move it away"
+def check_output(folder: Path) -> None:
+    """Refuse to replace anything but an absent or empty folder or nbzoo's own earlier output
+    (marked, every file listed unchanged: nbzoo.safe_write)."""
+    try:
+        safe_write.check_replaceable(
+            folder, WRITER, hint="choose another output folder or move this one away"
         )
+    except safe_write.NotOursError as exc:
+        raise CheckpointError(f"{exc}; nothing was written") from None
+
+
+@contextlib.contextmanager
+def _quiet_progress():
+    """save_pretrained's progress bar (one shard) off: it would bury a one-line error."""
+    from transformers.utils import logging as hf_logging
+
+    enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            hf_logging.enable_progress_bar()
 
 
 def save_safetensors(model: torch.nn.Module, folder: str | os.PathLike) -> Path:
     """``save_pretrained`` (config.json + model.safetensors) into a temporary folder, then rename.
 
-    An existing ``folder`` is replaced only when it is empty or an earlier saved model; the
-    temporary folder is removed whatever happens (a full disk leaves nothing behind)."""
+    An existing ``folder`` is replaced only when it is empty or nbzoo's earlier output; the
+    temporary folder is removed whatever happens (a full disk leaves nothing behind, and is
+    reported as an OSError whichever library's write met it)."""
+    from safetensors import SafetensorError
+
     folder = Path(folder)
-    _check_replaceable(folder)
-    tmp = folder.with_name(folder.name + f".tmp-{os.getpid()}")
-    old = folder.with_name(folder.name + f".old-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
+    check_output(folder)
     try:
-        model.save_pretrained(tmp, safe_serialization=True)
-        _check_replaceable(folder)  # again: it may have appeared while saving
-        if folder.exists():
-            folder.rename(old)
-        tmp.rename(folder)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.rmtree(old, ignore_errors=True)
+        with safe_write.new_folder(folder, WRITER) as tmp, _quiet_progress():
+            model.save_pretrained(tmp, safe_serialization=True)
+    except SafetensorError as exc:  # safetensors' Rust writer: a full disk, a too large file
+        raise OSError(str(exc)) from None
+    except safe_write.NotOursError as exc:  # it appeared while saving
+        raise CheckpointError(f"{exc}; nothing was written") from None
     return folder
 
 
 def convert_to_safetensors(
     checkpoint: str | os.PathLike, folder: str | os.PathLike, **kwargs: Any
 ) -> Converted:
-    _check_replaceable(Path(folder))  # before the conversion's work, not after
+    check_output(Path(folder))  # before the conversion's work, not after
     converted = convert(checkpoint, **kwargs)
     save_safetensors(converted.model, folder)
     return converted
+
+
+def _at_least_one(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
+    return value
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -519,8 +550,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("checkpoint")
     parser.add_argument("output_dir")
     parser.add_argument("--task", choices=TASKS, default="sequence-classification")
-    parser.add_argument("--num-labels", type=int, default=None)
+    parser.add_argument("--num-labels", type=_at_least_one, default=None)
     parser.add_argument("--head", default=None, help="classification head name in the checkpoint")
+
+    def one_line_error(message: str) -> None:  # argparse's usage block hides the one line
+        print(f"error: {message}", file=sys.stderr)
+        raise SystemExit(2)
+
+    parser.error = one_line_error  # type: ignore[method-assign]
     args = parser.parse_args(argv)
     try:
         converted = convert_to_safetensors(

@@ -26,6 +26,8 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from nbzoo import safe_write
+
 # What a notebook reads from another's demo run. 02 exports 01's demo checkpoint (it would train
 # the same model itself otherwise: same result, twice the work); 00 tabulates everyone's results.
 NEEDS: Mapping[str, tuple[str, ...]] = {"02_albert_inference": ("01_albert_glue",)}
@@ -226,10 +228,11 @@ def clean_root(folder: Path, notebooks: Path, results: Path) -> dict[str, str]:
     """A project root with nothing in it but a copy of ``notebooks``, for a run whose outputs are
     committed (``make notebooks``): in the working tree, the notebooks would resume the checkpoints
     and reuse the data of an earlier run, and the stored outputs would say "resuming from ..."
-    instead of showing the training. Data and checkpoints go to ``folder`` (emptied first), results
-    still to ``results``. Returns the environment that points a notebook run there."""
-    if folder.exists():
-        shutil.rmtree(folder)
+    instead of showing the training. Data and checkpoints go to ``folder`` (nbzoo's scratch
+    folder, emptied first; one holding anything nbzoo did not put there is refused:
+    nbzoo.safe_write), results still to ``results``. Returns the environment that points a
+    notebook run there."""
+    safe_write.claim_scratch(folder, "nbzoo.demo (make notebooks)", empty=True)
     shutil.copytree(notebooks, folder / "notebooks", ignore=shutil.ignore_patterns(".ipynb_*"))
     return {"NBZOO_ROOT": str(folder.resolve()), "NBZOO_RESULTS": str(results.resolve())}
 

@@ -14,6 +14,7 @@ import random
 import shutil
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 os.environ.setdefault("TORCH_DEVICE_BACKEND_AUTOLOAD", "0")
 
@@ -392,6 +393,32 @@ def accelerator_name(rt: Runtime) -> str:
     if rt.kind == "npu":
         return torch.npu.get_device_name(rt.local_rank)
     return platform.processor() or platform.machine()
+
+
+# /proc/cpuinfo flags that decide how fast fp32 / bf16 / fp16 / int8 training runs on a CPU
+SPEED_FLAGS = (
+    "avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "avx512_fp16", "amx_tile",
+    "amx_bf16", "amx_fp16", "amx_int8",
+)  # fmt: skip
+
+
+def cpu_description(cpuinfo: str | os.PathLike = "/proc/cpuinfo") -> dict[str, Any]:
+    """The CPU a measurement ran on: its ``model name``, the :data:`SPEED_FLAGS` it has, torch's
+    reading of its vector level, the half formats it computes fast (:func:`cpu_half_formats`),
+    the CPUs this process may use, and the variables that cap its vector level where set."""
+    model, flags = cpus.cpuinfo(cpuinfo)
+    return {
+        "model_name": model or platform.processor() or "unknown",
+        "flags": [f for f in SPEED_FLAGS if f in flags],
+        "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "fast_half_formats": sorted(cpu_half_formats(flags).fast),
+        "cpus": cpus.share(),
+        **{
+            k: os.environ[k]
+            for k in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA")
+            if k in os.environ
+        },
+    }
 
 
 def describe(rt: Runtime | None = None):

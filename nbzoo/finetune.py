@@ -24,11 +24,21 @@ from transformers import (
     get_linear_schedule_with_warmup,
 )
 
-from nbzoo import launch, lesson, metrics, packing, paths, verdicts
+from nbzoo import (
+    launch,
+    length_grouping,
+    lesson,
+    metrics,
+    packing,
+    paths,
+    safe_write,
+    verdicts,
+    weights,
+)
 from nbzoo.data import glue
 from nbzoo.device import Runtime
 from nbzoo.text import word_tokenizer
-from nbzoo.train import TrainConfig, TrainResult, config_hash, fit, predict
+from nbzoo.train import TrainConfig, TrainResult, config_hash, fit, predict, steps_per_epoch
 
 TINY = (
     "tiny"  # model_name of the demo: an ALBERT built from ``model_config`` and trained from scratch
@@ -81,13 +91,19 @@ def num_labels(task: str) -> int:
     return 2 if task == "sst2" else 1
 
 
+HEADS = {"sst2": "SST-2 classifier (2 labels)", "stsb": "STS-B regression head (1 output)"}
+
+
 def build_model(task: str, cfg: Any, tokenizer) -> torch.nn.Module:
     """The tiny ALBERT (``model_name = "tiny"``), the pretrained model ``model_name``, or, with
     ``init_checkpoint``, a fine-tuned checkpoint to continue from."""
     if cfg.get("init_checkpoint"):
-        return AutoModelForSequenceClassification.from_pretrained(
-            task_checkpoint(cfg.init_checkpoint, task), num_labels=num_labels(task)
+        folder = task_checkpoint(cfg.init_checkpoint, task)
+        model, _ = weights.pretrained(
+            AutoModelForSequenceClassification, folder, num_labels=num_labels(task)
         )
+        weights.check_finite(model, folder)
+        return model
     if cfg.model_name == TINY:
         config = AlbertConfig(
             vocab_size=len(tokenizer),
@@ -153,7 +169,8 @@ def finetune_glue(
     dev_set = glue.EncodedGlue(data["dev"], tokenizer, cfg.max_seq_length)
     torch.manual_seed(cfg.seed)
     model = build_model(task, cfg, tokenizer).to(rt.device)
-    steps = cfg.epochs * -(-len(train_set) // (cfg.batch_size * rt.world_size))
+    grad_accum = cfg.get("grad_accum", 1)  # notebook 02 fine-tunes without the knob
+    steps = cfg.epochs * steps_per_epoch(len(train_set), cfg.batch_size, rt.world_size, grad_accum)
     optimizer, scheduler = make_optimizer(model, cfg, steps)
 
     def evaluate(m: torch.nn.Module) -> dict[str, float]:
@@ -161,9 +178,11 @@ def finetune_glue(
         return task_metrics(task, outputs, labels)
 
     folder = checkpoint_path(cfg, task)
+    owned = safe_write.claim(folder, WRITER, what="checkpoint_dir")  # refused before training
     train_cfg = TrainConfig(
         epochs=cfg.epochs,
         batch_size=cfg.batch_size,
+        grad_accum=grad_accum,
         max_steps=cfg.max_steps or None,
         max_grad_norm=1.0,
         checkpoint_dir=folder / "training",
@@ -172,27 +191,36 @@ def finetune_glue(
         run_id=config_hash(task, launch.identity(cfg), len(train_set)),
         desc=f"{task} training",
     )
-    collate, packed = None, contextlib.nullcontext()
-    if getattr(cfg, "packing", False):  # notebook 02 has no packing knob
-        # The same sentences per optimizer step as padded; only their layout changes (rows of
-        # whole sentences), and the loss stays the mean over sentences: an exact change.
-        collate = packing.PackedCollator(cfg.max_seq_length, pad_token_id=tokenizer.pad_token_id)
-        packed = packing.packed_training(model, rt.kind)
+    collate, plan, packed = None, None, contextlib.nullcontext()
+    how = packing.mode(cfg)  # "off" for notebook 02, which has no packing knob
+    if how != "off":
+        # Whole sentences in rows, the loss still the mean over each step's sentences: "plain"
+        # packs the sentences a padded step holds (an exact change); "length" groups them by
+        # length first (as group_by_length) and lays each step in one row, attended per sentence.
+        collate = packing.PackedCollator(
+            cfg.max_seq_length, pad_token_id=tokenizer.pad_token_id, one_row=how == "length"
+        )
+        packed = packing.packed_training(model, rt.kind, packing.LENGTH_ATTENTION.get(how))
+    if how == "length":
+        lengths = train_set.features["attention_mask"].sum(dim=1).tolist()
+        plan = length_grouping.batch_plan(lengths, len(train_set), cfg.batch_size, cfg.seed)
     with packed:
         result = fit(
             model, train_set, optimizer, rt, train_cfg, collate_fn=collate,
-            scheduler=scheduler, eval_fn=evaluate,
+            scheduler=scheduler, eval_fn=evaluate, batch_plan=plan,
         )  # fmt: skip
     final = result.evals[-1] if result.evals else evaluate(model)
     scores = {k: v for k, v in final.items() if k not in ("step", "epoch")}
     if rt.is_main:
-        model.save_pretrained(folder, safe_serialization=True)
-        tokenizer.save_pretrained(folder)
+        with owned.staged() as tmp:  # every file through a temporary name
+            model.save_pretrained(tmp, safe_serialization=True)
+            tokenizer.save_pretrained(tmp)
         launch.write_record(folder / RECORD, {"result": asdict(result), "metrics": scores})
     return Finetuned(task, model, tokenizer, result, scores, folder)
 
 
 RECORD = "training_record.json"  # beside the checkpoint: the run's history and final metrics
+WRITER = "nbzoo.finetune (the fine-tuned checkpoint)"
 
 
 def train(
@@ -204,7 +232,7 @@ def train(
         return finetune_glue(task, cfg, rt, data)
     folder = checkpoint_path(cfg, task)
     record = launch.run("nbzoo.finetune:train_on_rank", cfg, folder / "launch", task=task)
-    model, tokenizer = load_finetuned(folder, rt.device)
+    model, tokenizer = load_finetuned(folder, rt.device, task)
     return Finetuned(
         task, model, tokenizer, TrainResult(**record["result"]), record["metrics"], folder
     )
@@ -225,7 +253,7 @@ def evaluate(
     training history comes from the run's record beside the checkpoint (empty without one)."""
     folder = task_checkpoint(cfg.get("init_checkpoint") or paths.resolve(cfg.checkpoint_dir), task)
     data = data or read_data(task, cfg)
-    model, tokenizer = load_finetuned(folder, rt.device)
+    model, tokenizer = load_finetuned(folder, rt.device, task)
     dev_set = glue.EncodedGlue(data["dev"], tokenizer, cfg.max_seq_length)
     outputs, labels = predict(model, dev_set, rt, batch_size=128)
     scores = task_metrics(task, outputs, labels)
@@ -236,15 +264,26 @@ def evaluate(
     return Finetuned(task, model, tokenizer, result, scores, folder)
 
 
-def load_finetuned(path: str | Path, device: torch.device | str = "cpu"):
-    """A checkpoint written by :func:`finetune_glue`: (model in eval mode, tokenizer)."""
+def load_finetuned(path: str | Path, device: torch.device | str = "cpu", task: str = "sst2"):
+    """A checkpoint of ``task`` written by :func:`finetune_glue`: (model in eval mode, tokenizer).
+    A checkpoint without the task's head (a pretrained model: transformers would add one at
+    random), with another task's head, or with NaN weights is refused, naming what it lacks."""
     path = Path(path)
     if not (path / "config.json").exists():
         raise FileNotFoundError(
             f"{path}: no fine-tuned checkpoint here (config.json missing); run 01_albert_glue first"
         )
-    model = AutoModelForSequenceClassification.from_pretrained(path).to(device).eval()
-    return model, AutoTokenizer.from_pretrained(path)
+    model, info = weights.pretrained(AutoModelForSequenceClassification, path)
+    wanted = f"a checkpoint fine-tuned on {task} (01_albert_glue saves it as checkpoint_dir/{task})"
+    weights.check_head(path, info["missing_keys"], {"classifier.": HEADS[task]}, f"use {wanted}")
+    if model.config.num_labels != num_labels(task):
+        held = next((HEADS[t] for t in HEADS if num_labels(t) == model.config.num_labels), None)
+        raise weights.UnusableCheckpoint(
+            f"{path}: its head has {model.config.num_labels} outputs"
+            f"{f' (the {held})' if held else ''}, but {task} needs the {HEADS[task]}: use {wanted}"
+        )
+    weights.check_finite(model, path)
+    return model.to(device).eval(), AutoTokenizer.from_pretrained(path)
 
 
 # --- the lesson's views of a run (notebook 01) ------------------------------------------------------

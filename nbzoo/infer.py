@@ -22,19 +22,22 @@ Unlike ais_bench, everything is checked before the first inference (one message 
 at fault), folders are matched to the model's inputs by name (``--match_inputs position`` maps
 them by order, as ais_bench does), and outputs are written to a hidden temporary folder that is
 renamed into place only when complete. An existing ``<output_dirname>`` is replaced only when it
-holds an earlier run's output (never a folder of the user's), and two input files that would
-name the same output file (``3.npy`` and ``3.bin``) are refused.
+carries nbzoo's marker and every file in it is an earlier run's (nbzoo.safe_write: never a
+folder of the user's, whatever its files are called), its ``_summary.json`` only when that
+marker lists it; two input files that would name the same output file (``3.npy`` and
+``3.bin``) are refused. A write that fails (a full disk, a read-only folder) leaves nothing
+behind and ends in one line.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import json
 import math
 import os
 import re
-import shutil
 import subprocess
 import sys
 import time
@@ -44,6 +47,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from nbzoo import safe_write
 
 FORMATS = ("NPY", "BIN", "TXT")
 SUFFIXES = (".npy", ".bin")
@@ -448,10 +453,18 @@ class RunSummary:
         return asdict(self)
 
 
-def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+WRITER = "nbzoo.infer"
+_OUTPUT_HINT = "choose another --output_dirname or --output, or move it away"
+
+
+def _summary_name(final: Path) -> str:
+    return f"{final.name}_summary.json"
+
+
+def _write_summary(final: Path, data: dict) -> None:
+    """``<output_dirname>_summary.json`` beside the output folder, listed in its marker."""
+    text = json.dumps(data, indent=2) + "\n"
+    safe_write.write_beside(final, _summary_name(final), text.encode("utf-8"), WRITER)
 
 
 def _output_target(output: str | None, output_dirname: str | None) -> Path | None:
@@ -462,44 +475,27 @@ def _output_target(output: str | None, output_dirname: str | None) -> Path | Non
     name = output_dirname or time.strftime("%Y_%m_%d-%H_%M_%S")
     if not name or "/" in name or name in (".", ".."):
         raise InferError(f"--output_dirname must be a plain folder name; got {name!r}")
+    if Path(output).exists() and not Path(output).is_dir():
+        raise InferError(f"--output {output} is a file, not a folder; name a folder")
     return Path(output) / name
 
 
-_OUTPUT_FILE = re.compile(r".+_\d+\.(npy|bin|txt)")
-
-
 def _check_replaceable(final: Path) -> None:
-    """An existing output folder is replaced only when it is an earlier run's: an empty folder,
-    or one holding nothing but ``<stem>_<k>.npy|bin|txt`` files with ``<name>_summary.json``
-    beside it. Anything else is the user's, and the run stops before writing anything."""
-    if not final.exists() and not final.is_symlink():
-        return
-    if final.is_symlink() or not final.is_dir():
-        raise InferError(
-            f"{final} exists and is not a folder; choose another --output_dirname or --output"
+    """An existing output folder is replaced only when it is an earlier run's: absent, empty, or
+    marked by nbzoo with every file in it listed unchanged, its summary beside it too. Anything
+    else is the user's, and the run stops before writing anything."""
+    try:
+        safe_write.check_replaceable(
+            final, WRITER, what="--output_dirname", hint=_OUTPUT_HINT, beside=[_summary_name(final)]
         )
-    entries = list(final.iterdir())
-    if not entries:
-        return
-    summary = final.with_name(f"{final.name}_summary.json")
-    foreign = [e.name for e in entries if not (e.is_file() and _OUTPUT_FILE.fullmatch(e.name))]
-    if foreign or not summary.is_file():
-        detail = f"it holds {', '.join(sorted(foreign)[:3])}" if foreign else f"no {summary.name}"
-        raise InferError(
-            f"{final} exists and is not an earlier nbzoo.infer output ({detail}); nothing was "
-            "written: choose another --output_dirname or move the folder away"
-        )
+    except safe_write.NotOursError as exc:
+        raise InferError(str(exc)) from None
 
 
-def _install(tmp: Path, final: Path) -> None:
-    """Move a finished output folder into place, replacing an earlier run's output (checked by
-    :func:`_check_replaceable` before the run)."""
-    _check_replaceable(final)
-    old = final.with_name(f".{final.name}.old-{os.getpid()}")
-    if final.exists():
-        final.rename(old)
-    tmp.rename(final)
-    shutil.rmtree(old, ignore_errors=True)
+def _output_folder(final: Path):
+    return safe_write.new_folder(
+        final, WRITER, what="--output_dirname", hint=_OUTPUT_HINT, beside=[_summary_name(final)]
+    )
 
 
 def run(
@@ -544,13 +540,7 @@ def run(
     if backend is None:
         backend = OrtBackend(model, ep=ep, device=device, threads=threads, spinning=spinning)
     plan = make_plan(backend.input_specs(), inputs, batchsize, match_inputs, model.name)
-    tmp = None
-    if final is not None:
-        final.parent.mkdir(parents=True, exist_ok=True)
-        tmp = final.with_name(f".{final.name}.partial-{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-    try:
+    with _output_folder(final) if final is not None else contextlib.nullcontext() as tmp:
         first = plan.load_batch(0)
         for _ in range(warmup_count):
             backend(first)
@@ -567,12 +557,6 @@ def run(
             all_times += times
             if tmp is not None:
                 written += _save_batch(plan, b, outs, tmp, outfmt)
-        if tmp is not None:
-            _install(tmp, final)
-            tmp = None
-    finally:
-        if tmp is not None:
-            shutil.rmtree(tmp, ignore_errors=True)
 
     stats = latency_stats(all_times, plan.batchsize)
     summary = RunSummary(
@@ -597,7 +581,7 @@ def run(
         args=list(args),
     )
     if final is not None:
-        _write_json(final.with_name(f"{final.name}_summary.json"), summary.to_dict())
+        _write_summary(final, summary.to_dict())
     return summary
 
 
@@ -627,28 +611,27 @@ def _run_ais_bench(model, inputs, final, outfmt, batchsize, loop, warmup_count, 
             f"{model}: .om models run on an Ascend NPU through ais_bench, which is not installed "
             "here; run the .onnx model instead, or install ais_bench and CANN"
         )
-    tmp_root = None
     argv = [sys.executable, "-m", "ais_bench", "--model", str(model)]
     argv += ["--input", ",".join(str(i) for i in inputs), "--outfmt", outfmt]
     argv += ["--loop", str(loop), "--warmup_count", str(warmup_count), "--device", str(device)]
     if batchsize is not None:
         argv += ["--batchsize", str(batchsize)]
-    if final is not None:
-        final.parent.mkdir(parents=True, exist_ok=True)
-        tmp_root = final.parent / f".{final.name}.ais-{os.getpid()}"
-        argv += ["--output", str(tmp_root), "--output_dirname", final.name]
-    try:
+    record: dict[str, Any] = {}
+    written = 0
+    with _output_folder(final) if final is not None else contextlib.nullcontext() as tmp:
+        if tmp is not None:  # ais_bench writes <tmp>/<name>/ and <tmp>/<name>_summary.json
+            argv += ["--output", str(tmp), "--output_dirname", final.name]
         done = subprocess.run(argv, capture_output=True, text=True, check=False)
         if done.returncode != 0:
             raise InferError(f"ais_bench failed on {model}:\n{done.stdout[-2000:]}{done.stderr}")
-        record: dict[str, Any] = {}
-        if tmp_root is not None:
-            raw = tmp_root / f"{final.name}_summary.json"
+        if tmp is not None:
+            raw = tmp / _summary_name(final)
             record = json.loads(raw.read_text()) if raw.exists() else {}
-            _install(tmp_root / final.name, final)
-    finally:
-        if tmp_root is not None:
-            shutil.rmtree(tmp_root, ignore_errors=True)
+            raw.unlink(missing_ok=True)
+            for path in (tmp / final.name).iterdir():  # the outputs become the folder's own
+                path.rename(tmp / path.name)
+                written += 1
+            (tmp / final.name).rmdir()
     npu = record.get("NPU_compute_time", {})
     summary = RunSummary(
         model=str(model),
@@ -670,11 +653,11 @@ def _run_ais_bench(model, inputs, final, outfmt, batchsize, loop, warmup_count, 
         compute_time_ms=npu,
         output_dir=None if final is None else str(final),
         outfmt=outfmt,
-        outputs_written=len(list(final.iterdir())) if final is not None else 0,
+        outputs_written=written,
         args=argv,
     )
     if final is not None:
-        _write_json(final.with_name(f"{final.name}_summary.json"), summary.to_dict())
+        _write_summary(final, summary.to_dict())
     return summary
 
 
@@ -743,6 +726,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except InferError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # a full disk, a read-only folder: nothing half-written is left
+        where = Path(args.output) / (args.output_dirname or "") if args.output else Path(".")
+        print(f"error: {safe_write.write_error(where, exc)}", file=sys.stderr)
+        return 1
     lat = summary.latency_ms
     print(f"backend: {summary.backend}")
     print(

@@ -23,6 +23,9 @@ from nbzoo.verdicts import Estimate
 # The preset whose notebook stops when it did not learn: the demo is built to learn (a learnable
 # task, enough steps); a full preset rehearsed on random stand-in weights for two steps is not.
 CHECKED_PRESETS = ("demo",)
+# How rarely a model that learnt nothing passes a learning check: the one-sided normal tail beyond
+# nbzoo.metrics.LEARNING_SIGMAS standard errors
+CHANCE = 0.5 * math.erfc(metrics.LEARNING_SIGMAS / math.sqrt(2))
 
 
 @dataclass(frozen=True)
@@ -36,16 +39,28 @@ class Check:
 
     @property
     def needed(self) -> float:
-        """The baseline plus (minus, where lower is better) :data:`nbzoo.metrics.LEARNING_SIGMAS`
-        of its standard errors: a model that learnt nothing gets there by chance with probability
-        below 3e-7 (one-sided normal)."""
-        margin = metrics.LEARNING_SIGMAS * self.baseline.standard_error
-        return self.baseline.value + (margin if self.higher_is_better else -margin)
+        """What a model that learnt nothing reaches by chance with probability below
+        :data:`CHANCE` (the one-sided normal tail of :data:`nbzoo.metrics.LEARNING_SIGMAS`
+        standard errors, 2.9e-7). An accuracy's count of right answers is binomial, so there it
+        is the exact binomial quantile: on a small or lopsided evaluation set the normal margin
+        would ask for more than 100 %, or for less than chance allows. Other figures (a
+        correlation, a perplexity) take the baseline's standard error: baseline ± 5 of them."""
+        base = self.baseline
+        if base.kind == "proportion" and self.higher_is_better:
+            from scipy.stats import binom
+
+            # binom.isf: the largest count that chance exceeds with probability <= CHANCE
+            return float(binom.isf(CHANCE, base.n, base.value) + 1) / base.n
+        margin = metrics.LEARNING_SIGMAS * base.standard_error
+        return base.value + (margin if self.higher_is_better else -margin)
 
     @property
     def learnt(self) -> bool:
         if not math.isfinite(self.value):
             return False
+        if self.baseline.kind == "proportion" and self.higher_is_better:
+            # counts, not floats: 0.612 of 500 is 306 right answers
+            return round(self.value * self.baseline.n) >= round(self.needed * self.baseline.n)
         return self.value > self.needed if self.higher_is_better else self.value < self.needed
 
     def row(self) -> dict[str, Any]:
@@ -53,7 +68,7 @@ class Check:
             "metric": self.metric,
             "this run": self.value,
             "a model that learnt nothing": f"{self.baseline.value:.4f} ({self.baseline.name})",
-            f"needed ({metrics.LEARNING_SIGMAS:g} s.e. better)": self.needed,
+            "needed to count as learnt": self.needed,
             "learnt": self.learnt,
         }
 
@@ -77,6 +92,11 @@ class Checks:
             f"{c.metric} {c.value:.4f} is not {'above' if c.higher_is_better else 'below'} "
             f"{c.needed:.4f}, which a model that learnt nothing ({c.baseline.name}, "
             f"{c.baseline.value:.4f}) does not pass by chance"
+            + (
+                f" (beyond 100 %: {c.baseline.n} items cannot show it, use a larger evaluation set)"
+                if c.baseline.kind == "proportion" and c.needed > 1
+                else ""
+            )
             for c in missed
         )
 

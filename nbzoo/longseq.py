@@ -2,8 +2,11 @@
 
 Model building from a preset (a tiny model from a config, or a checkpoint with config
 overrides), masked-LM evaluation with its baselines (most-frequent-token accuracy and unigram
-perplexity on the same masked positions), the memory / time-per-step measurement against
-sequence length, and the Longformer attention pattern as a dense matrix for plotting.
+perplexity on the same masked positions, with their standard errors), the memory / time-per-step
+measurement against sequence length with its verdicts (:func:`crossover`), the Longformer
+attention pattern as a dense matrix for plotting, and its one-graph capture
+(:func:`compile_whole`). Reformer's ideas one by one: :mod:`nbzoo.lsh` and
+:mod:`nbzoo.reformer_costs`.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from nbzoo import metrics, progress
+from nbzoo import metrics, progress, verdicts
 from nbzoo.device import Runtime
 
 TINY = "tiny"  # model_name of the demo presets: built from ``model_config``, trained from scratch
@@ -42,6 +45,7 @@ def reformer_config(model_config: Mapping[str, Any], tokenizer, block_size: int)
 
     values = {"max_position_embeddings": block_size, **model_config, "is_decoder": False}
     values.update(_token_ids(tokenizer))
+    _check_buckets(values.get("num_buckets"))
     config = ReformerConfig(**values)
     if config.axial_pos_embds and math.prod(config.axial_pos_shape) != block_size:
         raise ValueError(
@@ -52,11 +56,31 @@ def reformer_config(model_config: Mapping[str, Any], tokenizer, block_size: int)
     return config
 
 
+def _check_buckets(num_buckets: Any) -> None:
+    """LSH hashes by a rotation into +-b/2 directions: every bucket count must be even."""
+    if num_buckets is None:  # the config's default
+        return
+    factors = num_buckets if isinstance(num_buckets, list | tuple) else [num_buckets]
+    if not factors or not all(isinstance(b, int) and b >= 2 and b % 2 == 0 for b in factors):
+        raise ValueError(
+            f"num_buckets must be an even number >= 2 (or a list of them, a factorised hash), "
+            f"got {num_buckets!r}"
+        )
+
+
 def longformer_config(model_config: Mapping[str, Any], tokenizer, block_size: int):
     """A ``LongformerConfig`` for masked LM over ``block_size`` tokens (RoBERTa-style positions
     start after the padding index, hence ``+ 2``)."""
     from transformers import LongformerConfig
 
+    window = model_config.get("attention_window")
+    windows = window if isinstance(window, list | tuple) else [window]
+    if window is not None and not all(
+        isinstance(w, int) and w >= 2 and w % 2 == 0 for w in windows
+    ):
+        raise ValueError(
+            f"attention_window must be an even number >= 2 (w/2 tokens on each side), got {window!r}"
+        )
     values = {"max_position_embeddings": block_size + 2, "type_vocab_size": 1, **model_config}
     values.update(_token_ids(tokenizer))
     return LongformerConfig(**values)
@@ -174,6 +198,23 @@ class Unigram:
         return np.log(smoothed / smoothed.sum())
 
 
+def unigram_perplexity(
+    batches: Sequence[Mapping[str, torch.Tensor]], unigram: Unigram
+) -> verdicts.Estimate:
+    """The unigram model's perplexity on the masked positions of ``batches``, with its standard
+    error: exp of the mean negative log-likelihood m over n tokens, whose standard error
+    sd / sqrt(n) carries to the perplexity as exp(m) * sd / sqrt(n) (the delta method)."""
+    labels = torch.cat([b["labels"].flatten() for b in batches]).numpy()
+    nll = -unigram.log_probs()[labels[labels != metrics.IGNORE_INDEX]]
+    if nll.size < 2:
+        raise ValueError("the test batches hold fewer than two masked tokens")
+    value = math.exp(float(nll.mean()))
+    se = value * float(nll.std(ddof=1)) / math.sqrt(nll.size)
+    return verdicts.Estimate(
+        "the unigram model", value, "perplexity", int(nll.size), standard_error=se
+    )
+
+
 @torch.no_grad()
 def evaluate_mlm(
     model: torch.nn.Module,
@@ -184,11 +225,12 @@ def evaluate_mlm(
 ) -> dict[str, float]:
     """Masked-LM metrics over pre-masked batches (``labels`` = -100 where not masked):
     ``masked_token_accuracy`` (the seeds' Acc@1), ``perplexity`` (exp of the mean cross-entropy
-    on masked tokens), and on the very same positions ``baseline_accuracy`` (always the training
-    set's most frequent token) and ``unigram_perplexity`` (the smoothed unigram model)."""
+    on masked tokens, with its ``perplexity_standard_error``), and on the very same positions
+    ``baseline_accuracy`` (always the training set's most frequent token) and
+    ``unigram_perplexity`` (the smoothed unigram model)."""
     was_training = model.training
     model.eval()
-    preds, labels_all, nll_sum, n = [], [], 0.0, 0
+    preds, labels_all, nll_sum, nll_squares, n = [], [], 0.0, 0.0, 0
     for batch in progress.eval_bar(batches, "evaluate", disable=not rt.is_main):
         labels = batch["labels"]
         inputs = {k: v for k, v in batch.items() if k != "labels"}
@@ -200,9 +242,11 @@ def evaluate_mlm(
             )
         logits = logits.float().cpu()
         keep = labels != metrics.IGNORE_INDEX
-        nll_sum += float(
-            torch.nn.functional.cross_entropy(logits[keep], labels[keep], reduction="sum")
-        )
+        nll = torch.nn.functional.cross_entropy(
+            logits[keep], labels[keep], reduction="none"
+        ).double()
+        nll_sum += float(nll.sum())
+        nll_squares += float((nll * nll).sum())
         n += int(keep.sum())
         preds.append(logits.argmax(-1).numpy())
         labels_all.append(labels.numpy())
@@ -215,6 +259,9 @@ def evaluate_mlm(
             np.full_like(lab, unigram.most_frequent), lab
         ),
         "perplexity": metrics.perplexity(nll_sum / n),
+        # the delta method: exp(mean) * sd / sqrt(n), as for the unigram model's
+        "perplexity_standard_error": metrics.perplexity(nll_sum / n)
+        * math.sqrt(max(nll_squares / n - (nll_sum / n) ** 2, 0.0) * n / max(n - 1, 1) / n),
         "unigram_perplexity": metrics.perplexity(float(-unigram.log_probs()[masked].mean())),
         "masked_tokens": float(n),
     }
@@ -239,40 +286,51 @@ def saved_activation_bytes(fn: Callable[[], torch.Tensor]) -> tuple[torch.Tensor
     return out, sum(seen.values())
 
 
-def measure_step(
-    model: torch.nn.Module, input_ids: torch.Tensor, rt: Runtime, repeats: int = 5
-) -> dict[str, float]:
-    """Time of one training step (forward + backward): the median of ``repeats`` steps after a
-    warm-up one, with their spread (slowest - fastest), so that a busy machine shows as a wide
-    spread rather than a changed figure; and the step's activation memory."""
-    model.train()
+def measure_steps(
+    models: Mapping[str, torch.nn.Module], input_ids: torch.Tensor, rt: Runtime, repeats: int = 5
+) -> dict[str, dict[str, Any]]:
+    """One training step (forward + backward) of each model on ``input_ids``: the activation
+    memory it keeps for backward (counted in a warm-up step), and ``repeats`` timed steps taken
+    in alternating rounds (A, B, A, B, ...) so that a neighbour on a busy machine slows every
+    model alike. Each row: the seconds of every step, their median and quartiles (the IQR that
+    :func:`nbzoo.verdicts.timing` compares), the activation MiB and, on a GPU, the peak MiB."""
     input_ids = input_ids.to(rt.device)
     labels = input_ids.clone()
 
-    def forward():
+    def step(model):
         with rt.autocast():
             return model(input_ids=input_ids, labels=labels).loss
 
-    loss, saved = saved_activation_bytes(forward)  # also the warm-up step
-    loss.backward()
-    model.zero_grad(set_to_none=True)
-    rt.synchronize()
-    rt.reset_peak_memory()
-    seconds = []
-    for _ in range(repeats):
-        tick = time.perf_counter()
-        forward().backward()
+    rows: dict[str, dict[str, Any]] = {}
+    for name, model in models.items():
+        model.train()
         rt.synchronize()
-        seconds.append(time.perf_counter() - tick)
+        rt.reset_peak_memory()
+        loss, saved = saved_activation_bytes(lambda model=model: step(model))  # the warm-up
+        loss.backward()
         model.zero_grad(set_to_none=True)
-    row = {
-        "seconds_per_step": float(np.median(seconds)),
-        "seconds_spread": float(max(seconds) - min(seconds)),
-        "activation_MiB": saved / 2**20,
-    }
-    if (peak := rt.peak_memory_bytes()) is not None:
-        row["peak_MiB"] = peak / 2**20
-    return row
+        rt.synchronize()
+        rows[name] = {"activation_MiB": saved / 2**20, "seconds": []}
+        if (peak := rt.peak_memory_bytes()) is not None:
+            rows[name]["peak_MiB"] = peak / 2**20
+    for _ in range(repeats):
+        for name, model in models.items():
+            tick = time.perf_counter()
+            step(model).backward()
+            rt.synchronize()
+            rows[name]["seconds"].append(time.perf_counter() - tick)
+            model.zero_grad(set_to_none=True)
+    for row in rows.values():
+        q1, median, q3 = np.percentile(row["seconds"], [25, 50, 75])
+        row.update(seconds_per_step=float(median), seconds_q1=float(q1), seconds_q3=float(q3))
+    return rows
+
+
+def measure_step(
+    model: torch.nn.Module, input_ids: torch.Tensor, rt: Runtime, repeats: int = 5
+) -> dict[str, Any]:
+    """:func:`measure_steps` of one model."""
+    return measure_steps({"model": model}, input_ids, rt, repeats)["model"]
 
 
 def scaling_table(
@@ -284,7 +342,8 @@ def scaling_table(
     repeats: int = 5,
     seed: int = 0,
 ):
-    """Memory and time per training step against sequence length, one row per (model, length).
+    """Memory and time per training step against sequence length, one row per (model, length),
+    the models of one length timed in alternating rounds (:func:`measure_steps`).
     ``builders[name](seq_len)`` returns a fresh model for that length."""
     import pandas as pd
 
@@ -292,35 +351,138 @@ def scaling_table(
     g = torch.Generator().manual_seed(seed)
     for seq_len in seq_lengths:
         ids = torch.randint(5, vocab_size, (batch_size, seq_len), generator=g)
+        models = {}
         for name, build in builders.items():
             torch.manual_seed(seed)
-            model = build(seq_len).to(rt.device)
-            rows.append(
-                {"model": name, "seq_len": seq_len, **measure_step(model, ids, rt, repeats)}
-            )
-            del model
+            models[name] = build(seq_len).to(rt.device)
+        for name, row in measure_steps(models, ids, rt, repeats).items():
+            rows.append({"model": name, "seq_len": seq_len, **row})
+        del models
     return pd.DataFrame(rows)
 
 
+def step_timings(table, model: str) -> dict[int, verdicts.Estimate]:
+    """The timings of one model of a :func:`scaling_table`, per sequence length."""
+    part = table[table["model"] == model]
+    if part.empty:
+        raise ValueError(f"no model {model!r} in the table; it has {sorted(set(table['model']))}")
+    return {
+        int(row.seq_len): verdicts.timing(model, row.seconds, unit="s") for row in part.itertuples()
+    }
+
+
+@dataclass
+class Crossover:
+    """Where one model's training step becomes faster than another's, from their IQRs."""
+
+    by_length: dict[int, verdicts.Verdict]  # per sequence length
+    first_faster: int | None  # the first length from which ``a`` is faster at every length
+    a: str
+    b: str
+
+    def text(self) -> str:
+        lengths = sorted(self.by_length)
+        slower = [n for n in lengths if self.by_length[n].leader == self.b]
+        unclear = [n for n in lengths if not self.by_length[n].significant]
+        parts = []
+        if slower:
+            parts.append(f"{self.a} is slower than {self.b} at {_lengths(slower)} tokens")
+        if unclear:
+            parts.append(f"no clear difference at {_lengths(unclear)} tokens")
+        if self.first_faster is not None:
+            parts.append(f"{self.a} is faster from {self.first_faster} tokens on")
+        else:
+            parts.append(f"{self.a} is not faster at any measured length up to {lengths[-1]}")
+        return "; ".join(parts) + " (interquartile ranges of the timed steps apart or not)."
+
+
+def _lengths(values: Sequence[int]) -> str:
+    values = [str(v) for v in values]
+    return values[0] if len(values) == 1 else ", ".join(values[:-1]) + " and " + values[-1]
+
+
+def crossover(table, a: str, b: str) -> Crossover:
+    """Compare the step times of models ``a`` and ``b`` of a :func:`scaling_table` at every
+    length (:func:`nbzoo.verdicts.compare`, lower is better) and find where ``a`` turns faster."""
+    ta, tb = step_timings(table, a), step_timings(table, b)
+    found = {
+        n: verdicts.compare(ta[n], tb[n], higher_is_better=False, what=f"{n} tokens")
+        for n in sorted(ta)
+    }
+    first = None
+    for n in sorted(found, reverse=True):
+        if found[n].leader != a:
+            break
+        first = n
+    return Crossover(found, first, a, b)
+
+
+def memory_text(table, a: str, b: str) -> str:
+    """The activations two models of a :func:`scaling_table` keep for backward at the longest
+    length measured: counted bytes, the same on every run (no spread to compare)."""
+    longest = table["seq_len"].max()
+    at = table[table["seq_len"] == longest].set_index("model")["activation_MiB"]
+    return (
+        f"At {longest} tokens {a} keeps {at[a]:.1f} MiB of activations for the backward pass, "
+        f"{b} {at[b]:.1f} MiB ({at[b] / at[a]:.1f}× as much)."
+    )
+
+
+def plain_log_axis(ax, which: str, values: Sequence[float], base: int = 2) -> None:
+    """Axis ``which`` ("x" or "y") of ``ax`` logarithmic, labelled at ``values`` only, in plain
+    numbers: matplotlib's default log axis also labels minor ticks (``3×10^2`` beside ``256``),
+    which print over each other."""
+    from matplotlib.ticker import FixedLocator, NullFormatter, NullLocator, StrMethodFormatter
+
+    getattr(ax, f"set_{which}scale")("log", base=base)
+    axis = getattr(ax, f"{which}axis")
+    axis.set_major_locator(FixedLocator(sorted(values)))
+    axis.set_major_formatter(StrMethodFormatter("{x:g}"))
+    axis.set_minor_locator(NullLocator())
+    axis.set_minor_formatter(NullFormatter())
+
+
+def decade_ticks(low: float, high: float) -> list[float]:
+    """1, 2, 5 × 10^k between ``low`` and ``high`` (widened to one tick below and above)."""
+    ticks = [
+        m * 10.0**k for k in range(math.floor(math.log10(low)) - 1, math.ceil(math.log10(high)) + 1)
+        for m in (1, 2, 5)
+    ]  # fmt: skip
+    below = [t for t in ticks if t <= low][-1:]
+    above = [t for t in ticks if t >= high][:1]
+    return below + [t for t in ticks if low < t < high] + above
+
+
 def plot_scaling(table, title: str = "cost of one training step"):
+    """Memory and time per step against sequence length, both axes logarithmic with plain tick
+    labels; the time with the interquartile range of its timed steps as error bars."""
     import matplotlib.pyplot as plt
 
     columns = [c for c in ("activation_MiB", "peak_MiB", "seconds_per_step") if c in table]
-    fig, axes = plt.subplots(1, len(columns), figsize=(4.6 * len(columns), 3.4), squeeze=False)
+    fig, axes = plt.subplots(
+        1, len(columns), figsize=(4.8 * len(columns), 3.6), squeeze=False, layout="constrained"
+    )
     labels = {
-        "activation_MiB": "activations kept for backward (MiB)",
-        "peak_MiB": "peak device memory (MiB)",
-        "seconds_per_step": "seconds per step",
+        "activation_MiB": ("activations kept for backward (MiB)", "memory autograd keeps"),
+        "peak_MiB": ("peak device memory (MiB)", "peak memory"),
+        "seconds_per_step": ("seconds per step (median, IQR)", "time"),
     }
+    lengths = sorted(table["seq_len"].unique())
     for ax, col in zip(axes[0], columns, strict=True):
         for name, part in table.groupby("model", sort=False):
-            ax.plot(part["seq_len"], part[col], marker="o", label=name)
-        ax.set(xscale="log", yscale="log", xlabel="sequence length", title=labels[col])
-        ax.set_xticks(sorted(table["seq_len"].unique()))
-        ax.set_xticklabels([str(s) for s in sorted(table["seq_len"].unique())])
+            if col == "seconds_per_step":
+                errors = [part[col] - part["seconds_q1"], part["seconds_q3"] - part[col]]
+                ax.errorbar(part["seq_len"], part[col], yerr=errors, marker="o", capsize=3,
+                            label=name)  # fmt: skip
+            else:
+                ax.plot(part["seq_len"], part[col], marker="o", label=name)
+        plain_log_axis(ax, "x", lengths)
+        low = float(table[col].min() if col != "seconds_per_step" else table["seconds_q1"].min())
+        high = float(table[col].max() if col != "seconds_per_step" else table["seconds_q3"].max())
+        plain_log_axis(ax, "y", decade_ticks(low, high), base=10)
+        ax.set(xlabel="sequence length (tokens)", ylabel=labels[col][0], title=labels[col][1])
         ax.legend(fontsize=8)
     fig.suptitle(title)
-    fig.tight_layout()
     return fig
 
 
@@ -353,6 +515,30 @@ def longformer_attention_matrix(
     return dense
 
 
+def compile_whole(model: torch.nn.Module, batch: Mapping[str, torch.Tensor]) -> dict[str, float]:
+    """Capture ``model`` as one graph with ``torch.compile(fullgraph=True)`` -- a graph break
+    (a data-dependent shape, a ``.item()``) raises instead of splitting the model -- and run it
+    on ``batch`` (eval mode): the seconds the capture and first run took, and the largest
+    difference from eager PyTorch. The ``eager`` backend runs the captured graph with PyTorch's
+    own kernels: the capture is what the patches make possible, and it needs no C++ compiler
+    (the default backend, inductor, then generates code, which takes minutes on one CPU core)."""
+    import torch._dynamo
+
+    was_training = model.training
+    model.eval()
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    try:
+        with torch.no_grad():
+            eager = model(**inputs).logits
+            torch._dynamo.reset()  # a capture from an earlier run of the cell is not reused
+            tick = time.perf_counter()
+            compiled = torch.compile(model, fullgraph=True, backend="eager")(**inputs).logits
+            seconds = time.perf_counter() - tick
+    finally:
+        model.train(was_training)
+    return {"seconds": seconds, "max_abs_diff": float((compiled - eager).abs().max())}
+
+
 @dataclass
 class GlobalOnTokens:
     """Wraps a collator: tokens whose id is in ``token_ids`` (e.g. every ``<s>``) get global
@@ -375,63 +561,6 @@ def axial_factors(seq_len: int) -> list[int]:
     """Two factors of ``seq_len``, as close to its square root as possible (axial positions)."""
     first = max(d for d in range(1, math.isqrt(seq_len) + 1) if seq_len % d == 0)
     return [first, seq_len // first]
-
-
-def axial_parameters(config) -> dict[str, int]:
-    """Position-embedding parameters: axial (as configured) against one vector per position."""
-    axial = sum(
-        n * d for n, d in zip(config.axial_pos_shape, config.axial_pos_embds_dim, strict=True)
-    )
-    return {
-        "axial": axial,
-        "one per position": math.prod(config.axial_pos_shape) * config.hidden_size,
-    }
-
-
-@torch.no_grad()
-def lsh_bucket_agreement(model: torch.nn.Module, input_ids: torch.Tensor) -> dict[str, float]:
-    """How LSH groups similar vectors: over the LSH layers, heads and hash rounds, the share of
-    pairs of positions holding the *same token* that fall into one bucket, against the share
-    of all pairs (about 1 / number of buckets)."""
-    captured = []
-    hooks = [
-        m.register_forward_hook(lambda _m, _i, out: captured.append(out.buckets))
-        for m in model.modules()
-        if type(m).__name__ == "LSHSelfAttention"
-    ]
-    was_training = model.training
-    try:
-        model.eval()(input_ids=input_ids)
-    finally:
-        for h in hooks:
-            h.remove()
-        model.train(was_training)
-    # pairs counted from how often each value occurs (n values alike make n² - n ordered pairs):
-    # the L × L comparison matrices would take 16 M entries per row at 4096 tokens
-    length = input_ids.shape[-1]
-    agree_same, agree_all = [], []
-    for buckets in captured:  # (B, H, hashes, L), offset per hash round
-        kinds = int(buckets.max()) + 1
-        alike = same = together = 0
-        for b, rows in enumerate(buckets.flatten(1, -2)):
-            tokens = input_ids[b].to(rows.device)
-            alike_tokens = _pairs_alike(tokens)
-            for row in rows:
-                alike += alike_tokens
-                same += _pairs_alike(tokens * kinds + row)
-                together += _pairs_alike(row)
-        agree_same.append(same / alike if alike else float("nan"))
-        agree_all.append(together / (buckets[..., 0].numel() * length * (length - 1)))
-    return {
-        "same token, same bucket": float(np.mean(agree_same)),
-        "any two tokens, same bucket": float(np.mean(agree_all)),
-    }
-
-
-def _pairs_alike(values: torch.Tensor) -> int:
-    """Ordered pairs (i, j), i != j, with ``values[i] == values[j]``."""
-    counts = torch.unique(values, return_counts=True)[1].long()
-    return int((counts * counts).sum()) - values.numel()
 
 
 def reformer_at_length(config, seq_len: int) -> torch.nn.Module:

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from nbzoo import paths
+from nbzoo import paths, safe_write
 
 IGNORE_INDEX = -100
 # a results record's extra: each checked metric's learnt-nothing baseline (nbzoo.lesson.record)
@@ -92,23 +92,69 @@ def proportion_standard_error(p: float, n: int) -> float:
     return math.sqrt(p * (1.0 - p) / n)
 
 
-def correlation_standard_error(n: int) -> float:
-    """Standard error of the Pearson correlation of two unrelated variables on ``n`` pairs."""
-    return 1.0 / math.sqrt(n - 1)
+# --- thresholds on measured proportions ------------------------------------------------------------
+
+# How sure a check must be that a proportion is below its threshold before it fails: one false
+# alarm in a thousand runs of a model that meets it exactly (and fewer for one that does better).
+PROPORTION_CONFIDENCE = 0.999
 
 
-def learning_check(
-    metric: str, value: float, baseline: float, standard_error: float, what: str
+def proportion_bounds(
+    successes: int, n: int, confidence: float = PROPORTION_CONFIDENCE
+) -> tuple[float, float]:
+    """One-sided exact (Clopper-Pearson) bounds of a proportion seen as ``successes`` of ``n``:
+    the true share is above the first with probability ``confidence``, below the second likewise.
+    Exact at every ``n``: no normal approximation."""
+    from scipy.stats import beta
+
+    if not (isinstance(n, int | np.integer) and n >= 1 and 0 <= successes <= n):
+        raise ValueError(f"need 0 <= successes <= n and n >= 1; got {successes} of {n}")
+    if not 0 < confidence < 1:
+        raise ValueError(f"confidence must lie in (0, 1); got {confidence}")
+    alpha = 1.0 - confidence
+    lower = 0.0 if successes == 0 else float(beta.ppf(alpha, successes, n - successes + 1))
+    upper = 1.0 if successes == n else float(beta.ppf(1.0 - alpha, successes + 1, n - successes))
+    return lower, upper
+
+
+def proportion_at_least(
+    metric: str,
+    successes: int,
+    n: int,
+    threshold: float,
+    confidence: float = PROPORTION_CONFIDENCE,
 ) -> dict[str, Any]:
-    """One row of a demo's learning checks: ``value`` must exceed ``baseline`` (``what`` it is)
-    by :data:`LEARNING_SIGMAS` standard errors."""
-    bar = baseline + LEARNING_SIGMAS * standard_error
+    """One row of a check that a proportion measured on ``n`` items (``successes`` of them: e.g.
+    int8 predictions that agree with fp32) is at least ``threshold``, judged for its ``n``.
+
+    The check fails only when the items show, at ``confidence``, that the true proportion is
+    below ``threshold``: when the one-sided exact (Clopper-Pearson) upper confidence bound of
+    ``successes / n`` is below it -- equivalently when a binomial test of "proportion =
+    threshold" against "less" has a p-value under ``1 - confidence``. The raw ``successes / n
+    >= threshold`` is not a sound check on a small set: at 0.99 on 64 items, one item decides
+    it, and a model whose true agreement is exactly 0.99 fails it in 47% of runs. Asking the
+    reverse (the lower bound above the threshold) demands more than a small set can show: even
+    64 of 64 gives a 99.9% lower bound of 0.898. ``shown`` says whether it does show it.
+
+    The row: ``this run`` (successes / n), ``n``, ``wanted`` (the threshold), the bound,
+    ``met`` (no evidence below the threshold: what a notebook asserts) and ``shown``."""
+    if not 0 < threshold < 1:
+        raise ValueError(f"{metric}: the threshold must lie in (0, 1); got {threshold}")
+    try:
+        lower, upper = proportion_bounds(successes, n, confidence)
+    except ValueError as exc:
+        raise ValueError(f"{metric}: {exc}") from None
+    successes, n = int(successes), int(n)
+    level = f"{100 * confidence:g}%"
     return {
         "metric": metric,
-        "this run": value,
-        "baseline": f"{baseline:.4f} ({what})",
-        f"bar (+{LEARNING_SIGMAS:g} s.e.)": bar,
-        "learnt": bool(value > bar),
+        "this run": successes / n,
+        "n": n,
+        "wanted": f">= {threshold:g}",
+        f"upper bound ({level})": upper,
+        "met": bool(upper >= threshold),
+        f"lower bound ({level})": lower,
+        "shown": bool(lower >= threshold),
     }
 
 
@@ -207,20 +253,36 @@ def write_results(
     }
     if extra:
         record["extra"] = dict(extra)
-    folder = paths.results_dir(output_dir)
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"{stem}.json"
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(_plain(record), indent=2, allow_nan=True) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    path = paths.results_dir(output_dir) / f"{stem}.json"
+    text = json.dumps(_plain(record), indent=2, allow_nan=True) + "\n"
+    safe_write.write_output_file(
+        path, text.encode("utf-8"), "nbzoo.metrics.write_results", recognise=results_record(stem)
+    )
     return path
 
 
-def read_json_records(folder: Path, keys: Collection[str]) -> list[dict[str, Any]]:
+def results_record(stem: str):
+    """The test that a file is a results record :func:`write_results` wrote for ``stem`` (the
+    one file of a results folder it may replace without a marker listing it)."""
+
+    def recognise(path: Path) -> bool:
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return False
+        fields = {"notebook", "preset", "metrics", "versions", "finished_at"}
+        return isinstance(data, dict) and data.get("notebook") == stem and fields <= set(data)
+
+    return recognise
+
+
+def read_json_records(
+    folder: Path, keys: Collection[str], required: Collection[str] = ()
+) -> list[dict[str, Any]]:
     """The ``*.json`` files of ``folder`` (name order) that hold an object with all of ``keys``;
-    other JSON is passed over. A file that cannot be read as JSON is passed over too, with one
-    line on stderr naming it and where it breaks: one broken file must not hide the others'
-    results (``nbzoo results``, ``nbzoo bench``)."""
+    other JSON is passed over. A file that cannot be read as JSON, or a record that lacks one of
+    ``required``, is passed over too, with one line on stderr naming it and what is wrong: one
+    broken file must not hide the others' results (``nbzoo results``, ``nbzoo bench``)."""
     records = []
     for path in sorted(Path(folder).glob("*.json")):
         try:
@@ -235,6 +297,9 @@ def read_json_records(folder: Path, keys: Collection[str]) -> list[dict[str, Any
             _skipped(path, f"unreadable ({exc.strerror or exc})")
             continue
         if isinstance(record, dict) and all(k in record for k in keys):
+            if missing := [k for k in required if k not in record]:
+                _skipped(path, f"a record without {', '.join(missing)}")
+                continue
             records.append(record)
     return records
 
@@ -250,27 +315,8 @@ def _skipped(path: Path, why: str) -> None:
 
 
 def read_results(folder: str | os.PathLike | None = None) -> list[dict[str, Any]]:
-    return read_json_records(paths.results_dir(folder), ("notebook", "metrics"))
-
-
-def compare(metrics: Mapping[str, float], reference: Mapping[str, Any], samples_per_second=None):
-    """This run's figures next to the seed's, as a DataFrame (seed column labelled as such)."""
-    import pandas as pd
-
-    seed = reference.get("metrics", {})
-    rows = []
-    for name in list(metrics) + [k for k in seed if k not in metrics]:
-        rows.append(
-            {"metric": name, "this run": metrics.get(name), "seed (reference)": seed.get(name)}
-        )
-    if samples_per_second is not None or reference.get("samples_per_second") is not None:
-        rows.append(
-            {
-                "metric": "samples/s",
-                "this run": samples_per_second,
-                "seed (reference)": reference.get("samples_per_second"),
-            }
-        )
-    table = pd.DataFrame(rows).set_index("metric")
-    table.attrs["seed setting"] = reference.get("setting", "")
-    return table
+    """The results records of ``folder``; one without a field the results table shows is named
+    on stderr and passed over."""
+    return read_json_records(
+        paths.results_dir(folder), ("notebook", "metrics"), ("preset", "device", "precision")
+    )

@@ -25,6 +25,17 @@ Training stays equivalent to the padded run: :class:`PackedCollator` packs the *
 the padded run would put into one optimizer step, and the losses are the same means (over
 sequences for classification and NSP, over labelled tokens for MLM), so logits, loss and
 gradients agree with the padded batch's to float rounding (tests/test_packing.py).
+
+The notebooks' ``packing`` knob (:func:`mode`) picks one of :data:`MODES`:
+
+- ``plain``: each step's sentences in the sampler's order, packed into rows of ``max_length``;
+- ``length``: each step's sentences grouped by length within a window of steps
+  (``nbzoo.length_grouping``, as transformers' ``group_by_length``), laid end to end in one row
+  (:func:`one_row`) and attended each alone (:mod:`nbzoo.varlen_attention`): the projections and
+  feed-forward layers run on the real tokens only, attention on each sentence padded to the
+  step's longest. Still whole sentences, still the mean over the step's sentences, each sentence
+  once per epoch: what changes is which sentences share a step;
+- ``off``: padded batches.
 """
 
 from __future__ import annotations
@@ -37,8 +48,28 @@ from typing import Any
 
 import torch
 
+from nbzoo import varlen_attention
+
 IGNORE_INDEX = -100
 PACKING_KEYS = ("sequence_ids", "cls_positions", "packed_order")
+MODES = ("off", "plain", "length")
+ROW_MULTIPLE = 8  # a length-packed row is a multiple of this long, as stock's pad_to_multiple_of=8
+
+
+def mode(cfg: Any) -> str:
+    """The ``packing`` knob of a notebook's configuration: one of :data:`MODES` (``off`` where the
+    notebook has no such knob, as 02 calling 01's training). ``true`` / ``false``, the knob's
+    spelling before ``length`` existed, are refused with the new names: ``true`` was ``plain``,
+    but a bare ``true`` now reads as "pack" and the best packing is ``length``."""
+    value = cfg.get("packing", "off") if hasattr(cfg, "get") else getattr(cfg, "packing", "off")
+    if isinstance(value, bool):
+        raise ValueError(
+            f"packing = {str(value).lower()}: the knob now names the mode, one of "
+            f"{', '.join(MODES)} (true was plain, false off; length is the fastest)"
+        )
+    if value not in MODES:
+        raise ValueError(f"packing must be one of {', '.join(MODES)}; got {value!r}")
+    return value
 
 
 def spfhp(
@@ -112,6 +143,23 @@ def spfhp(
     return packs
 
 
+def one_row(
+    lengths: Sequence[int], max_length: int, multiple: int = ROW_MULTIPLE
+) -> tuple[int, list[list[int]]]:
+    """(row length, packs) of a batch laid end to end in one row, rounded up to ``multiple``:
+    for attention given the sequences' boundaries, where no row length limits a sequence's
+    attention. Each sequence is still at most ``max_length`` long."""
+    if not lengths:
+        raise ValueError("cannot pack an empty batch")
+    for i, n in enumerate(lengths):
+        if not 1 <= int(n) <= max_length:
+            raise ValueError(
+                f"sequence {i} has length {n}; packing needs 1 <= length <= {max_length}"
+            )
+    total = sum(int(n) for n in lengths)
+    return -(-total // multiple) * multiple, [list(range(len(lengths)))]
+
+
 def padding_fraction(lengths: Sequence[int], max_length: int) -> float:
     """Share of the tokens of a batch padded to ``max_length`` that are padding."""
     return 1.0 - sum(lengths) / (len(lengths) * max_length) if lengths else 0.0
@@ -145,13 +193,20 @@ class PackedCollator:
     Token-level keys (``token_labels``: e.g. MLM ``labels`` of shape (seq,)) are packed along
     with the tokens, padding with -100; sequence-level keys (``sequence_labels``: scalars, e.g.
     ``labels`` for classification, ``next_sentence_label``) become 1-D tensors in packed order.
-    Padding tokens get ``pad_token_id`` and sequence id 0."""
+    Padding tokens get ``pad_token_id`` and sequence id 0.
+
+    Rows are ``max_length`` long, or with ``one_row`` the whole batch is one row, end to end (a
+    multiple of ``row_multiple`` long, token types zero where the items have none: a model's own
+    zeros stop at its position table), for attention that takes the sequences' boundaries
+    instead of a mask (:mod:`nbzoo.varlen_attention`)."""
 
     max_length: int
     pad_token_id: int = 0
     token_labels: tuple[str, ...] = ()
     sequence_labels: tuple[str, ...] = ("labels",)
     max_sequences_per_pack: int | None = None
+    one_row: bool = False
+    row_multiple: int = ROW_MULTIPLE
 
     def __post_init__(self) -> None:
         if self.max_length < 1:
@@ -164,9 +219,14 @@ class PackedCollator:
         if not items:
             raise ValueError("cannot pack an empty batch")
         lengths = _lengths(items)
-        packs = spfhp(lengths, self.max_length, self.max_sequences_per_pack)
-        rows, width = len(packs), self.max_length
+        if self.one_row:
+            width, packs = one_row(lengths, self.max_length, self.row_multiple)
+        else:
+            width = self.max_length
+            packs = spfhp(lengths, width, self.max_sequences_per_pack)
+        rows = len(packs)
         has_types = "token_type_ids" in items[0]
+        write_types = has_types or self.one_row
         input_ids = torch.full((rows, width), self.pad_token_id, dtype=torch.long)
         token_types = torch.zeros((rows, width), dtype=torch.long)
         positions = torch.zeros((rows, width), dtype=torch.long)
@@ -197,7 +257,7 @@ class PackedCollator:
             "cls_positions": torch.tensor(cls_positions, dtype=torch.long),
             "packed_order": torch.tensor(order, dtype=torch.long),
         }
-        if has_types:
+        if write_types:
             batch["token_type_ids"] = token_types
         batch.update(token_out)
         for k in self.sequence_labels:
@@ -263,12 +323,19 @@ def pop_packing(kwargs: dict[str, Any]) -> tuple[torch.Tensor | None, torch.Tens
     return kwargs.pop("sequence_ids", None), kwargs.pop("cls_positions", None)
 
 
-def model_attention_mask(model, sequence_ids: torch.Tensor, attention_mask: Any = None) -> Any:
-    """:func:`attention_mask_for` in ``model``'s attention implementation and dtype; a packed batch
-    carries ``sequence_ids`` instead of an ``attention_mask``, so one given beside them is refused."""
+def model_attention(model, sequence_ids: torch.Tensor, attention_mask: Any = None) -> dict:
+    """What a packed forward passes its encoder to keep the sequences apart, in ``model``'s
+    attention implementation: ``attention_mask`` (:func:`attention_mask_for`, in the model's
+    dtype), or for :mod:`nbzoo.varlen_attention` no mask but the sequences' boundaries. A packed
+    batch carries ``sequence_ids`` instead of an ``attention_mask``: one given beside them is
+    refused."""
     if attention_mask is not None:
         raise ValueError("a packed batch carries sequence_ids instead of an attention_mask")
-    return attention_mask_for(sequence_ids, model.config._attn_implementation, model.dtype)
+    implementation = model.config._attn_implementation
+    if implementation == varlen_attention.NAME:
+        cu_seq_lens, longest = varlen_attention.boundaries(sequence_ids)
+        return {"attention_mask": None, "cu_seq_lens": cu_seq_lens, "max_seq_len": longest}
+    return {"attention_mask": attention_mask_for(sequence_ids, implementation, model.dtype)}
 
 
 def gather_sequences(hidden: torch.Tensor, cls_positions: torch.Tensor) -> torch.Tensor:
@@ -277,22 +344,35 @@ def gather_sequences(hidden: torch.Tensor, cls_positions: torch.Tensor) -> torch
     return flat.index_select(0, cls_positions.to(hidden.device))
 
 
-def attention_implementation(device_kind: str, requested: str = "auto") -> str:
-    """The attention the packed path uses: ``auto`` is FlexAttention's document mask on CUDA
-    (where torch has it), SDPA with a block-diagonal boolean mask elsewhere."""
-    if requested != "auto":
-        if requested not in ("sdpa", "eager", "flex_attention"):
-            raise ValueError(
-                f"packing attention must be auto, sdpa, eager or flex_attention; got {requested!r}"
-            )
-        return requested
-    if device_kind == "cuda":
-        try:
-            from torch.nn.attention import flex_attention  # noqa: F401
-        except ImportError:
+ATTENTIONS = ("sdpa", "eager", "flex_attention", varlen_attention.NAME)
+
+
+def attention_implementation(
+    device_kind: str, requested: str = "auto", mode: str = "plain", compiled: bool = True
+) -> str:
+    """The attention a packed batch is trained with. ``auto``: for ``length`` packing (one row a
+    step) :mod:`nbzoo.varlen_attention`, each sequence attended alone; for ``plain`` rows a
+    block-diagonal mask: FlexAttention's document mask on CUDA under ``torch.compile``
+    (uncompiled it runs unfused), SDPA's boolean mask elsewhere. :data:`varlen_attention.NAME`
+    is registered with transformers when chosen."""
+    if requested == "auto":
+        if mode == "length":
+            requested = varlen_attention.NAME
+        elif device_kind == "cuda" and compiled:
+            try:
+                from torch.nn.attention import flex_attention  # noqa: F401
+            except ImportError:
+                return "sdpa"
+            return "flex_attention"
+        else:
             return "sdpa"
-        return "flex_attention"
-    return "sdpa"
+    if requested not in ATTENTIONS:
+        raise ValueError(
+            f"packing attention must be auto or one of {', '.join(ATTENTIONS)}; got {requested!r}"
+        )
+    if requested == varlen_attention.NAME:
+        varlen_attention.register()
+    return requested
 
 
 def sequence_classification_loss(
@@ -339,13 +419,40 @@ def patch_for(model: torch.nn.Module) -> str:
     return PATCHES[name]
 
 
+LENGTH_ATTENTION = {"length": varlen_attention.NAME}  # packing mode -> the attention it needs
+
+
 @contextlib.contextmanager
-def packed_training(model: torch.nn.Module, device_kind: str | None = None) -> Iterator[str]:
-    """Apply ``model``'s packing patch for the duration of a block; yields its name."""
+def attention_set(
+    model: torch.nn.Module, attention: str | None, device_kind: str | None = None
+) -> Iterator[None]:
+    """``model``'s attention set to ``attention`` (:func:`attention_implementation`'s names) for
+    the duration of a block, the one it had after; nothing where ``attention`` is None."""
+    if attention is None:
+        yield
+        return
+    inner = getattr(model, "module", model)  # DistributedDataParallel
+    before = inner.config._attn_implementation
+    inner.set_attn_implementation(attention_implementation(device_kind or "cpu", attention))
+    try:
+        yield
+    finally:
+        inner.set_attn_implementation(before)
+
+
+@contextlib.contextmanager
+def packed_training(
+    model: torch.nn.Module, device_kind: str | None = None, attention: str | None = None
+) -> Iterator[str]:
+    """Apply ``model``'s packing patch for the duration of a block (and :func:`attention_set`
+    with ``attention``); yields the patch's name."""
     from nbzoo import patching
 
     name = patch_for(model)
-    with patching.applied(name, device_kind=device_kind):
+    with (
+        patching.applied(name, device_kind=device_kind),
+        attention_set(model, attention, device_kind),
+    ):
         yield name
 
 
@@ -359,11 +466,16 @@ class MLPerfPackedCollator:
     predictions), so the weighted mean over the batch is the padded batch's."""
 
     max_length: int | None = None  # None: the samples' own (padded) length
+    one_row: bool = False  # the batch end to end in one row (see PackedCollator)
+    row_multiple: int = ROW_MULTIPLE
 
     def __call__(self, samples: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
         lengths = [int(s["input_mask"].sum()) for s in samples]
         width = self.max_length or len(samples[0]["input_ids"])
-        packs = spfhp(lengths, width)
+        if self.one_row:
+            width, packs = one_row(lengths, width, self.row_multiple)
+        else:
+            packs = spfhp(lengths, width)
         rows = len(packs)
         input_ids = torch.zeros((rows, width), dtype=torch.long)
         segments = torch.zeros((rows, width), dtype=torch.long)

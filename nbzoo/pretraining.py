@@ -26,12 +26,13 @@ from torch import nn
 from transformers import BertConfig, BertForPreTraining
 from transformers.initialization import no_init_weights
 
-from nbzoo import packing, paths, progress
+from nbzoo import length_grouping, packing, paths, progress, weights
 from nbzoo.checkpoint_formats import tf_bundle
 from nbzoo.data import mlperf
 from nbzoo.device import Runtime
-from nbzoo.optim.thor import THOR, PolySchedule
-from nbzoo.train import TrainConfig, config_hash, fit, global_mean
+from nbzoo.optim import thor_spectra
+from nbzoo.optim.thor import THOR, VARIANTS, PolySchedule
+from nbzoo.train import TrainConfig, config_hash, fit
 
 STEM = "06_bert_thor"
 OPTIMIZERS = ("thor", "sgd", "adamw")
@@ -83,29 +84,53 @@ def forward_heads(model: BertForPreTraining, batch: dict[str, torch.Tensor]):
     return model.cls.predictions(hidden), model.cls.seq_relationship(out.pooler_output)
 
 
-def pretraining_loss(model: BertForPreTraining, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """MLPerf's loss: weighted masked-LM cross-entropy + next-sentence cross-entropy."""
+def pretraining_terms(model: BertForPreTraining, batch: dict[str, torch.Tensor]):
+    """MLPerf's two loss terms: the ``masked_lm_weights``-weighted mean masked-LM cross-entropy
+    (``mlm``, over the batch's masked tokens) and the mean next-sentence cross-entropy (``nsp``,
+    over its samples)."""
     scores, nsp = forward_heads(model, batch)
     weights = batch["masked_lm_weights"].float()
     per_token = nn.functional.cross_entropy(
         scores.float().flatten(0, 1), batch["masked_lm_ids"].flatten(), reduction="none"
     )
-    mlm = global_mean((per_token * weights.flatten()).sum(), weights.sum() + 1e-5)
-    return mlm + nn.functional.cross_entropy(nsp.float(), batch["next_sentence_labels"].flatten())
+    mlm = (per_token * weights.flatten()).sum() / (weights.sum() + 1e-5)
+    return {
+        "mlm": mlm,
+        "nsp": nn.functional.cross_entropy(nsp.float(), batch["next_sentence_labels"].flatten()),
+    }
 
 
-def packed_pretraining_loss(model: BertForPreTraining, batch: dict[str, torch.Tensor]):
-    """:func:`pretraining_loss` of a batch from ``packing.MLPerfPackedCollator``: the samples
+def pretraining_loss(model: BertForPreTraining, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """MLPerf's loss: weighted masked-LM cross-entropy + next-sentence cross-entropy."""
+    terms = pretraining_terms(model, batch)
+    return terms["mlm"] + terms["nsp"]
+
+
+def loss_counts(batch: dict[str, torch.Tensor]) -> dict[str, float]:
+    """What each term of the loss averages over (for the training loop's weighting of the
+    micro-batches of a step, :func:`nbzoo.train.step_shares`): the masked-LM weights' sum and the
+    samples."""
+    return {
+        "mlm": float(batch["masked_lm_weights"].float().sum()),
+        "nsp": len(batch["next_sentence_labels"]),
+    }
+
+
+def loss_terms(model: nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The training loop's ``loss_fn``: :class:`PretrainingModel`'s (or DDP's around it) terms."""
+    out = model(**batch)
+    return {"mlm": out["mlm"], "nsp": out["nsp"]}
+
+
+def packed_pretraining_terms(model: BertForPreTraining, batch: dict[str, torch.Tensor]):
+    """:func:`pretraining_terms` of a batch from ``packing.MLPerfPackedCollator``: the samples
     side by side in rows, attention block-diagonal, positions restarting per sample, NSP on each
     sample's [CLS]. The same weighted masked-LM mean and NSP mean as the padded batch's."""
-    mask = packing.attention_mask_for(
-        batch["sequence_ids"], model.config._attn_implementation, model.dtype
-    )
     out = model.bert(
         input_ids=batch["input_ids"],
-        attention_mask=mask,
         token_type_ids=batch["segment_ids"],
         position_ids=batch["position_ids"],
+        **packing.model_attention(model, batch["sequence_ids"]),
     )
     hidden = packing.gather_sequences(out.last_hidden_state, batch["masked_lm_positions"])
     scores = model.cls.predictions(hidden)
@@ -116,28 +141,41 @@ def packed_pretraining_loss(model: BertForPreTraining, batch: dict[str, torch.Te
         scores.float(), batch["masked_lm_ids"], reduction="none"
     )
     mlm = (per_token * weights).sum() / (weights.sum() + 1e-5)
-    return mlm + nn.functional.cross_entropy(nsp.float(), batch["next_sentence_labels"])
+    return {
+        "mlm": mlm,
+        "nsp": nn.functional.cross_entropy(nsp.float(), batch["next_sentence_labels"]),
+    }
 
 
 class PretrainingModel(nn.Module):
-    """``BertForPreTraining`` whose forward takes an MLPerf batch and returns MLPerf's loss, so that
-    the training loop (and DistributedDataParallel, which must see the forward) calls it directly."""
+    """``BertForPreTraining`` whose forward takes an MLPerf batch and returns MLPerf's loss and its
+    two terms, so that the training loop (and DistributedDataParallel, which must see the forward)
+    calls it directly."""
 
     def __init__(self, bert: BertForPreTraining):
         super().__init__()
         self.bert_pretraining = bert
 
     def forward(self, **batch: torch.Tensor) -> dict[str, torch.Tensor]:
-        if packing.is_packed(batch):
-            return {"loss": packed_pretraining_loss(self.bert_pretraining, batch)}
-        return {"loss": pretraining_loss(self.bert_pretraining, batch)}
+        terms = (packed_pretraining_terms if packing.is_packed(batch) else pretraining_terms)(
+            self.bert_pretraining, batch
+        )
+        return {"loss": terms["mlm"] + terms["nsp"], **terms}
 
 
 @torch.no_grad()
 def evaluate(
-    model: nn.Module, dataset: Sequence, rt: Runtime, batch_size: int = 256
+    model: nn.Module,
+    dataset: Sequence,
+    rt: Runtime,
+    batch_size: int = 256,
+    predictions: list[int] | None = None,
 ) -> dict[str, float]:
-    """Masked-LM accuracy (weighted, as MLPerf's eval), masked-LM loss and NSP accuracy."""
+    """Masked-LM accuracy (weighted, as MLPerf's eval), masked-LM loss and NSP accuracy.
+
+    ``predictions``, when given, receives the predicted token id at every masked position (weight
+    > 0), in evaluation order: what :func:`masked_token_hits` scores item by item, so that two
+    models evaluated on the same set compare paired."""
     model = getattr(model, "bert_pretraining", model)
     was_training = model.training
     model.eval()
@@ -150,7 +188,10 @@ def evaluate(
             scores, nsp = forward_heads(model, batch)
         w = batch["masked_lm_weights"].float()
         ids = batch["masked_lm_ids"]
-        hits += float(((scores.argmax(-1) == ids).float() * w).sum())
+        predicted = scores.argmax(-1)
+        hits += float(((predicted == ids).float() * w).sum())
+        if predictions is not None:
+            predictions.extend(predicted[w > 0].tolist())
         ce = nn.functional.cross_entropy(
             scores.float().flatten(0, 1), ids.flatten(), reduction="none"
         )
@@ -163,6 +204,21 @@ def evaluate(
         "mlm_loss": loss / weight,
         "nsp_accuracy": nsp_hits / len(dataset),
     }
+
+
+def masked_token_hits(predictions: Sequence[int], arrays: dict[str, np.ndarray]) -> np.ndarray:
+    """Per masked token of the evaluation set (weight > 0, in evaluation order), the weight where
+    ``predictions`` (:func:`evaluate`'s, or a run's :attr:`Run.predictions`) got it right, else 0:
+    the items of the masked-LM accuracy, whose weighted mean is that accuracy."""
+    w = arrays["masked_lm_weights"]
+    ids = arrays["masked_lm_ids"][w > 0]
+    predictions = np.asarray(predictions)
+    if predictions.shape != ids.shape:
+        raise ValueError(
+            f"{len(predictions)} predictions for the {len(ids)} masked tokens of this evaluation "
+            "set: they come from another evaluation set"
+        )
+    return (predictions == ids).astype(float) * w[w > 0]
 
 
 def baseline_accuracy(arrays: dict[str, np.ndarray]) -> tuple[float, int]:
@@ -197,6 +253,7 @@ def make_optimizer(kind: str, model: nn.Module, lr: float, damping: float | None
             precondition=kind == "thor",
             first_order=cfg.thor_first_order,
             layernorm=cfg.thor_layernorm,
+            **thor_variant(cfg),
         )
         return opt, None
     if kind == "adamw":
@@ -218,6 +275,22 @@ def make_optimizer(kind: str, model: nn.Module, lr: float, damping: float | None
     raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}; got {kind!r}")
 
 
+THOR_VARIANTS = tuple(VARIANTS)  # "mindspore" (the seed's code, THOR's default) | "nbzoo"
+EVAL_SPLITS = ("in_training", "held_out")
+
+
+def thor_variant(cfg: Any) -> dict[str, Any]:
+    """THOR's structural choices for ``cfg.thor_variant`` (:data:`nbzoo.optim.thor.VARIANTS`):
+    ``"mindspore"`` -- MindSpore's bert_thor, the seed's code: each refresh step's own statistics,
+    biases first-order, the tied embedding under the embedding's factors; ``"nbzoo"`` -- running
+    statistics every ``stats_every`` steps (decay ``stat_decay``), biases folded into A, the tied
+    embedding as a sum of two Kronecker products."""
+    name = cfg.get("thor_variant", "mindspore")
+    if name not in VARIANTS:
+        raise ValueError(f"thor_variant must be one of {', '.join(VARIANTS)}; got {name!r}")
+    return dict(VARIANTS[name])
+
+
 @dataclass
 class Run:
     """One training run of the comparison."""
@@ -231,6 +304,10 @@ class Run:
     train_seconds: float
     timings: dict[str, float] = field(default_factory=dict)  # THOR's cost breakdown
     refresh_log: list[dict[str, int]] = field(default_factory=list)
+    # the last evaluation's predicted token at every masked position (masked_token_hits)
+    predictions: list[int] = field(default_factory=list)
+    # THOR: its factors' spectra at the end of the run (nbzoo.optim.thor_spectra)
+    preconditioner: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def label(self) -> str:
@@ -320,6 +397,7 @@ def load_checkpoint(path: str | Path, model: BertForPreTraining) -> None:
     from safetensors import safe_open
 
     file = checkpoint_file(path)
+    weights.read_safetensors_keys(file)  # a truncated file: named, with what is wrong
     expected = model.state_dict(keep_vars=True)  # the model's own tensors, to copy into
     with safe_open(str(file), framework="pt") as f:
         names = {k.removeprefix("bert_pretraining."): k for k in f.keys()}
@@ -343,6 +421,7 @@ def load_checkpoint(path: str | Path, model: BertForPreTraining) -> None:
             )
         for key, tensor in expected.items():
             tensor.copy_(f.get_tensor(names[key]))
+    weights.check_finite(model, file)
 
 
 def evaluate_checkpoint(cfg: Any, rt: Runtime, eval_data: Sequence) -> dict[str, float]:
@@ -369,13 +448,42 @@ def start_from(
     return model, opt, sched
 
 
+def packing_for(kind: str, cfg: Any) -> str:
+    """The ``packing`` mode of one grid point: THOR keeps padded batches in the sampler's order,
+    whatever the knob says: its curvature statistics average over every position of the batch,
+    padding included, so packing would change them."""
+    return "off" if kind == "thor" else packing.mode(cfg)
+
+
 def collate_for(kind: str, cfg: Any):
-    """MLPerf's padded batches, or (``cfg.packing``) the same samples packed into rows of the
-    shards' sequence length. THOR keeps padded batches: its curvature statistics average over
-    every position of the batch, padding included, so packing would change them."""
-    if getattr(cfg, "packing", False) and kind != "thor":
-        return packing.MLPerfPackedCollator()  # rows as long as the shards' sequences
-    return mlperf.collate
+    """MLPerf's padded batches, or the same samples packed: into rows of the shards' sequence
+    length (``plain``), or each length-grouped step end to end in one row (``length``, attended
+    per sample: ``nbzoo.varlen_attention``)."""
+    how = packing_for(kind, cfg)
+    if how == "off":
+        return mlperf.collate
+    return packing.MLPerfPackedCollator(one_row=how == "length")
+
+
+def batch_plan_for(kind: str, cfg: Any, train_data: Sequence):
+    """None (the loop's own seeded order), or with ``packing = "length"`` the same permutation
+    grouped by length within windows of steps; a sample's length is read when its window is
+    first reached, not the whole data up front."""
+    if packing_for(kind, cfg) != "length":
+        return None
+
+    def length_of(i: int) -> int:
+        return int(np.asarray(train_data[i]["input_mask"]).sum())
+
+    return length_grouping.batch_plan(length_of, len(train_data), cfg.batch_size, cfg.seed)
+
+
+def epochs_read(cfg: Any, world_size: int, samples: int) -> int:
+    """Passes over the ``samples`` training samples that ``max_steps`` optimizer steps of the global
+    batch (batch_size × world_size × grad_accum) take: 1 for the seed's 3000 steps of 96 of its
+    9,600,000 samples (config.py's epoch_size 1)."""
+    global_batch = cfg.batch_size * world_size * cfg.get("grad_accum", 1)
+    return max(1, math.ceil(cfg.max_steps * global_batch / samples))
 
 
 def train(
@@ -396,9 +504,11 @@ def train(
     checkpoint_dir = None
     if cfg.checkpoint_dir:
         checkpoint_dir = paths.resolve(cfg.checkpoint_dir) / f"{kind}-lr{lr:g}-d{damping or 0:g}"
+    grad_accum = cfg.get("grad_accum", 1)
     tc = TrainConfig(
-        epochs=max(1, math.ceil(cfg.max_steps * cfg.batch_size * rt.world_size / len(train_data))),
+        epochs=epochs_read(cfg, rt.world_size, len(train_data)),
         batch_size=cfg.batch_size,
+        grad_accum=grad_accum,
         max_steps=cfg.max_steps,
         eval_every=cfg.eval_every,
         checkpoint_dir=checkpoint_dir,
@@ -414,27 +524,41 @@ def train(
             cfg.max_steps,
             cfg.batch_size,
             rt.world_size,
+            grad_accum,
             cfg.get("init_checkpoint", ""),
+            # packed runs see other batches (length: another order): not resumed across modes;
+            # an unpacked run keeps the id it had before the knob existed
+            *([f"packing={how}"] if (how := packing_for(kind, cfg)) != "off" else []),
         ),
     )
 
-    def eval_fn(m):
-        return evaluate(m, eval_data, rt, cfg.eval_batch_size)
+    predictions: list[int] = []  # of the latest evaluation: the final one once fit returns
 
+    def eval_fn(m):
+        predictions.clear()
+        return evaluate(m, eval_data, rt, cfg.eval_batch_size, predictions)
+
+    attention = packing.LENGTH_ATTENTION.get(packing_for(kind, cfg))
     try:
-        result = fit(
-            model,
-            train_data,
-            opt,
-            rt,
-            tc,
-            collate_fn=collate_for(kind, cfg),
-            scheduler=sched,
-            eval_fn=eval_fn,
-        )
+        with packing.attention_set(model.bert_pretraining, attention, rt.kind):
+            result = fit(
+                model,
+                train_data,
+                opt,
+                rt,
+                tc,
+                collate_fn=collate_for(kind, cfg),
+                scheduler=sched,
+                eval_fn=eval_fn,
+                loss_fn=loss_terms,
+                loss_counts=loss_counts,
+                batch_plan=batch_plan_for(kind, cfg, train_data),
+            )
     finally:
         if isinstance(opt, THOR):
             opt.remove_hooks()
+    if not predictions:  # resumed from a finished run's checkpoint: nothing evaluated here
+        evaluate(model, eval_data, rt, cfg.eval_batch_size, predictions)
     evals = result.evals
     if not evals or evals[0]["step"] != 0:  # the shared starting point, for the curves
         evals = [{"step": 0, "epoch": 0, **init_scores}] + evals
@@ -448,6 +572,11 @@ def train(
         train_seconds=result.train_seconds,
         timings=dict(opt.timings) if isinstance(opt, THOR) else {},
         refresh_log=list(opt.refresh_log) if isinstance(opt, THOR) else [],
+        predictions=list(predictions),
+        # on the rank that reports (every rank holds the same factors)
+        preconditioner=thor_spectra.layer_spectra(opt)
+        if isinstance(opt, THOR) and rt.is_main
+        else [],
     )
 
 
@@ -486,12 +615,25 @@ def return_freed_memory() -> bool:
 
 
 def load_data(cfg: Any, world_size: int = 1):
-    """(train, eval) datasets from ``cfg.data_dir``: eval = the first ``eval_samples`` samples."""
+    """(train, eval) datasets from ``cfg.data_dir``: eval = the first ``eval_samples`` samples.
+
+    ``eval_split = "in_training"`` (the seed's): training reads every sample, those first ones
+    too (``train_samples`` of them from the first; 0: all) -- the seed trains on all 9,600,000
+    and evaluates on the first 10,000. ``"held_out"``: training starts after them, so the
+    evaluation is on samples the run never trained on."""
+    split = cfg.get("eval_split", "in_training")
+    if split not in EVAL_SPLITS:
+        raise ValueError(f"eval_split must be one of {', '.join(EVAL_SPLITS)}; got {split!r}")
     folder = paths.resolve(cfg.data_dir)
     in_memory = cfg.preset == "demo"
-    eval_data = mlperf.eval_split(folder, cfg.eval_samples, in_memory=in_memory)
+    model = {**BERT_LARGE, **cfg.model_config}
+    limits = mlperf.Limits(
+        model["vocab_size"], model["type_vocab_size"], model["max_position_embeddings"]
+    )
+    eval_data = mlperf.eval_split(folder, cfg.eval_samples, in_memory, limits)
     limit = cfg.train_samples or None
-    train_data = mlperf.train_split(folder, cfg.eval_samples, limit, in_memory=in_memory)
+    skip = cfg.eval_samples if split == "held_out" else 0
+    train_data = mlperf.train_split(folder, skip, limit, in_memory, limits)
     return train_data, eval_data
 
 

@@ -50,10 +50,11 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from nbzoo import cpus, fidelity, paths, presets
+from nbzoo import fidelity, metrics, paths, presets, safe_write
 from nbzoo.data import sources
 
 BUILD = "build/rehearse"
+WRITER = "nbzoo.rehearse"
 RESULTS = "results/rehearse"
 REHEARSAL_DEVICES = 2  # full_8p on two processes: the smallest count that runs the 8p code path
 ORDER = tuple(fidelity.notebooks())  # every notebook with a seed, in the seeds' record order
@@ -563,38 +564,11 @@ def hub_downloads(requests: list[dict[str, Any]], hub_home: Path, mirror_url: st
     return out
 
 
-def cpu_description() -> dict[str, Any]:
-    """The CPU a run measured on, and what decides its half-precision speed."""
-    import torch
-
+def cpu() -> dict[str, Any]:
+    """The CPU a run measured on (torch is imported only when a run starts)."""
     from nbzoo import device
 
-    model, flags = cpus.cpuinfo()
-    return {
-        "model_name": model or "unknown",
-        "flags": sorted(
-            flags
-            & {
-                "avx2",
-                "avx512f",
-                "avx512_vnni",
-                "avx512_bf16",
-                "avx512_fp16",
-                "amx_tile",
-                "amx_bf16",
-                "amx_fp16",
-                "amx_int8",
-            }
-        ),  # fmt: skip
-        "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
-        "fast_half_formats": sorted(device.cpu_half_formats().fast),
-        "cpus": cpus.count(),
-        **{
-            k: os.environ[k]
-            for k in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA")
-            if k in os.environ
-        },
-    }
+    return device.cpu_description()
 
 
 def execute(run: Run, work: Path, s: Standins, mirror, log=print) -> tuple[Path, dict[str, Any]]:
@@ -631,18 +605,18 @@ def execute(run: Run, work: Path, s: Standins, mirror, log=print) -> tuple[Path,
             k: {"value": run.parameters[k], "why": why} for k, why in run.reasons.items()
         },
         "mirror_requests": len(requests),
-        "cpu": cpu_description(),
+        "cpu": cpu(),
     }
     dest = paths.resolve(RESULTS) / f"{run.name}.json"
-    write_json(dest, record)
+    write_json(dest, record, recognise=metrics.results_record(run.stem))
     return dest, timing
 
 
-def write_json(path: Path, data: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+def write_json(path: Path, data: Any, recognise=None) -> None:
+    """Through nbzoo.safe_write: results/rehearse is an output folder, replaced file by file only
+    where nbzoo wrote the file."""
+    blob = (json.dumps(data, indent=2, default=str) + "\n").encode("utf-8")
+    safe_write.write_output_file(path, blob, WRITER, recognise=recognise)
 
 
 def cann_environment(s: Standins) -> dict[str, str] | None:
@@ -691,6 +665,11 @@ def main(argv: list[str] | None = None) -> int:
 
     stems = [s for s in ORDER if not args.only or s in args.only]
     work = paths.resolve(BUILD)
+    try:  # nbzoo's scratch folder: refused when it holds anything nbzoo did not put there
+        safe_write.claim_scratch(work, WRITER)
+    except safe_write.NotOursError as exc:
+        print(f"cannot rehearse: {exc}", file=sys.stderr, flush=True)
+        return 2
     first = checkpoints(work, "01_albert_glue", "full") / "sst2" / "config.json"
     if "02_albert_inference" in stems and "01_albert_glue" not in stems and not first.exists():
         stems.insert(0, "01_albert_glue")  # 02 infers with 01's rehearsed checkpoint
@@ -708,7 +687,7 @@ def main(argv: list[str] | None = None) -> int:
         if not args.skip_missing:
             return 1
     start = time.perf_counter()
-    summary: dict[str, Any] = {"cpu": cpu_description(), "runs": {}, "checks": {}}
+    summary: dict[str, Any] = {"cpu": cpu(), "runs": {}, "checks": {}}
     done = s.root / "built"
     with_bert_large = "06_bert_thor" in stems
     identity = standins_identity() + (" with BERT-Large" if with_bert_large else "")
@@ -765,5 +744,19 @@ def main(argv: list[str] | None = None) -> int:
     return 1 if problems or failed else 0
 
 
+def stoppable_main(argv: list[str] | None = None) -> int:
+    """:func:`main` as ``make rehearse`` runs it: SIGTERM (``timeout``, ``kill``) and Ctrl-C stop
+    the rehearsal in one line, the running notebook's kernel shut down and with it every process
+    it started (nbzoo.lifeline), instead of leaving torchrun and its ranks behind."""
+    from nbzoo import cli, lifeline
+
+    try:
+        with lifeline.signals_as_interrupt():
+            return main(argv)
+    except KeyboardInterrupt as exc:
+        print(f"rehearsal: {cli.stopped_by(exc)}", file=sys.stderr, flush=True)
+        return cli.exit_status(exc)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(stoppable_main())

@@ -6,9 +6,11 @@ the seed's ``train_eval_8p.sh``); the configuration is its resolved preset
 (``nbzoo.presets.resolve("03_roberta_sst2", ...)``). fairseq's recipe
 (``examples/roberta/config/finetuning/sst_2.yaml``): Adam with betas (0.9, 0.98), eps 1e-6 and
 decoupled weight decay 0.1 on every parameter (fairseq's Adam is AdamW), lr 1e-5 with linear
-warm-up over 6% of the updates then polynomial (power 1) decay to 0, batches of at most 32
-sentences and 4400 tokens (``--max-tokens``, batched as fairseq does), dropout 0.1,
-``<s>`` prepended to every sentence, max 512 positions, 10 epochs.
+warm-up over 1256 updates then polynomial (power 1) decay to 0 at update 20935 (``warmup_updates``,
+``total_num_update``: counted in updates, whatever the epochs; README.glue.md computes them for 10
+epochs of 32 sentences, 6% warm-up), ``max_update`` 20935, batches of at most 32 sentences and 4400
+tokens (``--max-tokens``, batched as fairseq does), dropout 0.1, ``<s>`` prepended to every
+sentence, max 512 positions, 10 epochs.
 """
 
 from __future__ import annotations
@@ -29,19 +31,32 @@ from transformers import (
     get_polynomial_decay_schedule_with_warmup,
 )
 
-from nbzoo import convert_fairseq, launch, lesson, metrics, packing, paths, verdicts
+from nbzoo import (
+    convert_fairseq,
+    launch,
+    length_grouping,
+    lesson,
+    metrics,
+    packing,
+    paths,
+    safe_write,
+    verdicts,
+    weights,
+)
 from nbzoo.data import fairseq, glue, sources
 from nbzoo.data.download import DownloadError, download
 from nbzoo.data.fairseq_batching import EpochBatches
 from nbzoo.data.fairseq_glue import (
+    BINARIZED_HINT,
+    BINARIZER,
     PadCollator,
     SentencePredictionDataset,
     binarize_sst2,
     label_folder,
 )
-from nbzoo.data.gpt2_bpe import RobertaEncoder, download_gpt2_bpe, train_bpe
+from nbzoo.data.gpt2_bpe import BPE_HINT, BPE_WRITER, RobertaEncoder, download_gpt2_bpe, train_bpe
 from nbzoo.device import Runtime
-from nbzoo.train import TrainConfig, TrainResult, config_hash, fit, predict
+from nbzoo.train import TrainConfig, TrainResult, config_hash, fit, predict, steps_per_epoch
 
 TINY = "tiny"  # a RoBERTa built from ``model_config`` and trained from scratch (the demo)
 BASE_CONFIG = "roberta-base-config"  # roberta.base's architecture, random weights (perf preset)
@@ -75,14 +90,59 @@ def prepare_data(cfg: Any) -> Path:
         return data_dir
     glue_dir, bpe_dir = paths.resolve(cfg.glue_dir), paths.resolve(cfg.bpe_dir)
     if cfg.data_source == "generate":
-        glue.write_sample_dataset(glue_dir, "sst2", dict(cfg.sample_sizes), seed=cfg.seed)
-        train = glue.read_split(glue_dir, "sst2", "train")
-        train_bpe(train.text_a, bpe_dir, vocab_size=cfg.bpe_vocab_size)
+        generated = _Generated(cfg)
+        # all three folders are asked before any is written: one of the user's stops the run
+        # with nothing written (nbzoo.safe_write)
+        safe_write.check_claim(
+            glue_dir,
+            glue.GENERATOR,
+            what="glue_dir",
+            hint=glue.KEEP_HINT,
+            adopt=glue.generated_alike(generated.sizes, generated.seed),
+        )
+        safe_write.check_replaceable(
+            bpe_dir, BPE_WRITER, what="bpe_dir", hint=BPE_HINT, adopt=generated.bpe_alike
+        )
+        safe_write.check_replaceable(
+            data_dir, BINARIZER, what="data_dir", hint=BINARIZED_HINT, adopt=generated.bin_alike
+        )
+        generated.write_glue(glue_dir)
+        generated.write_bpe(bpe_dir, adopt=generated.bpe_alike)
+        adopt = generated.bin_alike
     else:
         glue.download_task(glue_dir, "sst2")
         download_gpt2_bpe(bpe_dir)
-    binarize_sst2(glue_dir, data_dir, RobertaEncoder.from_dir(bpe_dir))
+        adopt = None
+    binarize_sst2(glue_dir, data_dir, RobertaEncoder.from_dir(bpe_dir), adopt=adopt)
     return data_dir
+
+
+class _Generated:
+    """The demo's three generated folders (GLUE TSVs, BPE files, binarized data), and the test
+    that an unmarked folder holds exactly what they would be (a folder an nbzoo without markers
+    wrote: adopted, see nbzoo.safe_write)."""
+
+    def __init__(self, cfg: Any):
+        self.sizes, self.seed, self.vocab = dict(cfg.sample_sizes), cfg.seed, cfg.bpe_vocab_size
+
+    def write_glue(self, folder: Path) -> None:
+        glue.write_sample_dataset(folder, "sst2", self.sizes, seed=self.seed)
+
+    def write_bpe(self, folder: Path, adopt=None) -> None:
+        train = glue.generate_split("sst2", self.sizes["train"], self.seed, "train")
+        train_bpe(train.text_a, folder, vocab_size=self.vocab, adopt=adopt)
+
+    def bpe_alike(self, folder: Path) -> bool:
+        return safe_write.built_alike(folder, self.write_bpe)
+
+    def bin_alike(self, folder: Path) -> bool:
+        def build(scratch: Path) -> None:
+            glue_dir, bpe_dir = scratch.with_name(".glue-source"), scratch.with_name(".bpe-source")
+            self.write_glue(glue_dir)
+            self.write_bpe(bpe_dir)
+            binarize_sst2(glue_dir, scratch, RobertaEncoder.from_dir(bpe_dir))
+
+        return safe_write.built_alike(folder, build, loose=("preprocess.log",))
 
 
 def load_splits(
@@ -98,19 +158,35 @@ def load_splits(
 def batch_plan(cfg: Any, train: SentencePredictionDataset):
     """fairseq's --max-tokens batching (``max_tokens`` tokens, at most ``batch_size`` sentences
     per batch, fixed batches shuffled per epoch), or None for plain batches of ``batch_size``
-    when ``max_tokens`` is 0."""
+    when ``max_tokens`` is 0. With ``packing = "length"`` either is grouped by length within
+    windows of steps (``nbzoo.length_grouping``)."""
+    grouped = packing.mode(cfg) == "length"
     if not cfg.max_tokens:
-        return None
-    return EpochBatches(train.item_tokens, cfg.max_tokens, cfg.batch_size, seed=cfg.seed).epoch
+        if not grouped:
+            return None
+        return length_grouping.batch_plan(train.item_tokens, len(train), cfg.batch_size, cfg.seed)
+    window = None
+    if grouped:
+        window = cfg.batch_size * length_grouping.mega_batch_mult(len(train), cfg.batch_size)
+    return EpochBatches(
+        train.item_tokens, cfg.max_tokens, cfg.batch_size, seed=cfg.seed, length_window=window
+    ).epoch
 
 
 def download_roberta_base(model_path: Path, url: str) -> Path:
     """Fetch fairseq's roberta.base archive and unpack its model.pt (and dict.txt) beside
-    ``model_path``; tar members that would land outside the folder are refused."""
-    folder = model_path.parent
+    ``model_path``, into a folder that is nbzoo's (nbzoo.safe_write: new, empty or marked); tar
+    members that would land outside the folder are refused."""
+    root = safe_write.claim(
+        model_path.parent,
+        "nbzoo's roberta.base download",
+        what="the folder of model_name",
+        hint="place model.pt there yourself, or name a model_name in an empty or new folder",
+    )
     remote = sources.remote(url)  # fairseq publishes no checksum for roberta.base (sources.py)
-    archive = download(url, folder / Path(url).name, sha256=remote.sha256, size=remote.size)
-    tmp = None
+    archive = download(
+        url, root.path(Path(url).name), sha256=remote.sha256, size=remote.size, owner=root
+    )
     try:
         with tarfile.open(archive) as tar:
             members = [
@@ -120,15 +196,10 @@ def download_roberta_base(model_path: Path, url: str) -> Path:
             ]
             for member in members:
                 source = tar.extractfile(member)
-                target = folder / Path(member.name).name
-                tmp = target.with_name(target.name + ".part")
-                with source, open(tmp, "wb") as out:
+                with source, root.file(Path(member.name).name) as tmp, open(tmp, "wb") as out:
                     while block := source.read(1 << 20):
                         out.write(block)
-                os.replace(tmp, target)
     except (tarfile.TarError, EOFError, zlib.error) as exc:
-        if tmp is not None:
-            tmp.unlink(missing_ok=True)
         raise DownloadError(
             f"{archive}: damaged archive ({exc}); delete it and run again to download it anew"
         ) from None
@@ -191,31 +262,70 @@ def build_model(cfg: Any, dictionary: fairseq.Dictionary, num_classes: int) -> t
     return converted.model
 
 
+HEAD = "sentence-classification head"
+# where each format keeps it: transformers' RobertaForSequenceClassification, fairseq's model.pt
+HEAD_KEYS = {"classifier.": HEAD}
+FAIRSEQ_HEAD = f"classification_heads.{convert_fairseq.DEFAULT_HEAD}"
+
+
 def load_checkpoint(
-    folder: str | os.PathLike, dictionary: fairseq.Dictionary, **overrides: Any
+    folder: str | os.PathLike,
+    dictionary: fairseq.Dictionary,
+    num_classes: int | None = None,
+    **overrides: Any,
 ) -> torch.nn.Module:
-    """A fine-tuned classifier saved by :func:`finetune` (``checkpoint_dir/hf``), checked against
-    the data's dictionary."""
+    """A fine-tuned classifier: the save_pretrained folder :func:`finetune` writes
+    (``checkpoint_dir/hf``) or a fairseq ``model.pt`` fine-tuned on the task (the seed's
+    ``train_eval_8p.sh`` evaluates those), checked against the data's dictionary. With
+    ``num_classes`` (``mode = eval``) the classifier must be in the checkpoint with that many
+    outputs and every weight finite: a checkpoint without it would be scored with a classifier
+    initialised at random."""
     folder = paths.resolve(folder)
-    if not (folder / "config.json").exists():
-        raise FileNotFoundError(
-            f"{folder}: no fine-tuned checkpoint here (config.json missing); expected the "
-            "save_pretrained folder 03 writes to checkpoint_dir/hf"
-        )
     if "dropout" in overrides:
         dropout = overrides.pop("dropout")
         overrides.update(hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout)
-    model = RobertaForSequenceClassification.from_pretrained(folder, **overrides)
+    if folder.is_file():  # a fairseq checkpoint
+        converted = convert_fairseq.convert(folder, num_labels=num_classes, **overrides)
+        model, missing = converted.model, converted.initialized_keys
+        heads = {"classifier.": f"{HEAD} ({FAIRSEQ_HEAD}.*)"}
+    else:
+        if not (folder / "config.json").exists():
+            raise FileNotFoundError(
+                f"{folder}: no fine-tuned checkpoint here (config.json missing); expected the "
+                "save_pretrained folder 03 writes to checkpoint_dir/hf, or a fairseq model.pt"
+            )
+        model, info = weights.pretrained(RobertaForSequenceClassification, folder, **overrides)
+        missing, heads = info["missing_keys"], HEAD_KEYS
     if model.config.vocab_size != len(dictionary):
         raise ValueError(
             f"{folder}: embeddings for {model.config.vocab_size} symbols, but the data's "
             f"dictionary (+<mask>) has {len(dictionary)}: evaluate on the data it was trained on"
         )
+    if num_classes is not None:
+        purpose = "mode = eval scores a checkpoint fine-tuned on this task (checkpoint_dir/hf)"
+        weights.check_head(folder, missing, heads, purpose)
+        if model.config.num_labels != num_classes:
+            raise weights.UnusableCheckpoint(
+                f"{folder}: its classifier has {model.config.num_labels} outputs, but the data "
+                f"has {num_classes} classes: evaluate on the task it was fine-tuned on"
+            )
+        weights.check_finite(model, folder)
     return model
 
 
-def make_optimizer(model: torch.nn.Module, cfg: Any, total_steps: int):
-    """fairseq's Adam (decoupled weight decay on all parameters) + polynomial decay with warm-up."""
+def schedule_updates(cfg: Any, run_updates: int) -> tuple[int, int]:
+    """(warm-up updates, decay length in updates) of the polynomial schedule, counted in optimizer
+    steps as fairseq counts updates: ``warmup_updates`` / ``total_num_update`` where the preset
+    gives them (fairseq's sst_2 recipe: 1256 / 20935, whatever the epochs and devices), else
+    ``warmup_ratio`` of this run's own ``run_updates``."""
+    total = getattr(cfg, "total_num_update", 0) or run_updates
+    warmup = getattr(cfg, "warmup_updates", 0) or round(cfg.warmup_ratio * total)
+    return warmup, total
+
+
+def make_optimizer(model: torch.nn.Module, cfg: Any, run_updates: int):
+    """fairseq's Adam (decoupled weight decay on all parameters) + polynomial decay with warm-up
+    (:func:`schedule_updates`; after the decay the learning rate stays at 0, as fairseq's)."""
     optimizer = torch.optim.AdamW(
         model.parameters(),
         lr=cfg.learning_rate,
@@ -223,8 +333,9 @@ def make_optimizer(model: torch.nn.Module, cfg: Any, total_steps: int):
         eps=cfg.adam_eps,
         weight_decay=cfg.weight_decay,
     )
+    warmup, total = schedule_updates(cfg, run_updates)
     scheduler = get_polynomial_decay_schedule_with_warmup(
-        optimizer, round(cfg.warmup_ratio * total_steps), total_steps, lr_end=0.0, power=1.0
+        optimizer, warmup, total, lr_end=0.0, power=1.0
     )
     return optimizer, scheduler
 
@@ -256,13 +367,16 @@ def finetune(
     """Binarized data → RoBERTa → fairseq's SST-2 recipe → valid accuracy."""
     splits = splits or load_splits(data_folder, cfg.max_positions)
     train, valid = splits["train"], splits["valid"]
+    # where the model goes is asked before training (nbzoo.safe_write), not after it
+    convert_fairseq.check_output(hf_checkpoint(cfg))
     torch.manual_seed(cfg.seed)
     model = build_model(cfg, train.dictionary, len(train.class_names)).to(rt.device)
     plan = batch_plan(cfg, train)
+    grad_accum = cfg.get("grad_accum", 1)
     per_epoch = (
-        len(plan(0, rt.rank, rt.world_size))
+        -(-len(plan(0, rt.rank, rt.world_size)) // grad_accum)
         if plan
-        else -(-len(train) // (cfg.batch_size * rt.world_size))
+        else steps_per_epoch(len(train), cfg.batch_size, rt.world_size, grad_accum)
     )
     steps = cfg.epochs * per_epoch
     if cfg.max_steps:
@@ -271,6 +385,7 @@ def finetune(
     train_cfg = TrainConfig(
         epochs=cfg.epochs,
         batch_size=cfg.batch_size,
+        grad_accum=grad_accum,
         max_steps=cfg.max_steps or None,
         max_grad_norm=cfg.clip_norm or None,
         checkpoint_dir=paths.resolve(cfg.checkpoint_dir) / "training"
@@ -282,10 +397,15 @@ def finetune(
         desc="SST-2 fine-tuning",
     )
     collate, packed = PadCollator(train.dictionary.pad()), contextlib.nullcontext()
-    if cfg.packing:
-        # the same sentences per step, packed whole into rows of max_positions: exact
-        collate = packing.PackedCollator(cfg.max_positions, pad_token_id=train.dictionary.pad())
-        packed = packing.packed_training(model, rt.kind)
+    how = packing.mode(cfg)
+    if how != "off":
+        # whole sentences in rows, the loss the mean over each step's sentences: "plain" packs
+        # a padded step's sentences into rows of max_positions (exact), "length" lays the
+        # sentences of a length-grouped step (batch_plan) in one row, attended per sentence
+        collate = packing.PackedCollator(
+            cfg.max_positions, pad_token_id=train.dictionary.pad(), one_row=how == "length"
+        )
+        packed = packing.packed_training(model, rt.kind, packing.LENGTH_ATTENTION.get(how))
     with packed:
         result = fit(
             model,
@@ -361,7 +481,8 @@ def evaluate(
     record beside the checkpoint (empty without one)."""
     splits = splits or load_splits(data_folder, cfg.max_positions)
     folder = paths.resolve(cfg.get("init_checkpoint") or hf_checkpoint(cfg))
-    model = load_checkpoint(folder, splits["train"].dictionary).to(rt.device)
+    train = splits["train"]
+    model = load_checkpoint(folder, train.dictionary, len(train.class_names)).to(rt.device)
     score = accuracy(model, splits["valid"], rt)
     result = TrainResult([], [], 0, 0, 0.0, None)
     if (folder / RECORD).exists():

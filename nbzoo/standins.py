@@ -28,13 +28,14 @@ import contextlib
 import io
 import json
 import os
-import shutil
 import sys
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from nbzoo import safe_write
 
 # https://huggingface.co/albert-base-v2/resolve/main/config.json (the URL transformers' ALBERT
 # configuration used to map albert-base-v2 to).
@@ -180,29 +181,22 @@ ALBERT_PIECES = {"pad_id": 0, "unk_id": 1, "bos_id": -1, "eos_id": -1}
 ALBERT_CONTROL = ["[CLS]", "[SEP]", "[MASK]"]
 
 
-def _replace_dir(tmp: Path, dest: Path) -> Path:
-    """Move a finished ``tmp`` folder to ``dest`` (replacing an earlier stand-in there)."""
-    if dest.exists():
-        shutil.rmtree(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp.rename(dest)
-    return dest
+WRITER = "nbzoo.standins"
 
 
-def _fresh_tmp(dest: Path) -> Path:
-    tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    return tmp
+def _new_folder(dest: Path):
+    """A stand-in folder made whole (nbzoo.safe_write): it replaces only an earlier stand-in."""
+    return safe_write.new_folder(
+        dest, WRITER, hint="stand-ins replace only their own folders: name another place"
+    )
 
 
-def train_sentencepiece(
+def sentencepiece_model(
     texts: Iterable[str],
-    path: str | os.PathLike,
     vocab_size: int,
     control_symbols: list[str] | None = None,
     **ids: int,
-) -> Path:
+) -> bytes:
     """A SentencePiece unigram model trained on ``texts`` (the real ``spiece.model`` format).
 
     ``vocab_size`` is an upper bound (``hard_vocab_limit=False``): generated text may hold fewer
@@ -222,12 +216,20 @@ def train_sentencepiece(
         minloglevel=2,
         **ids,
     )
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_bytes(model.getvalue())
-    os.replace(tmp, path)
-    return path
+    return model.getvalue()
+
+
+def train_sentencepiece(
+    texts: Iterable[str],
+    path: str | os.PathLike,
+    vocab_size: int,
+    control_symbols: list[str] | None = None,
+    **ids: int,
+) -> Path:
+    """:func:`sentencepiece_model` written to ``path`` (through a temporary name; it replaces only
+    a file nbzoo wrote)."""
+    data = sentencepiece_model(texts, vocab_size, control_symbols, **ids)
+    return safe_write.write_output_file(Path(path), data, WRITER)
 
 
 @contextlib.contextmanager
@@ -271,16 +273,20 @@ def write_hf_checkpoint(
 ) -> Path:
     """``config.json`` exactly as given + ``model.safetensors`` of a randomly initialised
     ``model_class`` (a transformers class name) -- the hub's layout."""
+    dest = Path(dest)
+    with _new_folder(dest) as tmp:
+        _hf_checkpoint_into(tmp, config, model_class, seed)
+    return dest
+
+
+def _hf_checkpoint_into(folder: Path, config: dict[str, Any], model_class: str, seed: int) -> None:
     import transformers
 
-    dest = Path(dest)
-    tmp = _fresh_tmp(dest)
     config_obj = transformers.AutoConfig.for_model(**config)
     model = random_model(getattr(transformers, model_class), config_obj, seed)
-    model.save_pretrained(tmp, safe_serialization=True)
+    model.save_pretrained(folder, safe_serialization=True)
     # save_pretrained rewrites config.json with every default; the stand-in keeps the hub's file.
-    (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
-    return _replace_dir(tmp, dest)
+    (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
 
 
 def albert_base_v2(
@@ -289,17 +295,16 @@ def albert_base_v2(
     """albert-base-v2's layout: config.json, model.safetensors, spiece.model, tokenizer.json."""
     from transformers import AutoTokenizer
 
-    dest = write_hf_checkpoint(dest, config, "AlbertForMaskedLM", seed)
-    train_sentencepiece(
-        texts,
-        dest / "spiece.model",
-        config["vocab_size"],
-        control_symbols=ALBERT_CONTROL,
-        **ALBERT_PIECES,
-    )
-    # the hub's tokenizer.json: the tokenizers-library form transformers converts spiece.model to
-    converted = AutoTokenizer.from_pretrained(str(dest)).backend_tokenizer
-    converted.save(str(dest / "tokenizer.json"))
+    dest = Path(dest)
+    with _new_folder(dest) as tmp:
+        _hf_checkpoint_into(tmp, config, "AlbertForMaskedLM", seed)
+        spiece = sentencepiece_model(
+            texts, config["vocab_size"], control_symbols=ALBERT_CONTROL, **ALBERT_PIECES
+        )
+        (tmp / "spiece.model").write_bytes(spiece)
+        # the hub's tokenizer.json: the tokenizers-library form transformers converts spiece to
+        converted = AutoTokenizer.from_pretrained(str(tmp)).backend_tokenizer
+        converted.save(str(tmp / "tokenizer.json"))
     return dest
 
 
@@ -311,8 +316,10 @@ def reformer_crime_and_punishment(
 ) -> Path:
     """The seed's checkpoint/reformer-crime-and-punishment: config.json, model.safetensors and a
     spiece.model of at most 320 pieces (<unk> 0, <s> 1, </s> 2)."""
-    dest = write_hf_checkpoint(dest, config, "ReformerModelWithLMHead", seed)
-    train_sentencepiece(texts, dest / "spiece.model", config["vocab_size"])
+    dest = Path(dest)
+    with _new_folder(dest) as tmp:
+        _hf_checkpoint_into(tmp, config, "ReformerModelWithLMHead", seed)
+        (tmp / "spiece.model").write_bytes(sentencepiece_model(texts, config["vocab_size"]))
     return dest
 
 
@@ -364,18 +371,21 @@ def roberta_base_fairseq(
     from transformers import RobertaConfig, RobertaForMaskedLM
 
     from nbzoo.data.fairseq import Dictionary
-    from nbzoo.data.gpt2_bpe import GPT2BPE, train_bpe
+    from nbzoo.data.gpt2_bpe import GPT2BPE, write_bpe_files
 
     texts = [t.strip() for t in texts]
     bpe_dir = Path(bpe_dir)
-    train_bpe(texts, bpe_dir, vocab_size=vocab_size)
-    bpe = GPT2BPE(bpe_dir / "encoder.json", bpe_dir / "vocab.bpe")
-    lines = (" ".join(map(str, ids)) for ids in bpe.encode_batch(texts))
-    # 4 specials + symbols, padded as fairseq-preprocess pads: to 50,264 (+ <mask> = 50,265)
-    dictionary = Dictionary.build(lines, padding_factor=vocab_size - 1)
-    if len(dictionary) != vocab_size - 1:
-        raise ValueError(f"{len(dictionary)} BPE symbols do not fit a vocabulary of {vocab_size}")
-    dictionary.save(bpe_dir / "dict.txt")
+    with _new_folder(bpe_dir) as tmp:
+        write_bpe_files(texts, tmp, vocab_size=vocab_size)
+        bpe = GPT2BPE(tmp / "encoder.json", tmp / "vocab.bpe")
+        lines = (" ".join(map(str, ids)) for ids in bpe.encode_batch(texts))
+        # 4 specials + symbols, padded as fairseq-preprocess pads: to 50,264 (+ <mask> = 50,265)
+        dictionary = Dictionary.build(lines, padding_factor=vocab_size - 1)
+        if len(dictionary) != vocab_size - 1:
+            raise ValueError(
+                f"{len(dictionary)} BPE symbols do not fit a vocabulary of {vocab_size}"
+            )
+        dictionary.save(tmp / "dict.txt")
     config = RobertaConfig(
         vocab_size=vocab_size,
         hidden_size=args["encoder_embed_dim"],
@@ -394,10 +404,8 @@ def roberta_base_fairseq(
         "extra_state": {},
     }
     model_pt = Path(model_pt)
-    model_pt.parent.mkdir(parents=True, exist_ok=True)
-    tmp = model_pt.with_name(f".{model_pt.name}.tmp-{os.getpid()}")
-    torch.save(state, tmp)
-    os.replace(tmp, model_pt)
+    with safe_write.claim(model_pt.parent, WRITER).file(model_pt.name) as tmp:
+        torch.save(state, tmp)
     return model_pt
 
 
@@ -421,11 +429,7 @@ def sst2_binarized(
     from nbzoo.data.fairseq_glue import binarize_sst2
     from nbzoo.data.gpt2_bpe import RobertaEncoder
 
-    dest = Path(dest)
-    tmp = _fresh_tmp(dest)
-    binarize_sst2(glue_dir, tmp, RobertaEncoder.from_dir(bpe_dir))
-    (tmp / "label").rename(tmp / "lable")
-    return _replace_dir(tmp, dest)
+    return binarize_sst2(glue_dir, Path(dest), RobertaEncoder.from_dir(bpe_dir), label_name="lable")
 
 
 def corpus_root(root: str | os.PathLike, sizes: dict[str, int], vocab_size: int, seed: int = 0):

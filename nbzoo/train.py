@@ -7,8 +7,9 @@ enough to read in a tutorial. The Trainer's internals change between transformer
 seeds replaced trainer.py by hand for that reason); a 200-line loop over plain torch does not.
 
 What it does: AMP through the Runtime (autocast, a dynamic loss scale for fp16, and for apex's O2
-an fp16 model over fp32 master weights, :mod:`nbzoo.amp`), gradient accumulation,
-gradient clipping, evaluation each epoch (and every ``eval_every`` steps), atomic checkpoints
+an fp16 model over fp32 master weights, :mod:`nbzoo.amp`), gradient accumulation (the global batch
+of an optimizer step is ``batch_size × world_size × grad_accum``, its loss the mean over the whole
+of it: see :func:`step_shares`), gradient clipping, evaluation each epoch (and every ``eval_every`` steps), atomic checkpoints
 (model weights as safetensors, the rest with torch.save) with exact resume, a ``tqdm.auto``
 progress bar, loss history and samples/s. Under torchrun (``WORLD_SIZE>1``) it wraps the model in
 DistributedDataParallel and shards every epoch's permutation across ranks.
@@ -21,8 +22,9 @@ import hashlib
 import json
 import math
 import os
+import pickle
 import random
-import shutil
+import re
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -34,12 +36,16 @@ import torch
 from safetensors.torch import load_model, save_model
 from torch.utils.data import default_collate
 
-from nbzoo import progress
+from nbzoo import progress, safe_write, weights
 from nbzoo.amp import MasterWeights
 from nbzoo.device import Runtime
 
 Batch = dict[str, Any]
 Callback = Callable[[int, float, "TrainState"], None]
+# A loss: one mean, or a mean per term (``{"mlm": ..., "nsp": ...}``) when the terms average over
+# different things (masked tokens, sentences); and what each mean is over, counted in a batch.
+Loss = torch.Tensor | Mapping[str, torch.Tensor]
+Counts = float | Mapping[str, float]
 
 
 @dataclass
@@ -47,7 +53,7 @@ class TrainConfig:
     epochs: int = 1
     batch_size: int = 32  # per device, per micro-batch
     max_steps: int | None = None  # stop after this many optimizer steps in total
-    grad_accum: int = 1
+    grad_accum: int = 1  # micro-batches per optimizer step (per process)
     max_grad_norm: float | None = None
     eval_every: int | None = None  # optimizer steps; evaluation also runs at every epoch end
     checkpoint_dir: str | os.PathLike | None = None
@@ -81,6 +87,11 @@ class TrainState:
     evals: list[dict[str, float]] = field(default_factory=list)
 
 
+class Diverged(FloatingPointError):
+    """The training loss (or the weights) became NaN or infinite: the run stops there, before
+    that step is evaluated or checkpointed, so that nothing downstream reports or resumes it."""
+
+
 @dataclass
 class TrainResult:
     history: list[dict[str, float]]
@@ -105,18 +116,31 @@ def config_hash(*parts: Any) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def epoch_batches(
-    n: int, batch_size: int, seed: int, epoch: int, rank: int = 0, world_size: int = 1
-) -> list[list[int]]:
-    """This rank's micro-batches for one epoch: a seeded permutation, sharded like
-    DistributedSampler (padded so that every rank gets the same number of samples)."""
+def epoch_order(n: int, seed: int, epoch: int, world_size: int = 1) -> list[int]:
+    """An epoch's seeded permutation of ``n`` samples, padded as DistributedSampler pads it (its
+    first samples repeated) to a multiple of ``world_size``, so that every rank gets as many."""
     g = torch.Generator().manual_seed(seed * 100_003 + epoch)
     order = torch.randperm(n, generator=g).tolist()
     if world_size > 1:
         per_rank = math.ceil(n / world_size)
         order = (order * world_size)[: per_rank * world_size]
-        order = order[rank::world_size]
+    return order
+
+
+def epoch_batches(
+    n: int, batch_size: int, seed: int, epoch: int, rank: int = 0, world_size: int = 1
+) -> list[list[int]]:
+    """This rank's micro-batches for one epoch: :func:`epoch_order` sharded like
+    DistributedSampler (rank r takes every world_size-th sample from the r-th)."""
+    order = epoch_order(n, seed, epoch, world_size)[rank::world_size]
     return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+def steps_per_epoch(samples: int, batch_size: int, world_size: int = 1, grad_accum: int = 1) -> int:
+    """Optimizer steps in one epoch of ``samples`` (what :func:`fit` takes with
+    :func:`epoch_batches`): ⌈samples / (batch_size × world_size × grad_accum)⌉, for the
+    learning-rate schedules, which count optimizer steps."""
+    return math.ceil(samples / (batch_size * world_size * grad_accum))
 
 
 def _rng_state() -> dict[str, Any]:
@@ -144,24 +168,18 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 
 
 CHECKPOINTS = ("last", "previous", ".old")  # newest first; ".old": the layout before "previous"
+WRITER = "nbzoo.train (training checkpoints)"
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, OSError):
-        return True
-    return True
-
-
-def _clean_temporary(folder: Path) -> None:
-    """Remove ``.tmp-<pid>`` folders of saves that died (their process is gone) or are ours."""
-    for tmp in folder.glob(".tmp-*"):
-        pid = tmp.name.removeprefix(".tmp-")
-        if not pid.isdigit() or int(pid) == os.getpid() or not _pid_alive(int(pid)):
-            shutil.rmtree(tmp, ignore_errors=True)
+def checkpoint_folder(folder: str | os.PathLike) -> safe_write.Owned:
+    """``folder`` as nbzoo's to write checkpoints in (nbzoo.safe_write): new, empty or marked; a
+    folder holding files nbzoo did not write is refused before any training."""
+    return safe_write.claim(
+        folder,
+        WRITER,
+        what="checkpoint_dir",
+        hint="name an empty or new checkpoint_dir, or move this folder away",
+    )
 
 
 def save_checkpoint(
@@ -174,13 +192,11 @@ def save_checkpoint(
 ) -> Path:
     """Write ``folder/last`` atomically (a temporary folder, then renames), keeping the one
     before as ``folder/previous`` to fall back on if ``last`` is ever found broken. A save that
-    fails (a full disk) removes its temporary folder and leaves both untouched."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    _clean_temporary(folder)
-    tmp, last, previous = folder / f".tmp-{os.getpid()}", folder / "last", folder / "previous"
-    try:
-        tmp.mkdir()
+    fails (a full disk) removes its temporary folder and leaves both untouched. Only nbzoo's own
+    checkpoints are replaced (nbzoo.safe_write)."""
+    root = checkpoint_folder(folder)
+    root.clean_dead_temporaries()
+    with root.folder("next") as tmp:
         save_model(model, str(tmp / "model.safetensors"))
         torch.save(
             {
@@ -192,16 +208,12 @@ def save_checkpoint(
             },
             tmp / "trainer_state.pt",
         )
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     # at every moment at least one complete checkpoint exists under a name find_checkpoint reads
-    if last.exists():
-        shutil.rmtree(previous, ignore_errors=True)
-        last.rename(previous)
-    tmp.rename(last)
-    shutil.rmtree(folder / ".old", ignore_errors=True)
-    return last
+    if root.path("last").exists():
+        root.rename("last", "previous")
+    root.rename("next", "last")
+    root.remove(".old")
+    return root.path("last")
 
 
 def checkpoint_problem(path: Path) -> str | None:
@@ -244,26 +256,61 @@ def find_checkpoint(folder: str | os.PathLike) -> Path | None:
         problem = checkpoint_problem(path)
         if problem is None:
             return path
-        aside = folder / f"broken-{name.lstrip('.')}-{time.strftime('%Y%m%d-%H%M%S')}"
-        try:
-            path.rename(aside)
-            note = f"set aside as {aside}"
-        except FileNotFoundError:  # another rank set it aside first
-            continue
-        except OSError as exc:
-            note = f"left in place ({exc}) and skipped"
-        print(f"checkpoint {path} is broken: {problem}; {note}", flush=True)
+        set_aside(path, problem)
     return None
 
 
-def checkpoint_run_id(path: Path) -> str:
-    blob = torch.load(path / "trainer_state.pt", map_location="cpu", weights_only=True)
+def set_aside(path: Path, problem: str) -> None:
+    """Move the broken checkpoint ``path`` aside (``broken-<name>-<time>``, never deleted) and
+    say so in one line; left in place when it is not nbzoo's to move."""
+    folder = path.parent
+    aside = folder / f"broken-{path.name.lstrip('.')}-{time.strftime('%Y%m%d-%H%M%S')}"
+    if not path.exists() or aside.exists():  # another rank set it aside first
+        return
+    try:
+        if not safe_write.is_marked(folder):
+            raise safe_write.NotOursError(f"{folder} carries no nbzoo marker")
+        safe_write.Owned(folder, WRITER).move_aside(path.name, aside.name)
+        note = f"set aside as {aside}"
+    except FileNotFoundError:  # another rank set it aside first
+        return
+    except (OSError, safe_write.NotOursError) as exc:
+        note = f"left in place ({exc}) and skipped"
+    print(f"checkpoint {path} is broken: {problem}; {note}", flush=True)
+
+
+def read_trainer_state(path: Path) -> dict:
+    """``trainer_state.pt`` of the checkpoint ``path``, loaded without running pickled code
+    (``weights_only``). A pickle that load refuses (objects of other code) raises
+    :class:`BrokenCheckpoint` naming the file."""
+    file = path / "trainer_state.pt"
+    try:
+        return torch.load(file, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as exc:
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        # torch's message leads with how to load it anyway; the line that says why is the point
+        why = next((line for line in lines if line.startswith("WeightsUnpickler error")), None)
+        why = re.sub(r"\x1b\[[0-9;]*m", "", why or (lines[0] if lines else type(exc).__name__))
+        raise BrokenCheckpoint(
+            f"{file.name} holds what torch.load(weights_only=True) refuses ({why})"
+        ) from None
+
+
+class BrokenCheckpoint(Exception):
+    """A checkpoint whose files read back whole but whose trainer state cannot be loaded."""
+
+
+def checkpoint_run_id(path: Path, blob: dict | None = None) -> str:
+    blob = blob if blob is not None else read_trainer_state(path)
     return blob["state"].get("run_id", "")
 
 
-def load_checkpoint(path: Path, model: torch.nn.Module, optimizer, scheduler, scaler) -> TrainState:
+def load_checkpoint(
+    path: Path, model: torch.nn.Module, optimizer, scheduler, scaler, blob: dict | None = None
+) -> TrainState:
     load_model(model, str(path / "model.safetensors"), device=str(next(model.parameters()).device))
-    blob = torch.load(path / "trainer_state.pt", map_location="cpu", weights_only=True)
+    weights.check_finite(model, path / "model.safetensors")
+    blob = blob if blob is not None else read_trainer_state(path)
     optimizer.load_state_dict(blob["optimizer"])
     if scheduler is not None and blob["scheduler"] is not None:
         scheduler.load_state_dict(blob["scheduler"])
@@ -272,7 +319,19 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer, scheduler, sc
     return TrainState(**blob["state"])
 
 
-def _forward_loss(model, batch: Batch, loss_fn) -> torch.Tensor:
+def _resumable(folder: Path) -> tuple[Path, dict] | None:
+    """The newest checkpoint whose trainer state loads, with it; the others are set aside."""
+    while (ckpt := find_checkpoint(folder)) is not None:
+        try:
+            return ckpt, read_trainer_state(ckpt)
+        except BrokenCheckpoint as why:
+            set_aside(ckpt, str(why))
+            if ckpt.exists():  # left in place: not nbzoo's to move, so not resumed either
+                return None
+    return None
+
+
+def _forward_loss(model, batch: Batch, loss_fn) -> Loss:
     if loss_fn is not None:
         return loss_fn(model, batch)
     out = model(**batch)
@@ -280,6 +339,54 @@ def _forward_loss(model, batch: Batch, loss_fn) -> torch.Tensor:
     if loss is None:
         raise ValueError("the model returned no loss: pass labels in the batch or give loss_fn")
     return loss
+
+
+def batch_rows(batch: Batch) -> int:
+    """What a loss without ``loss_counts`` averages over: the batch's sentences -- one label each
+    (``labels``, also in packed batches, where the rows hold several sentences), else the rows of
+    its first tensor."""
+    labels = batch.get("labels")
+    if torch.is_tensor(labels) and labels.dim() >= 1:
+        return len(labels)
+    return len(next(v for v in batch.values() if torch.is_tensor(v)))
+
+
+def _as_terms(value: Any, name: str) -> dict[str, Any]:
+    return dict(value) if isinstance(value, Mapping) else {name: value}
+
+
+def step_shares(
+    counts: Sequence[Mapping[str, float]], world_size: int = 1, device: Any = "cpu"
+) -> list[dict[str, float]]:
+    """How much each micro-batch of an optimizer step weighs in the step's loss.
+
+    A loss term is a mean over items (sentences, masked tokens) and the micro-batches of a step
+    (this rank's, and every rank's under torchrun) hold different numbers of them: the last batch
+    of an epoch is short, fairseq's --max-tokens batches vary, the masks fall where they fall. The
+    step's loss is the mean over *all* the step's items, which is Σᵢ meanᵢ · nᵢ / N with N the
+    items of the whole step summed over its micro-batches and ranks -- not the mean of the
+    micro-batches' means. So micro-batch i's term gets the weight nᵢ / N (``counts`` give each
+    micro-batch's nᵢ per term; N is summed here, over the ranks with one all-reduce). One process
+    with grad_accum k and k processes with one micro-batch each, or one process with a k times
+    larger batch, then take the same step (up to float rounding); with one micro-batch on one
+    process every weight is exactly 1."""
+    keys = list(counts[0]) if counts else []
+    totals = [float(sum(c[k] for c in counts)) for k in keys]
+    if world_size > 1:
+        totals = sum_over_ranks(totals, device)
+    return [
+        {k: (float(c[k]) / total if total else 0.0) for k, total in zip(keys, totals, strict=True)}
+        for c in counts
+    ]
+
+
+def _share_of(terms: Mapping[str, torch.Tensor], shares: Mapping[str, float]) -> torch.Tensor:
+    """Σ over the terms of meanₜ · weightₜ (a term with no items in this micro-batch is left out;
+    with none at all, the first term times 0, so that every rank still runs its backward)."""
+    parts = [terms[k] * w for k, w in shares.items() if w]
+    if not parts:
+        return next(iter(terms.values())) * 0.0
+    return parts[0] if len(parts) == 1 else sum(parts[1:], parts[0])
 
 
 def _evaluate(model, eval_fn, state: TrainState, masters: MasterWeights | None = None) -> None:
@@ -302,11 +409,18 @@ def fit(
     collate_fn: Callable[[list], Batch] | None = None,
     scheduler: Any = None,
     eval_fn: Callable[[torch.nn.Module], dict[str, float]] | None = None,
-    loss_fn: Callable[[torch.nn.Module, Batch], torch.Tensor] | None = None,
+    loss_fn: Callable[[torch.nn.Module, Batch], Loss] | None = None,
     callbacks: Iterable[Callback] = (),
     batch_plan: Callable[[int, int, int], list[list[int]]] | None = None,
+    loss_counts: Callable[[Batch], Counts] | None = None,
 ) -> TrainResult:
     """Train ``model`` (already on ``rt.device``) and return its history.
+
+    ``loss_fn(model, batch)`` returns the batch's loss, a mean (default: the model's own ``loss``),
+    or a mean per term as a dict; ``loss_counts(batch)`` what each mean is over, counted in the
+    batch (a number, or a dict with the same keys; default: :func:`batch_rows`). An optimizer step
+    over several micro-batches (``grad_accum``, several ranks) weighs each by its share of those
+    items (:func:`step_shares`), so that its loss is the mean over the whole global batch.
 
     ``scheduler`` is stepped once per optimizer step. ``callbacks`` run after every optimizer step
     as ``cb(step, loss, state)``. ``batch_plan(epoch, rank, world_size)``, when given, returns
@@ -334,13 +448,16 @@ def fit(
             )
         optimizer.attach_grad_scaler(scaler)  # THOR gathers G from unscaled gradients
     state, resumed_from = TrainState(run_id=cfg.run_id), None
+    if cfg.checkpoint_dir is not None:
+        checkpoint_folder(cfg.checkpoint_dir)  # refused here, before any training
     if (
         cfg.checkpoint_dir is not None
         and cfg.resume
-        and (ckpt := find_checkpoint(cfg.checkpoint_dir))
+        and (found := _resumable(Path(cfg.checkpoint_dir)))
     ):
-        if checkpoint_run_id(ckpt) == cfg.run_id:
-            state = load_checkpoint(ckpt, model, optimizer, scheduler, scaler)
+        ckpt, blob = found
+        if checkpoint_run_id(ckpt, blob) == cfg.run_id:
+            state = load_checkpoint(ckpt, model, optimizer, scheduler, scaler, blob)
             resumed_from = state.step
             if rt.is_main:
                 print(f"resuming from {ckpt} at step {state.step}", flush=True)
@@ -358,7 +475,7 @@ def fit(
     try:
         return _train(
             model, train_dataset, optimizer, rt, cfg, collate_fn, scheduler, eval_fn, loss_fn,
-            list(callbacks), scaler, state, resumed_from, masters, batch_plan,
+            list(callbacks), scaler, state, resumed_from, masters, batch_plan, loss_counts,
         )  # fmt: skip
     finally:
         if masters:
@@ -368,12 +485,18 @@ def fit(
 def _train(
     model, train_dataset, optimizer, rt, cfg, collate_fn, scheduler, eval_fn, loss_fn,
     callbacks, scaler, state: TrainState, resumed_from, masters: MasterWeights | None,
-    batch_plan: Callable[[int, int, int], list[list[int]]],
+    batch_plan: Callable[[int, int, int], list[list[int]]], loss_counts,
 ) -> TrainResult:  # fmt: skip
     """:func:`fit`'s loop, from a loaded (or new) state; the model already in its precision."""
 
     def checkpoint() -> None:
         with masters.fp32() if masters else contextlib.nullcontext():
+            if (bad := weights.first_non_finite(model.state_dict().items())) is not None:
+                raise Diverged(
+                    f"{cfg.desc}: weight {bad[0]} holds {bad[1]} NaN or infinite values after "
+                    f"step {state.step}; no checkpoint written ({cfg.checkpoint_dir} keeps its "
+                    "last finite one)"
+                )
             save_checkpoint(cfg.checkpoint_dir, model, optimizer, scheduler, scaler, state)
 
     net = model
@@ -404,42 +527,33 @@ def _train(
     done = state.step >= total_steps
     while not done and state.epoch < cfg.epochs:
         batches = batch_plan(state.epoch, rt.rank, rt.world_size)
-        micro_losses: list[float] = []
-        tick = time.perf_counter()
-        step_samples = 0
         every_rank = None
-        if cfg.collate_global_batch and rt.distributed:
-            every_rank = [
-                epoch_batches(
-                    len(train_dataset), cfg.batch_size, cfg.seed, state.epoch, r, rt.world_size
-                )
-                for r in range(rt.world_size)
-            ]
+        if cfg.collate_global_batch and (rt.distributed or cfg.grad_accum > 1):
+            every_rank = [batch_plan(state.epoch, r, rt.world_size) for r in range(rt.world_size)]
+        tick = time.perf_counter()
         while state.batch_in_epoch < len(batches):
-            i = state.batch_in_epoch
-            if every_rank is None:
-                batch = rt.to_device(collate_fn([train_dataset[j] for j in batches[i]]))
-            else:
-                rows = [j for group in zip(*(b[i] for b in every_rank), strict=True) for j in group]
-                whole = collate_fn([train_dataset[j] for j in rows])
-                batch = rt.to_device(
-                    {
-                        k: v[rt.rank :: rt.world_size] if torch.is_tensor(v) else v
-                        for k, v in whole.items()
-                    }
-                )
-            boundary = (i + 1) % cfg.grad_accum == 0 or i + 1 == len(batches)
-            sync = boundary or not rt.distributed
-            ctx = net.no_sync() if not sync else _nullcontext()
-            with ctx:
-                with rt.autocast():
-                    loss = _forward_loss(net, batch, loss_fn)
-                scaler.scale(loss / cfg.grad_accum).backward()
-            micro_losses.append(float(loss.detach()))
-            step_samples += len(batches[i]) * rt.world_size
-            state.batch_in_epoch += 1
-            if not boundary:
-                continue
+            # one optimizer step: the micro-batches up to the next multiple of grad_accum
+            first = state.batch_in_epoch
+            step = range(first, min((first // cfg.grad_accum + 1) * cfg.grad_accum, len(batches)))
+            micro = _collate_step(train_dataset, batches, every_rank, step, collate_fn, rt)
+            counts = [
+                _as_terms(loss_counts(b) if loss_counts else batch_rows(b), "loss") for b in micro
+            ]
+            shares = step_shares(counts, rt.world_size, rt.device)
+            step_loss = 0.0
+            for n, (batch, share) in enumerate(zip(micro, shares, strict=True)):
+                last = n == len(micro) - 1
+                ctx = net.no_sync() if rt.distributed and not last else _nullcontext()
+                with ctx:
+                    with rt.autocast():
+                        terms = _as_terms(_forward_loss(net, rt.to_device(batch), loss_fn), "loss")
+                    part = _share_of(terms, share)
+                    # DistributedDataParallel averages the ranks' gradients: times world_size,
+                    # their sum is the gradient of the global batch's mean
+                    scaler.scale(part * rt.world_size).backward()
+                step_loss += float(part.detach())
+                state.batch_in_epoch += 1
+            step_samples = sum(len(batches[i]) for i in step) * rt.world_size
             if masters:
                 masters.grads_to_masters()
             if cfg.max_grad_norm is not None:
@@ -458,9 +572,17 @@ def _train(
             state.step += 1
             state.samples += step_samples
             state.train_seconds += seconds
-            step_loss = sum(micro_losses) / len(micro_losses)
-            if rt.distributed:  # the mean over the ranks: the global batch's loss
-                step_loss = mean_over_ranks(step_loss, rt.device)
+            if rt.distributed:  # the ranks' shares: the global batch's loss
+                step_loss = sum_over_ranks([step_loss], rt.device)[0]
+            if not math.isfinite(step_loss):  # the same on every rank: they all stop here
+                bar.close()
+                lr = optimizer.param_groups[0]["lr"]
+                raise Diverged(
+                    f"{cfg.desc}: the training loss is {step_loss} at step {state.step} (epoch "
+                    f"{state.epoch}, learning rate {lr:g}, precision {rt.precision}): training "
+                    "diverged; nothing of this step was evaluated or checkpointed. Lower the "
+                    "learning rate or train in fp32."
+                )
             state.history.append(
                 {
                     "step": state.step,
@@ -470,7 +592,6 @@ def _train(
                     "seconds": seconds,
                 }
             )
-            micro_losses, step_samples = [], 0
             bar.update(1)
             if state.step % cfg.log_every == 0:
                 bar.set_postfix(loss=f"{step_loss:.4f}", epoch=state.epoch, refresh=False)
@@ -510,33 +631,54 @@ def _train(
     )
 
 
-def mean_over_ranks(value: float, device: torch.device | str = "cpu") -> float:
-    """The mean of a number over the ranks of a torchrun job (the number itself without one).
-    ``device``: where the process group's backend reduces (nccl / hccl: the accelerator)."""
+def sum_over_ranks(values: Sequence[float], device: torch.device | str = "cpu") -> list[float]:
+    """Numbers summed over the ranks of a torchrun job (the numbers themselves without one), in
+    one all-reduce. ``device``: where the process group's backend reduces (nccl / hccl: the
+    accelerator, in float32; gloo on a CPU: float64)."""
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()):
-        return value
+        return [float(v) for v in values]
     dtype = torch.float64 if torch.device(device).type == "cpu" else torch.float32
-    t = torch.tensor([value], dtype=dtype, device=device)
+    t = torch.tensor([float(v) for v in values], dtype=dtype, device=device)
     dist.all_reduce(t)
-    return float(t) / dist.get_world_size()
+    return [float(v) for v in t.cpu()]
 
 
-def global_mean(total: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
-    """``total / count`` for a loss averaged over a varying number of items per batch (masked
-    tokens): under torchrun the count is summed over the ranks, and the rank's term scaled by the
-    world size, so that DistributedDataParallel's mean of the ranks' gradients is the gradient of
-    the global batch's mean -- what one process would compute on the whole global batch. (DDP's
-    default, each rank's own mean then the mean of those, weighs a rank's tokens by how few it
-    has.) Without torchrun: ``total / count``."""
-    import torch.distributed as dist
+def _collate_step(
+    dataset: Sequence,
+    batches: list[list[int]],
+    every_rank: list[list[list[int]]] | None,
+    step: range,
+    collate_fn: Callable[[list], Batch],
+    rt: Runtime,
+) -> list[Batch]:
+    """This rank's micro-batches of one optimizer step, collated on the host.
 
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return total / count
-    every = count.detach().clone()
-    dist.all_reduce(every)
-    return total * dist.get_world_size() / every
+    With ``every_rank`` (``TrainConfig.collate_global_batch``) the whole global batch of the step
+    -- every micro-batch of every rank, in the order of the epoch's permutation -- is collated in
+    one call on every rank and each keeps its own rows: a collator drawing random masks then draws
+    them as one process collating the global batch would, whatever the split into ranks and
+    micro-batches (rank r's micro-batch i holds rows r, r + world_size, ... of the step's i-th
+    slice, as :func:`epoch_batches` shards the permutation)."""
+    if every_rank is None:
+        return [collate_fn([dataset[j] for j in batches[i]]) for i in step]
+    world = rt.world_size
+    slices = [
+        [j for group in zip(*(b[i] for b in every_rank), strict=True) for j in group] for i in step
+    ]
+    whole = collate_fn([dataset[j] for rows in slices for j in rows])
+    micro, start = [], 0
+    for rows in slices:
+        end = start + len(rows)
+        micro.append(
+            {
+                k: v[start:end][rt.rank :: world].contiguous() if torch.is_tensor(v) else v
+                for k, v in whole.items()
+            }
+        )
+        start = end
+    return micro
 
 
 class _nullcontext:
@@ -586,11 +728,13 @@ def plot_history(
     title: str = "training",
     smooth: int = 10,
     baselines: Mapping[str, float] | None = None,
+    eval_label: str = "on the evaluation set",
 ):
     """Training loss per step (raw, and a moving average of ``smooth`` steps) and, where the run
     was evaluated, each evaluation metric at the steps it was evaluated, with ``baselines`` -- what
-    a model that learnt nothing scores on the same set -- as dashed lines. The loss axis spans the
-    smoothed curve past its first 5 % of steps, so that the first steps do not flatten the rest."""
+    a model that learnt nothing scores on the same set -- as dashed lines, on an axis labelled
+    ``eval_label``. The loss axis spans the smoothed curve past its first 5 % of steps, so that
+    the first steps do not flatten the rest."""
     import matplotlib.pyplot as plt
 
     evals = list(result.evals)
@@ -618,7 +762,7 @@ def plot_history(
             if baselines and key in baselines:
                 ax2.axhline(baselines[key], color=colour, linestyle="--", linewidth=1,
                             label=f"{key}: a model that learnt nothing")  # fmt: skip
-        ax2.set(xlabel="optimizer step", ylabel="on the evaluation set", title="evaluation")
+        ax2.set(xlabel="optimizer step", ylabel=eval_label, title="evaluation")
         ax2.legend(fontsize=8)
     fig.tight_layout()
     return fig

@@ -343,6 +343,7 @@ class AttentionMaps:
     num_rounds: int = 1
     buckets_fn: Callable[[int, int], np.ndarray | None] | None = None
     global_positions: list[int] = field(default_factory=list)
+    chunk_lengths: list[int | None] = field(default_factory=list)  # per layer, where it chunks
     _cache: dict[tuple[int, int, int], np.ndarray] = field(default_factory=dict, repr=False)
 
     def _check(self, layer: int, head: int, hash_round: int = 0) -> None:
@@ -591,58 +592,169 @@ def reformer_attention(
         label_fn=label,
         buckets_fn=buckets,
         num_rounds=config.num_hashes,
+        chunk_lengths=[m.chunk_length for m in modules],
     )
 
 
+# weights below this share of the largest one are drawn at the bottom of the log colour scale
+LOG_RANGE = 1e-5
+NOT_COMPUTED = "#d9d9d9"  # the colour of query-key pairs the attention never computes
+
+
+def attention_norm(weights: np.ndarray):
+    """A logarithmic colour scale for attention weights: a softmax spreads its mass over orders of
+    magnitude, and on a linear scale a weight of 0.01 beside a peak of 0.6 is invisible -- such as
+    every row's weight on Longformer's global tokens. Zeros (pairs never computed) fall outside
+    the scale and are drawn in :data:`NOT_COMPUTED`."""
+    from matplotlib.colors import LogNorm
+
+    top = max(float(weights.max()), 1e-9)
+    positive = weights[weights > 0]
+    # a decade below the smallest weights (1st percentile), so that they still show in colour
+    low = float(np.percentile(positive, 1)) / 10 if positive.size else top * LOG_RANGE
+    return LogNorm(vmin=max(low, top * LOG_RANGE), vmax=top, clip=True)
+
+
+# up to this many buckets each gets a colour named in a legend; more (a checkpoint's thousands of
+# buckets) are coloured along a colour map, with a colour bar
+NAMED_BUCKETS = 20
+
+
+def _bucket_colours(count: int) -> list:
+    from matplotlib import colormaps
+
+    if count > NAMED_BUCKETS:
+        cmap = colormaps["turbo"].resampled(count)
+        return [cmap(i) for i in range(count)]
+    cmap = colormaps["tab10" if count <= 10 else "tab20"]
+    return [cmap(i % cmap.N) for i in range(count)]
+
+
+def _bucket_runs(values: np.ndarray) -> list[tuple[int, int, int]]:
+    """(value, start, length) of each run of equal values."""
+    edges = np.flatnonzero(np.diff(values)) + 1
+    starts = np.concatenate([[0], edges])
+    ends = np.concatenate([edges, [len(values)]])
+    return [(int(values[s]), int(s), int(e - s)) for s, e in zip(starts, ends, strict=True)]
+
+
 def plot_attention(
-    maps: AttentionMaps, layer: int = 0, head: int = 0, hash_round: int = 0, max_ticks: int = 40
+    maps: AttentionMaps,
+    layer: int = 0,
+    head: int = 0,
+    hash_round: int = 0,
+    max_ticks: int = 40,
+    sort_by_bucket: bool = True,
 ):
-    """The (layer, head[, hash round]) attention matrix as a figure; global tokens marked, and
-    for LSH layers a strip of each token's bucket per hash round under it. Returns a matplotlib
-    ``Figure`` (not registered with pyplot, so it is shown only where you display it)."""
+    """The (layer, head[, hash round]) attention matrix as a figure, on a logarithmic colour
+    scale (:func:`attention_norm`; pairs never computed in grey); global tokens marked.
+
+    An LSH layer is drawn in the order the layer itself works in (``sort_by_bucket``): the
+    positions sorted by their bucket in this hash round, so its chunks show as blocks along the
+    diagonal, with the buckets as a coloured strip over the matrix; under it, every token's bucket
+    in each hash round, in text order. Returns a matplotlib ``Figure`` (not registered with
+    pyplot, so it is shown only where you display it)."""
+    from matplotlib import colormaps
     from matplotlib.figure import Figure
+    from matplotlib.patches import Patch
 
     weights = maps.matrix(layer, head, hash_round)
     buckets = maps.buckets(layer, head)
     n = weights.shape[0]
-    strip = buckets is not None
-    fig = Figure(figsize=(6.4, 6.6 if strip else 5.6), layout="constrained")
-    if strip:
-        ax, ax_b = fig.subplots(
-            2, 1, gridspec_kw={"height_ratios": [n, max(2, 1.2 * buckets.shape[0], 0.18 * n)]}
-        )
+    order = np.arange(n)
+    if buckets is not None and sort_by_bucket:
+        order = np.argsort(buckets[hash_round], kind="stable")  # the layer's own order
+    sorted_view = buckets is not None and sort_by_bucket
+    weights = weights[np.ix_(order, order)]
+    tokens = [maps.tokens[i] for i in order]
+    fig = Figure(figsize=(6.6, 7.4 if buckets is not None else 5.8), layout="constrained")
+    if buckets is not None:
+        ratios = [0.035 * n, n, max(2.0, 1.2 * buckets.shape[0], 0.16 * n)]
+        ax_top, ax, ax_b = fig.subplots(3, 1, gridspec_kw={"height_ratios": ratios}, sharex=False)
     else:
         ax = fig.subplots()
-    image = ax.imshow(weights, cmap="viridis", vmin=0.0, vmax=max(float(weights.max()), 1e-9))
-    fig.colorbar(image, ax=ax, shrink=0.8, label="attention weight")
-    ax.set(xlabel="key position", ylabel="query position")
-    ax.set_title(
-        f"{maps.title}, head {head}\n{maps.layer_label(layer, hash_round)}", fontsize=10, pad=12
+    cmap = colormaps["viridis"].with_extremes(bad=NOT_COMPUTED)
+    image = ax.imshow(
+        np.ma.masked_equal(weights, 0.0),
+        cmap=cmap,
+        norm=attention_norm(weights),
+        aspect="auto" if buckets is not None else "equal",  # the bucket strip over it aligns
     )
+    fig.colorbar(
+        image,
+        ax=[ax_top, ax] if buckets is not None else ax,
+        shrink=0.8,
+        label="attention weight (log scale)",
+    )
+    where = "sorted by LSH bucket, hash round " + str(hash_round) if sorted_view else "position"
+    ax.set(xlabel=f"key ({where})", ylabel=f"query ({where})")
+    title = f"{maps.title}, head {head}\n{maps.layer_label(layer, hash_round)}"
+    pad = 14 if maps.global_positions else 8  # room for the marks over the matrix
+    (ax_top if buckets is not None else ax).set_title(title, fontsize=10, pad=pad)
+    chunk = maps.chunk_lengths[layer] if layer < len(maps.chunk_lengths) else None
+    if chunk and chunk < n:  # the chunks the layer attends within (and their neighbours')
+        for edge in np.arange(chunk, n, chunk) - 0.5:
+            ax.axhline(edge, color="white", lw=0.6, ls=":")
+            ax.axvline(edge, color="white", lw=0.6, ls=":")
     if n <= max_ticks:
-        ax.set_xticks(range(n), maps.tokens, rotation=90, fontsize=7)
-        ax.set_yticks(range(n), maps.tokens, fontsize=7)
-    if maps.global_positions:  # red marks on the edges, the rows and columns stay visible
-        pos = maps.global_positions
+        ax.set_xticks(range(n), tokens, rotation=90, fontsize=7)
+        ax.set_yticks(range(n), tokens, fontsize=7)
+    handles = [Patch(color=NOT_COMPUTED, label="not computed")]
+    if maps.global_positions:  # red marks on the edges point at the global rows and columns
+        pos = [int(np.flatnonzero(order == p)[0]) for p in maps.global_positions]
         edge = -0.5 - n / 60
         marks = {"color": "red", "ms": 5, "clip_on": False, "ls": "none"}
-        ax.plot(pos, [edge] * len(pos), "v", label="global token", **marks)
+        handles += ax.plot(pos, [edge] * len(pos), "v", label="global token", **marks)
         ax.plot([edge] * len(pos), pos, ">", **marks)
-        ax.legend(loc="lower left", fontsize=7, framealpha=0.8)
         ax.set(xlim=(-0.5, n - 0.5), ylim=(n - 0.5, -0.5))  # the marks sit outside the matrix
-    if strip:
-        ax_b.imshow(buckets, cmap="tab20", aspect="auto", interpolation="nearest")
-        ax_b.set(
-            xlabel="token position",
-            ylabel="hash round",
-            title="LSH bucket of each token (colour = bucket)",
-        )
-        ax_b.set_yticks(range(buckets.shape[0]))
-        if buckets.shape[1] <= 64:
-            for r in range(buckets.shape[0]):
-                for t in range(buckets.shape[1]):
-                    ax_b.text(t, r, str(buckets[r, t]), ha="center", va="center", fontsize=6)
+    ax.legend(handles=handles, loc="lower left", fontsize=7, framealpha=0.85)
+    if buckets is not None:
+        _bucket_strips(fig, ax_top, ax_b, buckets, order if sorted_view else None, hash_round)
     return fig
+
+
+def _bucket_strips(fig, ax_top, ax_b, buckets: np.ndarray, order, hash_round: int) -> None:
+    """Over the matrix, the bucket of each position in the matrix's order (the chunks of a
+    bucket-sorted round are runs of one colour); under it, each token's bucket per hash round in
+    text order. The colours are named in a legend."""
+    from matplotlib.patches import Patch
+
+    count = int(buckets.max()) + 1
+    colours = _bucket_colours(count)
+    shown = buckets[hash_round] if order is None else buckets[hash_round][order]
+    for value, start, length in _bucket_runs(shown):
+        ax_top.broken_barh([(start - 0.5, length)], (0, 1), color=colours[value])
+    ax_top.set(xlim=(-0.5, len(shown) - 0.5), ylim=(0, 1))
+    ax_top.set_axis_off()
+    for r, row in enumerate(buckets):
+        for value, start, length in _bucket_runs(row):
+            ax_b.broken_barh([(start - 0.5, length)], (r - 0.45, 0.9), color=colours[value])
+    ax_b.set(
+        xlim=(-0.5, buckets.shape[1] - 0.5),
+        ylim=(buckets.shape[0] - 0.5, -0.5),
+        xlabel="token position (text order)",
+        ylabel="hash round",
+        title="the LSH bucket of each token",
+    )
+    ax_b.title.set_fontsize(9)
+    ax_b.set_yticks(range(buckets.shape[0]))
+    if count > NAMED_BUCKETS:  # too many to name: a colour bar along the buckets' numbers
+        from matplotlib import colormaps
+        from matplotlib.cm import ScalarMappable
+        from matplotlib.colors import Normalize
+
+        scale = ScalarMappable(Normalize(0, count - 1), colormaps["turbo"].resampled(count))
+        fig.colorbar(scale, ax=ax_b, orientation="horizontal", label="LSH bucket", aspect=40)
+        return
+    legend = [Patch(color=colours[b], label=f"bucket {b}") for b in range(count)]
+    fig.legend(
+        handles=legend,
+        loc="outside lower center",
+        ncol=min(count, 10),
+        fontsize=7,
+        title="colour = LSH bucket",
+        title_fontsize=7,
+    )
 
 
 def figure_png(fig) -> bytes:

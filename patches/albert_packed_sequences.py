@@ -3,8 +3,9 @@
 A batch from ``nbzoo.packing.PackedCollator`` carries ``sequence_ids`` (each token's sequence
 number in its row, 0 for padding) and ``cls_positions`` (each sequence's first token, flat).
 This replacement of ``AlbertForSequenceClassification.forward`` turns ``sequence_ids`` into a
-block-diagonal attention mask in the form of the model's attention implementation
-(``nbzoo.packing.attention_mask_for``), runs the encoder with the collator's per-sequence
+block-diagonal attention mask in the form of the model's attention implementation (or, for
+varlen attention, the sequences' boundaries: ``nbzoo.packing.model_attention``), runs the
+encoder with the collator's per-sequence
 ``position_ids`` and token types, and applies ALBERT's pooler (dense + tanh on the [CLS]
 token), dropout and classifier to each sequence's first token: one logit row per sequence, and
 upstream's loss (a mean over sequences). Any call without ``sequence_ids`` goes to the upstream
@@ -29,10 +30,11 @@ def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, posi
             token_type_ids=token_type_ids, position_ids=position_ids,
             inputs_embeds=inputs_embeds, labels=labels, **kwargs,
         )  # fmt: skip
-    mask = packing.model_attention_mask(self, sequence_ids, attention_mask)
+    attention = packing.model_attention(self, sequence_ids, attention_mask)
     outputs = self.albert(
-        input_ids=input_ids, attention_mask=mask, token_type_ids=token_type_ids,
-        position_ids=position_ids, inputs_embeds=inputs_embeds, return_dict=True, **kwargs,
+        input_ids=input_ids, token_type_ids=token_type_ids,
+        position_ids=position_ids, inputs_embeds=inputs_embeds, return_dict=True, **attention,
+        **kwargs,
     )  # fmt: skip
     first = packing.gather_sequences(outputs.last_hidden_state, cls_positions)
     pooled = self.albert.pooler_activation(self.albert.pooler(first))

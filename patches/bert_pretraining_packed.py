@@ -2,7 +2,7 @@
 
 A batch from ``nbzoo.packing.PackedCollator`` (MLPerf samples unpadded to their real lengths)
 carries ``sequence_ids`` and ``cls_positions``; this replacement of ``BertForPreTraining.forward``
-runs the encoder with a block-diagonal attention mask (``nbzoo.packing.attention_mask_for``),
+runs the encoder with a block-diagonal attention mask (``nbzoo.packing.model_attention``),
 the collator's per-sample positions and token types (each sample keeps its A/B segments), then:
 
 - MLM on the packed token labels (-100 on padding and unmasked tokens): the same mean over the
@@ -39,10 +39,11 @@ def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, posi
             next_sentence_label=next_sentence_label, **kwargs,
         )  # fmt: skip
     kwargs.pop("return_dict", None)
-    mask = packing.model_attention_mask(self, sequence_ids, attention_mask)
+    attention = packing.model_attention(self, sequence_ids, attention_mask)
     outputs = self.bert(
-        input_ids, attention_mask=mask, token_type_ids=token_type_ids,
-        position_ids=position_ids, inputs_embeds=inputs_embeds, return_dict=True, **kwargs,
+        input_ids, token_type_ids=token_type_ids,
+        position_ids=position_ids, inputs_embeds=inputs_embeds, return_dict=True, **attention,
+        **kwargs,
     )  # fmt: skip
     sequence_output = outputs.last_hidden_state
     first = packing.gather_sequences(sequence_output, cls_positions)

@@ -29,10 +29,11 @@ def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, posi
         )  # fmt: skip
     pad = self.config.pad_token_id
     position_ids = torch.where(sequence_ids > 0, position_ids + pad + 1, pad)
-    mask = packing.model_attention_mask(self, sequence_ids, attention_mask)
+    attention = packing.model_attention(self, sequence_ids, attention_mask)
     outputs = self.roberta(
-        input_ids, attention_mask=mask, token_type_ids=token_type_ids,
-        position_ids=position_ids, inputs_embeds=inputs_embeds, return_dict=True, **kwargs,
+        input_ids, token_type_ids=token_type_ids,
+        position_ids=position_ids, inputs_embeds=inputs_embeds, return_dict=True, **attention,
+        **kwargs,
     )  # fmt: skip
     first = packing.gather_sequences(outputs.last_hidden_state, cls_positions)
     logits = self.classifier(first[:, None, :])  # the head takes features[:, 0, :]

@@ -54,3 +54,36 @@ def bench_script(name: str):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def probe_project(root: Path, code: str, parameters: str) -> dict[str, str]:
+    """A project (NBZOO_ROOT) whose one notebook 01_probe declares ``parameters`` and runs
+    ``code``; its kernel (and any torchrun and ranks it starts) import the tests' jobs from this
+    checkout. Returns the environment that points a run there."""
+    import nbformat
+
+    (root / "nbzoo").mkdir(parents=True)
+    (root / "notebooks").mkdir()
+    nb = nbformat.v4.new_notebook()
+    params = nbformat.v4.new_code_cell(parameters)
+    params.metadata["tags"] = ["parameters"]
+    nb.cells = [params, nbformat.v4.new_code_cell(code)]
+    nb.metadata["kernelspec"] = {
+        "name": "python3",
+        "display_name": "Python 3",
+        "language": "python",
+    }
+    nbformat.write(nb, root / "notebooks" / "01_probe.ipynb")
+    path = os.pathsep.join(p for p in (os.environ.get("PYTHONPATH"), str(ROOT)) if p)
+    return {"NBZOO_ROOT": str(root), "PYTHONPATH": path}
+
+
+# a BERT small enough for a test to train in a second (06's backend)
+TINY_BERT = {
+    "vocab_size": 40,
+    "hidden_size": 16,
+    "num_hidden_layers": 1,
+    "num_attention_heads": 2,
+    "intermediate_size": 32,
+    "max_position_embeddings": 24,
+}

@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from nbzoo import bench, bench_lengths, bert_sample_lengths, packing
-from nbzoo.device import setup
+from nbzoo import bench, bench_lengths, bench_lengths_table, bert_sample_lengths, packing
+from nbzoo.device import cpu_description, setup
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_ALBERT = dict(
@@ -52,31 +52,56 @@ def test_the_padding_sweep_pads_what_it_says(pct):
     assert abs(packing.padding_fraction(lengths, 128) - pct / 100) < 0.02
 
 
-def test_a_tiny_case_measures_three_paths_on_the_same_sentences(one_torch_thread):
+def tiny_record(name="albert_base_sst2", batch_size=8, run=None):
     case = bench_lengths.LengthCase(
-        "albert_base_sst2", "tiny", "AlbertForSequenceClassification",
-        bench_lengths._albert_base, "sst2_128", 8, 2, cpu={"config": TINY_ALBERT},
+        name, "tiny", "AlbertForSequenceClassification", bench_lengths._albert_base, "sst2_128",
+        batch_size, 2, cpu={"config": TINY_ALBERT, "rounds": 2},
     )  # fmt: skip
-    record = bench_lengths.finish(
-        bench_lengths.run_length_case(case, setup("cpu", "fp32")), setup("cpu", "fp32")
-    )
+    rt = setup("cpu", "fp32")
+    record = bench_lengths.run_length_case(case, rt)
+    return bench_lengths.finish(record, rt, run or bench_lengths.run_stamp("nbzoo bench test"))
+
+
+def test_a_tiny_case_measures_four_paths_on_the_same_sentences(one_torch_thread):
+    record = tiny_record()
     for path in bench_lengths.PATHS:
-        assert record[path]["samples_per_second"] > 0 and len(record[path]["step_seconds"]) == 2
-    assert record["stock_seed"]["sequences"] == record["nbzoo"]["sequences"] == 16
-    assert record["rows_packed"] < record["rows_padded"]
-    assert record["loss_rel_diff"] < 1e-5  # the same sentences, packed or padded
-    assert record["ratio_vs_padded"] == pytest.approx(
-        record["nbzoo"]["samples_per_second"] / record["stock_seed"]["samples_per_second"]
+        assert record[path]["samples_per_second"] > 0 and len(record[path]["step_seconds"]) == 4
+        assert record[path]["sequences_per_round"] == 16  # the same 16 sentences on every path
+    tokens = record["tokens_computed"]
+    assert tokens["nbzoo"] <= tokens["stock_best"] < tokens["stock_seed"]
+    assert tokens["nbzoo_plain"] < tokens["stock_seed"]
+    assert max(record["loss_rel_diff"].values()) < 1e-5  # the same sentences, packed or padded
+    ratio = record["ratios"]["nbzoo_vs_stock_best"]
+    assert ratio["median"] == pytest.approx(np.median(ratio["rounds"]))
+    assert ratio["rounds"][0] == pytest.approx(
+        record["nbzoo"]["round_samples_per_second"][0]
+        / record["stock_best"]["round_samples_per_second"][0]
     )
+    goal = record["goal"]  # the case's: nbzoo at least as fast as stock at its best
+    assert goal["against"] == "stock_best" and goal["at_least"] == 1.0
+    assert goal["met"] == (record["ratios"]["nbzoo_vs_stock_best"]["median"] >= 1.0)
     assert record["length_distribution"] == "sst2_128" and "GLUE" in record["source"]
-    assert "tiny" not in bench_lengths.table([record])  # one row per record, by case name
-    assert "albert_base_sst2" in bench_lengths.table([record])
+    assert record["device_name"] == record["machine"]["cpu"]["model_name"]
+    text = bench_lengths_table.table([record])
+    assert "tiny" not in text and "albert_base_sst2" in text  # one row per record, by case name
+
+
+def test_the_table_shows_one_run_and_names_its_missing_cases(tmp_path, one_torch_thread):
+    old = bench_lengths.run_stamp("nbzoo bench real_lengths --device cpu")
+    old["started"] = "2000-01-01T00:00:00+00:00"
+    bench.write_record(tiny_record("bert_large_mlperf512", run=old), tmp_path)
+    new = bench_lengths.run_stamp("nbzoo bench real_lengths --device cpu")
+    bench.write_record(tiny_record("albert_base_sst2", run=new), tmp_path)
+    text = bench_lengths_table.render_table(tmp_path, "cpu")
+    assert "albert_base_sst2 |" in text and "bert_large_mlperf512 |" not in text
+    assert "without a record (failed or not reached): bert_large_mlperf512" in text
+    assert new["started"] in text and cpu_description()["model_name"] in text
 
 
 def test_the_committed_readme_shows_the_committed_cpu_records():
     folder = ROOT / "results" / "bench" / "lengths" / "cpu"
     readme = (ROOT / "bench" / "README.md").read_text(encoding="utf-8")
-    assert bench_lengths.render_table(folder) in readme
+    assert bench_lengths_table.render_table(folder, "cpu") in readme
 
 
 def test_real_length_groups_are_cases_of_nbzoo_bench():

@@ -13,6 +13,7 @@ import papermill
 import pytest
 
 from nbzoo import cli
+from tests.conftest import probe_project
 
 NOTEBOOKS = cli.available_notebooks()
 
@@ -40,7 +41,7 @@ def one_line_error(proc, code=2):
     [
         (
             ["run", "01_albert_glue", "--preset", "nope"],
-            "unknown preset 'nope' for 01_albert_glue; choose one of: demo, full, full_8p, perf",
+            "unknown preset 'nope' for 01_albert_glue; choose one of: demo, full, full_8p, full_8p_on_1, perf",
         ),
         (
             ["run", "01_albert_glue", "-p", "no_such_knob=1"],
@@ -181,26 +182,14 @@ def test_an_unwritable_output_dir_is_a_usage_error(tmp_path):
     assert "cannot be written: Permission denied" in one_line_error(proc)
 
 
-def probe_project(root, code):
-    """A project (NBZOO_ROOT) whose one notebook 01_probe runs ``code``."""
-    (root / "nbzoo").mkdir(parents=True)
-    (root / "notebooks").mkdir()
-    nb = nbformat.v4.new_notebook()
-    params = nbformat.v4.new_code_cell("fail: bool = False")
-    params.metadata["tags"] = ["parameters"]
-    nb.cells = [params, nbformat.v4.new_code_cell(code)]
-    nb.metadata["kernelspec"] = {
-        "name": "python3",
-        "display_name": "Python 3",
-        "language": "python",
-    }
-    nbformat.write(nb, root / "notebooks" / "01_probe.ipynb")
-    return {"NBZOO_ROOT": str(root)}
+PROBE = "fail: bool = False"  # the probe notebook's one knob
 
 
 @pytest.mark.slow
 def test_a_run_that_fails_keeps_the_previous_notebook_and_one_that_succeeds_replaces_it(tmp_path):
-    env = probe_project(tmp_path, "assert not fail, 'failed on purpose\\nmore'\nprint('ran')")
+    env = probe_project(
+        tmp_path, "assert not fail, 'failed on purpose\\nmore'\nprint('ran')", PROBE
+    )
     out = tmp_path / "out"
     out.mkdir()
     (out / "01_probe.ipynb").write_text("the previous run")
@@ -221,7 +210,7 @@ def test_a_run_that_fails_keeps_the_previous_notebook_and_one_that_succeeds_repl
 
 @pytest.mark.slow
 def test_ctrl_c_during_a_run_ends_in_one_line_and_writes_nothing(tmp_path):
-    env = probe_project(tmp_path, "import time\ntime.sleep(60)")
+    env = probe_project(tmp_path, "import time\ntime.sleep(60)", PROBE)
     out = tmp_path / "out"
     out.mkdir()
     (out / "01_probe.ipynb").write_text("the previous run")

@@ -18,7 +18,7 @@ import torch
 from safetensors.numpy import load_file
 from transformers import BertConfig, BertForPreTraining
 
-from nbzoo import convert_checkpoint
+from nbzoo import convert_checkpoint, safe_write
 from tests import checkpoint_spec_writers as spec
 
 # Google's bert_config.json keys (google-research/bert), a tiny BERT
@@ -349,7 +349,7 @@ def test_a_users_folder_is_refused_and_left_byte_identical(tmp_path, model, caps
     before = digest(out)
     rc = convert_checkpoint.main([str(src), str(out), "--config", str(write_config(tmp_path))])
     err = capsys.readouterr().err
-    assert rc == 2 and "holds files nbzoo did not write (config.json, notes.txt)" in err
+    assert rc == 2 and "holds config.json, notes.txt that nbzoo did not write" in err
     assert digest(out) == before
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
 
@@ -371,7 +371,7 @@ def test_an_empty_folder_and_an_earlier_conversion_are_written_over(tmp_path, mo
     first = digest(out)
     convert_checkpoint.convert(src, out, config, log=lambda _: None)
     assert digest(out).keys() == first.keys() == {"model.safetensors", "config.json",
-                                                   convert_checkpoint.RECORD}  # fmt: skip
+                                                   convert_checkpoint.RECORD, safe_write.MARKER}  # fmt: skip
 
 
 def test_the_standin_writers_files_convert_back_to_the_model(tmp_path, model):

@@ -113,7 +113,7 @@ def test_in_place_runs_start_from_a_clean_root(tmp_path):
     scratch, results = tmp_path / "scratch", tmp_path / "repo" / "results"
     (scratch / "checkpoints" / "01_albert_glue").mkdir(parents=True)  # an earlier run's
     env = demo.clean_root(scratch, notebooks, results)
-    assert sorted(p.name for p in scratch.iterdir()) == ["notebooks"]
+    assert sorted(p.name for p in scratch.iterdir() if p.name != ".nbzoo-owned") == ["notebooks"]
     assert [p.name for p in (scratch / "notebooks").iterdir()] == ["01_albert_glue.ipynb"]
 
     code = (
@@ -148,7 +148,9 @@ def test_each_outcome_reports_the_cpu_time_its_processes_used(tmp_path):
         threads=1, report=lines.append,
     )  # fmt: skip
     cpu = {o.stem: o.cpu_seconds for o in outcomes}
-    assert cpu["01_albert_glue"] >= 0.3 > cpu["03_roberta_sst2"] - 0.25
+    # the spinning child used 0.3 s of CPU on top of the interpreter's start, which both pay;
+    # how long that start takes depends on the machine, so it is not bounded here
+    assert cpu["01_albert_glue"] >= 0.3 and cpu["03_roberta_sst2"] < cpu["01_albert_glue"]
     assert all(o.seconds >= 0.3 for o in outcomes)
     assert any("01_albert_glue done in" in line and "s CPU)" in line for line in lines)
 

@@ -220,3 +220,15 @@ def test_aten_cpu_capability_avx2_mimics_a_cpu_without_fast_half_formats():
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == ["[]"]
+
+
+def test_the_cpu_description_names_the_model_and_only_the_flags_that_decide_speed(tmp_path):
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text(
+        "processor\t: 0\nmodel name\t: Example CPU 9000\nflags\t\t: fpu sse2 avx2 fma avx512f "
+        "avx512_bf16 amx_tile\n\nprocessor\t: 1\nmodel name\t: Other\nflags\t\t: sse2\n"
+    )
+    described = device.cpu_description(cpuinfo)
+    assert described["model_name"] == "Example CPU 9000"
+    assert described["flags"] == ["avx2", "fma", "avx512f", "avx512_bf16", "amx_tile"]
+    assert described["cpus"] >= 1 and described["torch_cpu_capability"]

@@ -26,6 +26,17 @@ class Handler(http.server.BaseHTTPRequestHandler):
     requests: list[dict] = []
     mode: str | None = None
     break_after: int | None = None  # close the connection after this many body bytes
+    validators: str = (
+        "both"  # which of ETag / Last-Modified the server sends: both, etag, date, none
+    )
+    versions: dict[str, int] = {}  # a file's version number: its Last-Modified date
+
+    def send_validators(self, body: bytes):
+        if Handler.validators in ("both", "etag"):
+            self.send_header("ETag", f'"{hashlib.sha256(body).hexdigest()[:16]}"')
+        if Handler.validators in ("both", "date"):
+            day = 1 + Handler.versions.get(self.path, 0)
+            self.send_header("Last-Modified", f"Mon, {day:02d} Nov 2026 10:00:00 GMT")
 
     def log_message(self, *args):
         pass
@@ -57,7 +68,13 @@ class Handler(http.server.BaseHTTPRequestHandler):
             self.close_connection = True
             return
         start = 0
-        if rng := self.headers.get("Range"):
+        rng = self.headers.get("Range")
+        if rng and mode == "if-range" and (condition := self.headers.get("If-Range")):
+            # RFC 9110 13.1.5: the range only if the validator still matches, else the whole file
+            current = (f'"{hashlib.sha256(body).hexdigest()[:16]}"',)
+            if condition not in current:
+                rng = None
+        if rng:
             start = int(rng.removeprefix("bytes=").split("-")[0])
             if start >= len(body):
                 self.send_response(416)
@@ -71,6 +88,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
             self.send_header("Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}")
         else:
             self.send_response(200)
+        self.send_validators(body)
         self.send_header("Content-Length", str(len(body) - start))
         self.end_headers()
         chunk = body[start:]
@@ -85,6 +103,8 @@ def server():
     Handler.requests = []
     Handler.mode = None
     Handler.break_after = None
+    Handler.validators = "both"
+    Handler.versions = {}
     httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     thread = threading.Thread(target=httpd.serve_forever, daemon=True)
     thread.start()
@@ -151,7 +171,7 @@ def test_the_glue_download_passes_the_published_sha256(tmp_path, monkeypatch):
 
     calls = []
 
-    def fake_download(url, dest, *, sha256, size=None, timeout=30.0):
+    def fake_download(url, dest, *, sha256, size=None, timeout=30.0, owner=None):
         calls.append((url, sha256, size))
         raise DownloadError("stop here")
 
@@ -186,7 +206,7 @@ def test_a_stale_part_larger_than_the_file_is_not_installed_when_the_server_answ
 ):
     dest = tmp_path / "data.bin"
     part_of(dest).write_bytes(PAYLOAD + b"left over from another file")
-    download(f"{server}/data.bin", dest, sha256=None)
+    download(f"{server}/data.bin", dest, sha256=sha(PAYLOAD))
     assert dest.read_bytes() == PAYLOAD
     assert [r["range"] for r in Handler.requests] == [f"bytes={len(PAYLOAD) + 27}-", None]
     assert not part_of(dest).exists()
@@ -223,7 +243,7 @@ def test_a_206_from_the_wrong_offset_is_not_appended(server, tmp_path):
     dest = tmp_path / "data.bin"
     part_of(dest).write_bytes(PAYLOAD[:300_000])
     Handler.mode = "wrong-offset"
-    download(f"{server}/data.bin", dest, sha256=None)
+    download(f"{server}/data.bin", dest, sha256=sha(PAYLOAD))
     assert dest.read_bytes() == PAYLOAD
     assert [r["range"] for r in Handler.requests] == ["bytes=300000-", None]
 
@@ -268,19 +288,35 @@ def test_glue_archive_downloads_and_unpacks_into_the_seed_layout(server, tmp_pat
     assert train.text_a == ["hide new secretions from the parental units "] and train.labels == [0]
 
 
-def test_an_html_page_saved_as_the_archive_is_named_removed_and_fetched_again(
+def test_an_html_page_saved_as_the_archive_is_named_and_replaced_by_the_verified_one(
     server, tmp_path, monkeypatch, capsys
 ):
+    from nbzoo import safe_write
     from nbzoo.data import glue
 
     _serve_glue(monkeypatch, server, _glue_archive(tmp_path / "SST-2.zip"))
     data = tmp_path / "dataset"
-    data.mkdir()
-    (data / "SST-2.zip").write_bytes(HTML)  # what an older run or a captive portal left
+    # what an earlier run left in nbzoo's own folder (a captive portal's page)
+    safe_write.claim(data, "test").write_bytes("SST-2.zip", HTML)
     glue.download_task(data, "sst2")
     assert "SST-2.zip is an HTML page" in capsys.readouterr().out
     assert zipfile.is_zipfile(data / "SST-2.zip")
     assert len(glue.read_split(data, "sst2", "dev")) == 1
+
+
+def test_an_html_page_of_the_users_in_the_data_folder_is_refused_not_replaced(
+    server, tmp_path, monkeypatch
+):
+    from nbzoo import safe_write
+    from nbzoo.data import glue
+
+    _serve_glue(monkeypatch, server, _glue_archive(tmp_path / "SST-2.zip"))
+    data = tmp_path / "dataset"
+    safe_write.claim(data, "test")
+    (data / "SST-2.zip").write_bytes(HTML)  # the user's own file, in nbzoo's folder
+    with pytest.raises(DownloadError, match="nbzoo did not write it"):
+        glue.download_task(data, "sst2")
+    assert (data / "SST-2.zip").read_bytes() == HTML and Handler.requests == []
 
 
 def test_an_html_page_served_instead_of_a_file_without_checksum_is_refused(server, tmp_path):
@@ -360,3 +396,85 @@ def test_extract_keeps_the_users_files_in_an_existing_task_folder(tmp_path):
     assert (data / "SST-2" / "train.tsv").read_text() == "sentence\tlabel\nmy own row\t1\n"
     assert not (data / "SST-2" / "dev.tsv").exists()
     assert sorted(p.name for p in data.iterdir()) == ["SST-2"]
+
+
+# --- resuming without a published checksum (issue 26, defect 5) --------------------------------
+
+NEWER = bytes(reversed(PAYLOAD))  # the same length, other bytes: the file changed on the server
+
+
+def _cut_then_change(server: str, dest: Path) -> None:
+    """A first attempt broken off after 400 kB of the file, which then changes on the server."""
+    Handler.break_after = 400_000
+    with pytest.raises(DownloadError, match="broke off|incomplete"):
+        download(f"{server}/data.bin", dest, sha256=None)
+    assert part_of(dest).stat().st_size == 400_000
+    Handler.break_after = None
+    Handler.files["/data.bin"] = NEWER
+    Handler.versions["/data.bin"] = 1
+
+
+@pytest.mark.parametrize("validators", ["both", "etag", "date"])
+def test_a_part_of_a_file_that_changed_on_the_server_is_not_spliced_onto_the_new_one(
+    server, tmp_path, validators
+):
+    Handler.validators = validators
+    dest = tmp_path / "data.bin"
+    _cut_then_change(server, dest)
+    download(f"{server}/data.bin", dest, sha256=None)
+    assert dest.read_bytes() == NEWER
+    assert not part_of(dest).exists()
+
+
+def test_a_server_that_honours_if_range_sends_the_whole_new_file(server, tmp_path):
+    Handler.mode = "if-range"
+    dest = tmp_path / "data.bin"
+    _cut_then_change(server, dest)
+    download(f"{server}/data.bin", dest, sha256=None)
+    assert dest.read_bytes() == NEWER
+    assert Handler.requests[-1]["range"] == "bytes=400000-"  # asked, and was sent the whole file
+
+
+def test_an_unchanged_file_resumes_where_the_part_ends(server, tmp_path):
+    dest = tmp_path / "data.bin"
+    Handler.break_after = 400_000
+    with pytest.raises(DownloadError):
+        download(f"{server}/data.bin", dest, sha256=None)
+    Handler.break_after = None
+    download(f"{server}/data.bin", dest, sha256=None)
+    assert dest.read_bytes() == PAYLOAD
+    assert Handler.requests[-1]["range"] == "bytes=400000-"
+
+
+def test_a_part_of_unknown_origin_is_not_resumed_without_a_checksum(server, tmp_path):
+    dest = tmp_path / "data.bin"
+    part_of(dest).write_bytes(NEWER[:300_000])  # no record of what it was started from
+    download(f"{server}/data.bin", dest, sha256=None)
+    assert dest.read_bytes() == PAYLOAD
+    assert [r["range"] for r in Handler.requests] == [None]
+
+
+@pytest.mark.parametrize("validators", ["both", "none"])
+def test_a_stale_part_answered_with_416_is_never_installed_unverified(server, tmp_path, validators):
+    Handler.validators = validators
+    dest = tmp_path / "data.bin"
+    part_of(dest).write_bytes(NEWER)  # as long as the file: the server answers 416
+    download(f"{server}/data.bin", dest, sha256=None)
+    assert dest.read_bytes() == PAYLOAD
+
+
+def test_a_damaged_archive_is_kept_until_a_verified_one_replaces_it(server, tmp_path):
+    dest = tmp_path / "SST-2.zip"
+    dest.write_bytes(HTML)  # damaged: not a zip
+    with pytest.raises(DownloadError, match="HTTP 404"):
+        download(f"{server}/missing/SST-2.zip", dest, sha256=None)
+    assert dest.read_bytes() == HTML
+    archive = _glue_archive(tmp_path / "good.zip")
+    Handler.files["/SST-2.zip"] = archive
+    Handler.break_after = 100
+    with pytest.raises(DownloadError):
+        download(f"{server}/SST-2.zip", dest, sha256=sha(archive))
+    assert dest.read_bytes() == HTML
+    Handler.break_after = None
+    download(f"{server}/SST-2.zip", dest, sha256=sha(archive))
+    assert dest.read_bytes() == archive

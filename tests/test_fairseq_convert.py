@@ -320,7 +320,7 @@ def test_an_existing_folder_of_the_users_is_never_wiped(tmp_path, classifier, ca
     out.mkdir()
     (out / "notes.txt").write_text("my notes")
     assert cf.main([str(path), str(out), "--num-labels", "3"]) == 2
-    assert "holds files that are not a saved model (notes.txt)" in capsys.readouterr().err
+    assert "out holds notes.txt that nbzoo did not write" in capsys.readouterr().err
     assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.pt", "out"]
 
@@ -339,10 +339,14 @@ def test_a_rerun_replaces_an_earlier_fine_tuning_output_with_its_training_record
 ):
     """03's fine-tuning writes training_record.json beside the saved model; its next run saves
     into the same folder."""
+    from nbzoo import launch
+
     out = cf.save_safetensors(classifier, tmp_path / "hf")
-    (out / "training_record.json").write_text("{}")
+    launch.write_record(out / "training_record.json", {})
     cf.save_safetensors(classifier, out)
-    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        ".nbzoo-owned", "config.json", "model.safetensors"
+    ]  # fmt: skip
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]
 
 

@@ -50,7 +50,7 @@ def dirs_arg(data) -> str:
 
 def test_preprocess_writes_the_seeds_layout(setup):
     data, dev, tok = setup["data"], setup["dev"], setup["tok"]
-    assert sorted(p.name for p in data.iterdir()) == [
+    assert outputs(data) == [  # and nbzoo's marker (nbzoo.safe_write)
         "attention_mask",
         "input_ids",
         "label.npy",
@@ -79,7 +79,7 @@ def test_runner_outputs_match_a_direct_onnxruntime_call(setup, outfmt, tmp_path)
     out = tmp_path / "seq16_bs8"
     ext = outfmt.lower()
     # one file per sample, named after the input file as ais_bench does; none for padding rows
-    assert sorted(p.name for p in out.iterdir()) == sorted(f"{i}_0.{ext}" for i in range(N))
+    assert outputs(out) == sorted(f"{i}_0.{ext}" for i in range(N))
     got = albert_preprocess.read_outputs(out, N)
     ref = direct(model, data)
     np.testing.assert_allclose(got, ref, atol=1e-5)  # TXT keeps 6 decimals (ais_bench's %f)
@@ -111,6 +111,11 @@ def test_cli_module_entry_point(setup, tmp_path):
         float((ref == np.load(setup["data"] / "label.npy")).mean())
     )
     assert result["samples"] == N
+
+
+def outputs(folder) -> list[str]:
+    """The files of an output folder but nbzoo's marker (nbzoo.safe_write)."""
+    return sorted(p.name for p in folder.iterdir() if p.name != ".nbzoo-owned")
 
 
 def copy_data(src, dst):
@@ -270,7 +275,7 @@ def test_an_existing_folder_of_the_users_is_never_emptied(setup, tmp_path, capsy
     (important / "notes.txt").write_text("my notes")
     assert infer.main(run_argv(setup, setup["data"], tmp_path / "out", "important")) == 2
     err = capsys.readouterr().err
-    assert "important exists and is not an earlier nbzoo.infer output" in err and "notes.txt" in err
+    assert "important holds notes.txt that nbzoo did not write" in err
     assert (important / "notes.txt").read_text() == "my notes"
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["important"]
 
@@ -280,18 +285,28 @@ def test_output_files_without_a_summary_beside_them_are_not_replaced(setup, tmp_
     looks_like_outputs.mkdir(parents=True)
     np.save(looks_like_outputs / "0_0.npy", np.ones(3))
     assert infer.main(run_argv(setup, setup["data"], tmp_path / "out")) == 2
-    assert "no run_summary.json" in capsys.readouterr().err
+    assert "run holds 0_0.npy that nbzoo did not write" in capsys.readouterr().err
     assert np.load(looks_like_outputs / "0_0.npy").tolist() == [1, 1, 1]
 
 
 def test_a_rerun_replaces_the_earlier_output_of_the_same_name(setup, tmp_path):
+    more = copy_data(setup["data"], tmp_path / "more")
+    for name in albert_preprocess.INPUT_NAMES:  # an earlier run over five samples more
+        for i in range(N, N + 5):
+            np.save(more / name / f"{i}.npy", np.load(more / name / "0.npy"))
+    assert infer.main(run_argv(setup, more, tmp_path / "out")) == 0
+    assert len(outputs(tmp_path / "out" / "run")) == N + 5
+    assert infer.main(run_argv(setup, setup["data"], tmp_path / "out")) == 0
+    assert outputs(tmp_path / "out" / "run") == sorted(f"{i}_0.npy" for i in range(N))
+
+
+def test_a_file_the_user_put_into_an_earlier_output_is_never_deleted(setup, tmp_path, capsys):
     argv = run_argv(setup, setup["data"], tmp_path / "out")
     assert infer.main(argv) == 0
-    (tmp_path / "out" / "run" / f"{N + 5}_0.npy").write_bytes(b"stale output of an earlier run")
-    assert infer.main(argv) == 0
-    assert sorted(p.name for p in (tmp_path / "out" / "run").iterdir()) == sorted(
-        f"{i}_0.npy" for i in range(N)
-    )
+    (tmp_path / "out" / "run" / "my_notes.txt").write_text("mine")
+    assert infer.main(argv) == 2
+    assert "run holds my_notes.txt that nbzoo did not write" in capsys.readouterr().err
+    assert (tmp_path / "out" / "run" / "my_notes.txt").read_text() == "mine"
 
 
 def test_inputs_named_alike_write_one_output_each(setup, tmp_path, capsys):
@@ -301,7 +316,7 @@ def test_inputs_named_alike_write_one_output_each(setup, tmp_path, capsys):
             f.rename(f.with_name(f"a.{f.name}"))
     assert infer.main(run_argv(setup, data, tmp_path / "out")) == 0
     out = tmp_path / "out" / "run"
-    assert sorted(p.name for p in out.iterdir()) == sorted(f"a.{i}_0.npy" for i in range(N))
+    assert outputs(out) == sorted(f"a.{i}_0.npy" for i in range(N))
     assert f"({N} files)" in capsys.readouterr().out
 
 

@@ -78,6 +78,7 @@ def test_several_machines_pass_the_rendezvous_of_node_zero():
         "--node_rank=1",
         "--master_addr=10.0.0.5",
         "--master_port=29400",
+        "--rdzv_conf=timeout=300",  # rendezvous_timeout's default: the machines wait 5 minutes
     ]
 
 
@@ -132,6 +133,24 @@ def test_bert_thor_full_8p_is_the_seeds_run_of_eight_devices_with_batch_12_each(
     assert eight.batch_size * eight.devices == 96
 
 
+def test_the_seeds_3000_steps_of_96_samples_stay_inside_one_epoch():
+    """config.py's epoch_size 1: the reported run reads 288,000 of the 9,600,000 MLPerf samples,
+    once, on 8 devices or on one with grad_accum 8."""
+    for preset in ("full_8p", "full_8p_on_1"):
+        cfg = config("06_bert_thor", preset)
+        assert cfg.max_steps * launch.global_batch(cfg) == 288_000
+        assert pretraining.epochs_read(cfg, cfg.devices, 9_600_000) == 1
+    assert pretraining.epochs_read(config("06_bert_thor", "full"), 1, 9_600_000) == 1
+
+
+def test_the_global_batch_counts_devices_machines_and_accumulated_micro_batches():
+    cfg = {"batch_size": 12, "devices": 8, "nnodes": 2, "grad_accum": 3}
+    assert launch.global_batch(cfg) == 12 * 8 * 2 * 3
+    assert launch.batch_line({"batch_size": 12, "devices": 1, "nnodes": 1, "grad_accum": 8}) == (
+        "global batch 96 = 12 per device × 1 device × 1 machine × grad_accum 8"
+    )
+
+
 def test_an_explicit_devices_knob_wins_over_the_preset():
     assert config("01_albert_glue", "full_8p", devices=2).devices == 2
     assert config("01_albert_glue", "demo").devices == 1
@@ -177,16 +196,32 @@ def glue_run(tmp_path_factory):
     return tmp, cfg, rt, finetune.train("sst2", cfg, rt)
 
 
+@pytest.fixture(scope="module")
+def glue_two(glue_run):
+    tmp, _, rt, _ = glue_run
+    return finetune.train("sst2", glue_config(tmp, "two", batch_size=8, devices=2), rt)
+
+
 @pytest.mark.slow
 def test_glue_fine_tuning_on_two_processes_matches_one_process_with_the_same_global_batch(
-    glue_run,
+    glue_run, glue_two
 ):
     tmp, _, rt, one = glue_run
-    cfg = glue_config(tmp, "two", batch_size=8, devices=2)
-    two = finetune.train("sst2", cfg, rt)
+    two = glue_two
     assert_same_losses(two.result, one.result, steps=4)
     assert two.result.samples == one.result.samples == 64
     assert two.metrics["sst2_accuracy"] == pytest.approx(one.metrics["sst2_accuracy"], abs=1 / 40)
+
+
+@pytest.mark.slow
+def test_glue_fine_tuning_with_grad_accum_2_on_one_process_matches_two_processes(
+    glue_run, glue_two
+):
+    tmp, _, rt, one = glue_run
+    accum = finetune.train("sst2", glue_config(tmp, "accum", batch_size=8, grad_accum=2), rt)
+    assert_same_losses(accum.result, glue_two.result, steps=4)
+    assert_same_losses(accum.result, one.result, steps=4)
+    assert accum.result.samples == 64
 
 
 @pytest.mark.slow
@@ -232,15 +267,31 @@ def sst2_run(tmp_path_factory):
     return tmp, cfg, rt, folder, sp.train(cfg, rt, folder)
 
 
+@pytest.fixture(scope="module")
+def sst2_two(sst2_run):
+    tmp, _, rt, folder, _ = sst2_run
+    cfg = sst2_config(tmp, "two", batch_size=8, devices=2, data_source="binarized")
+    return sp.train(cfg, rt, folder)
+
+
 @pytest.mark.slow
 def test_roberta_fine_tuning_on_two_processes_matches_one_process_with_the_same_global_batch(
-    sst2_run,
+    sst2_run, sst2_two
 ):
     tmp, _, rt, folder, one = sst2_run
-    cfg = sst2_config(tmp, "two", batch_size=8, devices=2, data_source="binarized")
-    two = sp.train(cfg, rt, folder)
-    assert_same_losses(two.result, one.result, steps=4)
-    assert two.checkpoint == tmp / "two" / "hf"
+    assert_same_losses(sst2_two.result, one.result, steps=4)
+    assert sst2_two.checkpoint == tmp / "two" / "hf"
+
+
+@pytest.mark.slow
+def test_roberta_fine_tuning_with_grad_accum_2_on_one_process_matches_two_processes(
+    sst2_run, sst2_two
+):
+    tmp, _, rt, folder, one = sst2_run
+    cfg = sst2_config(tmp, "accum", batch_size=8, grad_accum=2, data_source="binarized")
+    accum = sp.train(cfg, rt, folder)
+    assert_same_losses(accum.result, sst2_two.result, steps=4)
+    assert_same_losses(accum.result, one.result, steps=4)
 
 
 @pytest.mark.slow
@@ -296,17 +347,39 @@ def mlm_run(request, tmp_path_factory):
         yield kind, tmp, cfg, rt, mlm_train_in_process(kind, cfg, rt)
 
 
+def mlm_train_again(kind: str, cfg, rt, data, eval_batches=()):
+    model = masked_lm.build_model(kind, cfg, data.tokenizer)
+    unigram = longseq.Unigram.fit(data.train_set.blocks, len(data.tokenizer), [])
+    return masked_lm.train(kind, cfg, rt, model, data, list(eval_batches), unigram)
+
+
+@pytest.fixture(scope="module")
+def mlm_two(mlm_run):
+    kind, tmp, _, rt, (data, *_) = mlm_run
+    cfg = mlm_config(MLM[kind], tmp, "two", batch_size=2, devices=2, data_source="local")
+    return mlm_train_again(kind, cfg, rt, data)
+
+
 @pytest.mark.slow
-def test_masked_lm_on_two_processes_matches_one_process_with_the_same_global_batch(mlm_run):
+def test_masked_lm_on_two_processes_matches_one_process_with_the_same_global_batch(
+    mlm_run, mlm_two
+):
     """The masks are drawn for the global batch and the loss is averaged over its masked tokens,
     so the two half-batches train as the whole one would."""
     kind, tmp, _, rt, (data, *_, one) = mlm_run
-    cfg = mlm_config(MLM[kind], tmp, "two", batch_size=2, devices=2, data_source="local")
-    model = masked_lm.build_model(kind, cfg, data.tokenizer)
-    unigram = longseq.Unigram.fit(data.train_set.blocks, len(data.tokenizer), [])
-    two = masked_lm.train(kind, cfg, rt, model, data, [], unigram)
-    assert_same_losses(two, one, steps=3)
+    assert_same_losses(mlm_two, one, steps=3)
     assert (tmp / "two" / "final" / "model.safetensors").exists()
+
+
+@pytest.mark.slow
+def test_masked_lm_with_grad_accum_2_on_one_process_matches_two_processes(mlm_run, mlm_two):
+    """Each micro-batch weighs by its share of the step's masked tokens (not 1/2 each): the
+    step's loss is the mean over all of them, as on two processes."""
+    kind, tmp, _, rt, (data, _, _, batches, one) = mlm_run
+    cfg = mlm_config(MLM[kind], tmp, "accum", batch_size=2, grad_accum=2, data_source="local")
+    accum = mlm_train_again(kind, cfg, rt, data, batches)
+    assert_same_losses(accum, mlm_two, steps=3)
+    assert_same_losses(accum, one, steps=3)
 
 
 @pytest.mark.slow
@@ -356,14 +429,38 @@ def thor_run(tmp_path_factory):
     return tmp, cfg, rt, eval_data, optimizer_comparison.run(cfg, rt, train_data, eval_data)
 
 
+@pytest.fixture(scope="module")
+def thor_two(thor_run):
+    tmp, _, rt, _, _ = thor_run
+    cfg = thor_config(tmp, batch_size=8, devices=2, checkpoint_dir="")
+    return optimizer_comparison.run(cfg, rt, [], [], workdir=tmp / "torchrun")
+
+
+@pytest.mark.slow
+def test_thor_pretraining_with_grad_accum_2_on_one_process_matches_two_processes(
+    thor_run, thor_two
+):
+    """THOR gathers its statistics over both micro-batches of a step and counts optimizer steps
+    (its refreshes every ``frequency`` of them); each micro-batch weighs in the loss by its share
+    of the step's masked tokens and samples."""
+    tmp, _, rt, eval_data, _ = thor_run
+    cfg = thor_config(tmp, batch_size=8, grad_accum=2, checkpoint_dir="")
+    train_data, _ = pretraining.load_data(cfg)
+    accum = optimizer_comparison.run(cfg, rt, train_data, eval_data)
+    assert [r.optimizer for r in accum] == ["thor", "adamw"]
+    for a, b in zip(accum, thor_two, strict=True):
+        assert_same_losses(a, b, steps=4)
+    assert [r["step"] for r in accum[0].refresh_log] == [0, 2]  # frequency 2, in optimizer steps
+    assert accum[0].refresh_log == thor_two[0].refresh_log
+
+
 @pytest.mark.slow
 def test_thor_pretraining_on_two_processes_matches_one_process_with_the_same_global_batch(
-    thor_run,
+    thor_run, thor_two
 ):
     """THOR all-reduces its factors; the masked-LM loss is averaged over the global batch."""
     tmp, _, rt, _, one = thor_run
-    cfg = thor_config(tmp, batch_size=8, devices=2, checkpoint_dir="")
-    two = optimizer_comparison.run(cfg, rt, [], [], workdir=tmp / "torchrun")
+    two = thor_two
     assert [r.optimizer for r in two] == ["thor", "adamw"]
     for a, b in zip(two, one, strict=True):
         assert_same_losses(a, b, steps=4)

@@ -24,10 +24,22 @@ def sst2_check(value):
     return lesson.Check("sst2_accuracy", value, verdicts.proportion("majority class", 0.5, 500))
 
 
-def test_a_check_needs_five_standard_errors_above_a_model_that_learnt_nothing():
-    check = sst2_check(0.62)
-    assert check.needed == pytest.approx(0.5 + 5 * (0.25 / 500) ** 0.5)
-    assert check.learnt and not sst2_check(0.61).learnt and not sst2_check(float("nan")).learnt
+def test_an_accuracy_must_beat_what_chance_gives_the_majority_class_one_time_in_3_million():
+    """The count of right answers is binomial: the exact quantile, close to the normal margin of
+    5 standard errors (0.612) where that approximation holds."""
+    check = sst2_check(0.614)
+    assert check.needed == pytest.approx(0.614) and lesson.CHANCE == pytest.approx(2.87e-7, 0.01)
+    assert check.learnt and not sst2_check(0.612).learnt and not sst2_check(float("nan")).learnt
+    assert 0.5 + 5 * (0.25 / 500) ** 0.5 == pytest.approx(0.612, abs=1e-3)
+
+
+def test_a_lopsided_small_set_cannot_show_learning_and_says_so():
+    """A majority class of 90 % on 64 items: even 64 right answers happen by chance more often
+    than one time in 3 million, so no run can pass; the check says why instead of asking for
+    109 % (the normal margin)."""
+    check = lesson.Check("accuracy", 1.0, verdicts.proportion("majority class", 0.9, 64))
+    assert check.needed > 1 and not check.learnt
+    assert "64 items cannot show it" in lesson.Checks([check]).failures
 
 
 def test_a_demo_that_did_not_learn_records_nothing_and_says_why(tmp_path, rt):

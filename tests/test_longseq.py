@@ -6,11 +6,13 @@ from __future__ import annotations
 import math
 from types import SimpleNamespace
 
+import matplotlib.pyplot as plt
 import numpy as np
 import pytest
 import torch
 
 from nbzoo import device, longseq, patching
+from tests import figure_check
 from tests.test_patches_longseq import longformer, reformer
 
 
@@ -45,6 +47,9 @@ def test_evaluate_mlm_matches_a_hand_computation():
     expected = math.exp(-(np.log(smoothed[2]) + 3 * np.log(smoothed[3])) / 4)
     assert got["unigram_perplexity"] == pytest.approx(expected)
     assert got["masked_tokens"] == 4
+    per_token = -np.log([0.6, 0.1, 0.6, 0.1])  # the delta method: exp(mean) * sd / sqrt(n)
+    se = math.exp(nll) * per_token.std(ddof=1) / math.sqrt(4)
+    assert got["perplexity_standard_error"] == pytest.approx(se, rel=1e-5)
 
 
 def test_unigram_ignores_special_tokens():
@@ -68,10 +73,8 @@ def test_reformer_config_requires_axial_shape_to_match_the_block():
     assert config.is_decoder is False and config.vocab_size == 10  # masked LM is bidirectional
 
 
-def test_axial_helpers():
+def test_axial_factors_are_as_close_to_the_square_root_as_possible():
     assert longseq.axial_factors(2048) == [32, 64] and longseq.axial_factors(128) == [8, 16]
-    params = longseq.axial_parameters(reformer().config)
-    assert params == {"axial": 8 * 16 + 8 * 16, "one per position": 64 * 32}
 
 
 def test_reformer_keeps_less_for_backward_than_full_attention():
@@ -85,15 +88,100 @@ def test_reformer_keeps_less_for_backward_than_full_attention():
     assert small["seconds_per_step"] > 0
 
 
-def test_step_time_is_the_median_of_its_repeats_with_their_spread(monkeypatch):
-    """A busy machine slows some steps: the median and the spread show it, one step does not
-    move the figure (steps of 1, 9 and 2 s: median 2, spread 8)."""
+def test_step_time_is_the_median_of_its_repeats_with_their_quartiles(monkeypatch):
+    """A busy machine slows some steps: the median and the interquartile range show it, one slow
+    step does not move the figure (steps of 1, 9, 2, 2 and 3 s: median 2, IQR 2-3)."""
     rt = device.setup("cpu", "fp32", 0)
-    ticks = iter([0.0, 1.0, 10.0, 19.0, 20.0, 22.0])
+    ticks = iter([0.0, 1.0, 10.0, 19.0, 20.0, 22.0, 30.0, 32.0, 40.0, 43.0])
     monkeypatch.setattr(longseq.time, "perf_counter", lambda: next(ticks))
     ids = torch.randint(5, 60, (1, 256))
-    row = longseq.measure_step(longseq.reformer_at_length(reformer().config, 256), ids, rt, 3)
-    assert row["seconds_per_step"] == 2.0 and row["seconds_spread"] == 8.0
+    row = longseq.measure_step(longseq.reformer_at_length(reformer().config, 256), ids, rt, 5)
+    assert row["seconds"] == [1.0, 9.0, 2.0, 2.0, 3.0]
+    assert (row["seconds_q1"], row["seconds_per_step"], row["seconds_q3"]) == (2.0, 2.0, 3.0)
+
+
+def test_the_models_of_one_length_take_turns_step_by_step(monkeypatch):
+    """A, B, A, B, ...: a neighbour that slows the machine for a while slows both alike."""
+    rt = device.setup("cpu", "fp32", 0)
+    order = []
+
+    class Recorder(torch.nn.Module):
+        def __init__(self, name):
+            super().__init__()
+            self.name, self.w = name, torch.nn.Parameter(torch.ones(1))
+
+        def forward(self, input_ids, labels):
+            order.append(self.name)
+            return SimpleNamespace(loss=(self.w * input_ids.float()).sum())
+
+    longseq.measure_steps({"a": Recorder("a"), "b": Recorder("b")}, torch.ones(1, 4), rt, 3)
+    assert order == ["a", "b"] + ["a", "b"] * 3  # the warm-ups, then alternating rounds
+
+
+def _table(rows):
+    import pandas as pd
+
+    return pd.DataFrame(
+        [{"model": m, "seq_len": n, "seconds": s, "activation_MiB": mib} for m, n, s, mib in rows]
+    )
+
+
+def test_the_crossover_is_worded_from_the_interquartile_ranges():
+    table = _table(
+        [
+            ("Reformer", 256, [0.20, 0.21, 0.22, 0.23], 1.0),
+            ("full", 256, [0.05, 0.06, 0.06, 0.07], 4.0),
+            ("Reformer", 1024, [0.30, 0.35, 0.40, 0.45], 4.0),
+            ("full", 1024, [0.33, 0.36, 0.38, 0.44], 26.0),
+            ("Reformer", 2048, [0.50, 0.51, 0.52, 0.53], 8.0),
+            ("full", 2048, [1.50, 1.60, 1.70, 1.80], 84.0),
+        ]
+    )
+    found = longseq.crossover(table, "Reformer", "full")
+    assert found.by_length[256].leader == "full" and found.by_length[2048].leader == "Reformer"
+    assert not found.by_length[1024].significant  # overlapping IQRs: no verdict
+    assert found.first_faster == 2048
+    assert found.text().startswith(
+        "Reformer is slower than full at 256 tokens; no clear difference at 1024 tokens; "
+        "Reformer is faster from 2048 tokens on"
+    )
+    assert "84.0 MiB (10.5× as much)" in longseq.memory_text(table, "Reformer", "full")
+
+
+def test_a_model_faster_only_at_a_middle_length_has_no_crossover():
+    table = _table(
+        [
+            ("Reformer", 256, [0.1, 0.1, 0.1, 0.1], 1.0),
+            ("full", 256, [0.3, 0.3, 0.3, 0.3], 4.0),
+            ("Reformer", 512, [0.5, 0.5, 0.5, 0.5], 2.0),
+            ("full", 512, [0.3, 0.3, 0.3, 0.3], 9.0),
+        ]
+    )
+    assert longseq.crossover(table, "Reformer", "full").first_faster is None
+    with pytest.raises(ValueError, match="no model 'other'"):
+        longseq.step_timings(table, "other")
+
+
+def test_the_scaling_figure_labels_its_log_axes_without_overlap():
+    rt = device.setup("cpu", "fp32", 0)
+    config = reformer().config
+    builders = {
+        "Reformer": lambda n: longseq.reformer_at_length(config, n),
+        "full attention": lambda n: longseq.full_attention_twin(
+            longseq.reformer_at_length(config, n).config
+        ),
+    }
+    table = longseq.scaling_table(builders, [128, 256, 512, 1024], rt, vocab_size=60, repeats=2)
+    fig = longseq.plot_scaling(table)
+    assert figure_check.problems(fig) == []
+    labels = [t.get_text() for t in fig.axes[0].get_xticklabels()]
+    assert labels == ["128", "256", "512", "1024"]
+    plt.close(fig)
+
+
+def test_decade_ticks_cover_the_range_in_one_two_five_steps():
+    assert longseq.decade_ticks(0.006, 0.3) == [0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5]
+    assert longseq.decade_ticks(1.2, 84) == [1, 2, 5, 10, 20, 50, 100]
 
 
 def test_saved_activation_bytes_counts_each_storage_once():
@@ -133,39 +221,50 @@ def test_global_on_tokens_marks_the_given_ids():
     assert batch["global_attention_mask"].tolist() == [[1, 0, 0, 1, 0]]
 
 
-def test_set_hash_seed_and_bucket_agreement():
+def test_set_hash_seed_fixes_every_lsh_layer():
     model = reformer(hash_seed=None)
     assert longseq.set_hash_seed(model, 5) == 2
-    ids = torch.randint(3, 60, (2, 64), generator=torch.Generator().manual_seed(0))
-    ids[:, ::4] = 7  # a repeated token
-    got = longseq.lsh_bucket_agreement(model, ids)
-    assert 0 < got["any two tokens, same bucket"] < got["same token, same bucket"] <= 1
+    assert {m.hash_seed for m in model.modules() if type(m).__name__ == "LSHSelfAttention"} == {5}
 
 
-def test_bucket_agreement_counts_the_pairs_the_full_comparison_counts():
-    model = reformer(hash_seed=None)
-    longseq.set_hash_seed(model, 5)
-    ids = torch.randint(3, 60, (2, 64), generator=torch.Generator().manual_seed(1))
-    ids[:, ::3] = 9
-    captured = []
-    hooks = [
-        m.register_forward_hook(lambda _m, _i, out: captured.append(out.buckets))
-        for m in model.modules()
-        if type(m).__name__ == "LSHSelfAttention"
+def test_unigram_perplexity_carries_its_standard_error_by_the_delta_method():
+    unigram = longseq.Unigram(np.array([0.0, 1.0, 2.0, 5.0, 0.0]))
+    labels = torch.tensor([[-100, 2, 3, -100], [3, -100, 1, 3]])
+    got = longseq.unigram_perplexity([{"labels": labels}], unigram)
+    nll = -unigram.log_probs()[[2, 3, 3, 1, 3]]
+    assert got.value == pytest.approx(math.exp(nll.mean()))
+    assert got.standard_error == pytest.approx(
+        math.exp(nll.mean()) * nll.std(ddof=1) / math.sqrt(5)
+    )
+    assert got.n == 5 and got.kind == "perplexity"
+
+
+def test_bucket_and_window_knobs_are_checked_with_a_clear_message():
+    class Tok:
+        pad_token_id, bos_token_id, eos_token_id = 1, 0, 2
+
+        def __len__(self):
+            return 10
+
+    shape = {"axial_pos_shape": [8, 16]}
+    with pytest.raises(ValueError, match="num_buckets must be an even number >= 2"):
+        longseq.reformer_config({**shape, "num_buckets": 5}, Tok(), 128)
+    with pytest.raises(ValueError, match="num_buckets must be an even number"):
+        longseq.reformer_config({**shape, "num_buckets": [4, 3]}, Tok(), 128)
+    assert longseq.reformer_config({**shape, "num_buckets": [4, 8]}, Tok(), 128).num_buckets == [
+        4,
+        8,
     ]
-    with torch.no_grad():
-        model.eval()(input_ids=ids)
-    for h in hooks:
-        h.remove()
-    # the definition: every ordered pair of distinct positions compared
-    same_token = (ids[:, :, None] == ids[:, None, :])[:, None, None]
-    off_diagonal = ~torch.eye(ids.shape[1], dtype=torch.bool)
-    same, every = [], []
-    for buckets in captured:
-        same_bucket = buckets[..., :, None] == buckets[..., None, :]
-        pairs = (same_token & off_diagonal).expand_as(same_bucket)
-        same.append(same_bucket[pairs].float().mean())
-        every.append(same_bucket[off_diagonal.expand_as(same_bucket)].float().mean())
-    got = longseq.lsh_bucket_agreement(model, ids)
-    assert got["same token, same bucket"] == pytest.approx(float(torch.stack(same).mean()))
-    assert got["any two tokens, same bucket"] == pytest.approx(float(torch.stack(every).mean()))
+    with pytest.raises(ValueError, match="attention_window must be an even number >= 2"):
+        longseq.longformer_config({"attention_window": 33}, Tok(), 128)
+
+
+def test_the_patched_longformer_is_captured_as_one_graph():
+    model = longformer()
+    batch = {"input_ids": torch.randint(3, 60, (2, 32)), "labels": torch.zeros(2, 32)}
+    batch["global_attention_mask"] = torch.zeros(2, 32, dtype=torch.long)
+    batch["global_attention_mask"][:, 0] = 1
+    with patching.applied("longformer_sliding_window", "longformer_static_global"):
+        got = longseq.compile_whole(model.train(), batch)
+    assert got["max_abs_diff"] < 1e-5 and got["seconds"] > 0
+    assert model.training  # left as it was

@@ -59,6 +59,26 @@ def test_schedule_is_fairseqs_polynomial_decay_with_warmup():
         scheduler.step()
 
 
+def test_the_full_presets_schedule_counts_fairseqs_updates_whatever_the_epochs():
+    """fairseq's SST-2 recipe: warm-up 1256 updates, decay to 0 at update 20935, the same on the
+    1-epoch row (about 2,100 updates, ending early in the decay) and the 10-epoch 8p row."""
+    model = torch.nn.Linear(3, 3)
+    for preset in ("full", "full_8p", "full_8p_on_1"):
+        cfg = presets.Config(presets.load("03_roberta_sst2")[preset])
+        assert sp.schedule_updates(cfg, run_updates=2105) == (1256, 20935)
+        optimizer, scheduler = sp.make_optimizer(model, cfg, 2105)
+        lrs = []
+        for _ in range(20935 + 2):
+            lrs.append(optimizer.param_groups[0]["lr"])
+            optimizer.step()
+            scheduler.step()
+        assert lrs[1256] == pytest.approx(1e-5) and max(lrs) == lrs[1256]
+        assert lrs[2105] == pytest.approx(1e-5 * (1 - (2105 - 1256) / (20935 - 1256)))
+        assert lrs[20935] == 0.0
+    demo = presets.Config(presets.load("03_roberta_sst2")["demo"])
+    assert sp.schedule_updates(demo, run_updates=300) == (18, 300)  # warmup_ratio 0.06
+
+
 def test_demo_pipeline_binarizes_trains_and_predicts(tmp_path):
     cfg = demo_cfg(tmp_path)
     folder = sp.prepare_data(cfg)
@@ -76,7 +96,7 @@ def test_demo_pipeline_binarizes_trains_and_predicts(tmp_path):
 
 
 def test_max_tokens_batches_as_fairseq_and_the_schedule_counts_those_batches(tmp_path):
-    cfg = demo_cfg(tmp_path, max_tokens=160)
+    cfg = demo_cfg(tmp_path, max_tokens=160, packing="plain")  # fairseq's own order
     folder = sp.prepare_data(cfg)
     train = sp.load_splits(folder, cfg.max_positions)["train"]
     plan = sp.batch_plan(cfg, train)
@@ -88,7 +108,7 @@ def test_max_tokens_batches_as_fairseq_and_the_schedule_counts_those_batches(tmp
     run = sp.finetune(cfg, rt, folder)
     assert run.result.steps == len(batches)
     assert run.result.samples == len(train)
-    assert sp.batch_plan(demo_cfg(tmp_path, max_tokens=0), train) is None
+    assert sp.batch_plan(demo_cfg(tmp_path, max_tokens=0, packing="plain"), train) is None
 
 
 def test_the_seeds_lable_folder_is_read_like_label(tmp_path):
@@ -206,4 +226,6 @@ def test_a_damaged_roberta_archive_is_named_and_nothing_half_written_is_left(tmp
     target = tmp_path / "RoBERTa.base" / "model.pt"
     with pytest.raises(DownloadError, match=r"roberta.base.tar.gz: damaged archive"):
         sp.download_roberta_base(target, f"{base}/roberta.base.tar.gz")
-    assert sorted(p.name for p in target.parent.iterdir()) == ["roberta.base.tar.gz"]
+    assert sorted(p.name for p in target.parent.iterdir() if p.name != ".nbzoo-owned") == [
+        "roberta.base.tar.gz"
+    ]

@@ -18,13 +18,15 @@ from torch import nn
 
 from nbzoo import device
 from nbzoo.optim import thor as thor_module
-from nbzoo.optim.thor import THOR, PolySchedule
+from nbzoo.optim.thor import THOR, VARIANTS, PolySchedule
 from nbzoo.train import TrainConfig, fit
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 DAMPING = 0.04  # λ; each factor gets √λ = 0.2
+NBZOO = VARIANTS["nbzoo"]  # biases folded, the tied weight's Kronecker sum, running statistics
+MINDSPORE = VARIANTS["mindspore"]  # THOR's defaults
 B, T, V, H = 6, 5, 9, 5
 
 
@@ -67,7 +69,8 @@ def _loss(model, ids, targets):
 
 def _one_step(model, block_size=1000, **kw):
     """One THOR step with lr 1, no momentum / decay / clipping; returns (direction per parameter
-    name, the gradients, the optimizer)."""
+    name, the gradients, the optimizer). nbzoo's variant unless ``kw`` says otherwise."""
+    kw = {**NBZOO, **kw}
     opt = THOR(
         model,
         lr=1.0,
@@ -166,12 +169,96 @@ def test_tied_decoder_step_inverts_the_sum_of_both_kronecker_products():
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-10)
 
 
+def test_mindspore_variant_leaves_biases_first_order():
+    """MindSpore's DenseThor gathers A over the inputs alone (no constant 1) and adds the bias
+    after the THOR matmul: the bias takes the plain gradient."""
+    torch.manual_seed(0)
+    model = TinyLM(tied=False).double()
+    d, grads, opt = _one_step(model, **MINDSPORE)
+    r = math.sqrt(DAMPING)
+    a = _second_moment(model.saved["e"].detach(), 1.0)
+    g = _second_moment(model.saved["y"].grad, B**2)
+    expected = _solve(torch.kron(g + r * _eye(4), a + r * _eye(H)), grads["lin.weight"])
+    torch.testing.assert_close(d["lin.weight"], expected, rtol=1e-5, atol=1e-10)
+    torch.testing.assert_close(d["lin.bias"], grads["lin.bias"])
+    table = {row["parameter"]: row["update"] for row in opt.layer_table()}
+    assert table["lin.bias"].startswith("first-order")
+
+
+def test_mindspore_variant_preconditions_the_tied_weight_with_the_embedding_factors_alone():
+    """BERT's MLM decoder is a plain matmul with the embedding table in MindSpore's bert_thor: the
+    summed gradient of the shared weight goes through the embedding's A and G, the decoder
+    gathers nothing and its bias is first-order."""
+    torch.manual_seed(2)
+    model = TinyLM(tied=True).double()
+    d, grads, opt = _one_step(model, **MINDSPORE)
+    assert all(len(grp.uses) == 1 for grp in opt.groups)
+    assert not any(u.name == "dec" for grp in opt.groups for u in grp.uses)
+    ids, _ = _batch()
+    r = math.sqrt(DAMPING)
+    counts = torch.bincount(ids.reshape(-1), minlength=V).double() / B
+    g_emb = _second_moment(model.saved["e"].grad, B**2)
+    fisher = torch.kron(torch.diag(counts) + r * _eye(V), g_emb + r * _eye(H))
+    expected = _solve(fisher, grads["emb.weight"])  # both layers' gradient, summed by autograd
+    torch.testing.assert_close(d["emb.weight"], expected, rtol=1e-5, atol=1e-10)
+    torch.testing.assert_close(d["dec.bias"], grads["dec.bias"])
+    table = {row["parameter"]: row["update"] for row in opt.layer_table()}
+    assert "the embedding's factors alone" in table["emb.weight"]
+
+
+def test_mindspore_variant_takes_each_refresh_steps_own_statistics():
+    """A and G are gathered at refresh steps only (0, f, 2f, ...) and replace the previous ones:
+    no running average."""
+    torch.manual_seed(4)
+    model = TinyLM(tied=False).double()
+    opt = THOR(model, lr=0.05, damping=DAMPING, frequency=3)
+    lin = next(g for g in opt.groups if g.uses[0].name == "lin").uses[0]
+    values = []
+    for k in range(7):
+        ids, targets = _batch(k)
+        opt.zero_grad()
+        _loss(model, ids, targets).backward()
+        assert (lin.col.sum is not None) == (k % 3 == 0), k
+        opt.step()
+        values.append(lin.col.value.clone())
+        if k % 3 == 0:
+            own = _second_moment(model.saved["e"].detach(), 1.0)
+            torch.testing.assert_close(lin.col.value[0], own)
+    assert torch.equal(values[1], values[0]) and torch.equal(values[5], values[3])
+    assert [r["step"] for r in opt.refresh_log] == [0, 3, 6]
+
+
+@pytest.mark.parametrize("variant", ["mindspore", "nbzoo"])
+def test_the_statistics_of_a_step_gather_over_all_its_micro_batches(variant):
+    """grad_accum: two half-batches, each loss weighted 1/2 (as nbzoo.train.fit weighs equal
+    micro-batches), then one step(), give the factors and the update of the whole batch; the
+    step count (refreshes, schedules) counts step() calls."""
+    ids, targets = _batch(3)
+    runs = []
+    for halves in (1, 2):
+        torch.manual_seed(9)
+        model = TinyLM(tied=True).double()
+        opt = THOR(model, lr=0.1, damping=DAMPING, frequency=2, stats_every=1, **VARIANTS[variant])
+        for part in range(halves):
+            rows = slice(part * B // halves, (part + 1) * B // halves)
+            (_loss(model, ids[rows], targets[rows]) / halves).backward()
+        opt.step()
+        runs.append((model, opt))
+    (whole, one), (accumulated, two) = runs
+    assert one.steps == two.steps == 1 and one.refresh_log == two.refresh_log
+    for f, h in zip(_factors(one), _factors(two), strict=True):
+        torch.testing.assert_close(f.value, h.value, rtol=1e-10, atol=1e-12)
+    for p, q in zip(whole.parameters(), accumulated.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-9, atol=1e-12)
+    assert (one._batch, two._batch) == (B, B // 2)  # LayerNorm's rule: the per-device batch
+
+
 def test_layers_of_one_shape_are_preconditioned_in_one_batch_with_the_same_arithmetic(monkeypatch):
     torch.manual_seed(0)
     layers = [nn.Linear(6, 6), nn.Tanh(), nn.Linear(6, 6), nn.Tanh(), nn.Linear(6, 6, bias=False)]
     model = nn.Sequential(*layers, nn.Tanh(), nn.Linear(6, 6), nn.Tanh(), nn.Linear(6, 3))
     # blocks of 4: a 6 × 7 gradient (bias folded) is cut into padded blocks on both sides
-    opt = THOR(model, lr=0.1, damping=DAMPING, frequency=1, stats_every=1, block_size=4)
+    opt = THOR(model, lr=0.1, damping=DAMPING, frequency=1, stats_every=1, block_size=4, **NBZOO)
     x, y = torch.randn(16, 6), torch.randint(0, 3, (16,))
     for _ in range(2):
         opt.zero_grad()
@@ -213,7 +300,7 @@ def test_between_steps_thor_holds_the_momentum_the_running_factors_and_one_inver
     torch.manual_seed(0)
     layers = [nn.Linear(6, 6), nn.Tanh(), nn.Linear(6, 6), nn.Tanh(), nn.Linear(6, 3)]
     model = nn.Sequential(*layers)
-    opt = THOR(model, lr=0.1, damping=DAMPING, frequency=2, stats_every=2, block_size=4)
+    opt = THOR(model, lr=0.1, damping=DAMPING, frequency=2, stats_every=2, block_size=4, **NBZOO)
     x, y = torch.randn(16, 6), torch.randint(0, 3, (16,))
     for step in range(4):
         opt.zero_grad()
@@ -243,7 +330,7 @@ def test_a_step_applies_each_batch_of_directions_before_it_computes_the_next(mon
     torch.manual_seed(0)
     layers = [m for _ in range(4) for m in (nn.Linear(6, 6), nn.Tanh())]
     model = nn.Sequential(*layers, nn.Linear(6, 3))
-    opt = THOR(model, lr=0.1, damping=DAMPING, frequency=1, stats_every=1, block_size=4)
+    opt = THOR(model, lr=0.1, damping=DAMPING, frequency=1, stats_every=1, block_size=4, **NBZOO)
     monkeypatch.setattr(thor_module, "STACK_GROUPS", 2)  # the four 6 × 6 layers: two batches
     x, y = torch.randn(16, 6), torch.randint(0, 3, (16,))
     made, batches = [], []
@@ -310,13 +397,15 @@ def _run(model, opt, steps, seed=0):
 def test_inverses_refresh_every_frequency_steps_and_stats_every_stats_every():
     torch.manual_seed(4)
     model = TinyLM(tied=False).double()
-    opt = THOR(model, lr=0.05, damping=DAMPING, frequency=4, stats_every=2, trace_threshold=0.0)
+    opt = THOR(
+        model, lr=0.05, damping=DAMPING, frequency=4, stats_every=2, trace_threshold=0.0, **NBZOO
+    )
     snaps = _run(model, opt, 9)
     changed = [k for k in range(1, 9) if not torch.equal(snaps[k]["col"], snaps[k - 1]["col"])]
     assert changed == [4, 8]
     assert [r["step"] for r in opt.refresh_log] == [0, 4, 8]
     with pytest.raises(ValueError, match="divide frequency"):
-        THOR(model, frequency=10, stats_every=3)
+        THOR(model, frequency=10, stats_every=3, statistics="running")
 
 
 def test_trace_rule_skips_layers_whose_fisher_trace_did_not_move():
@@ -334,7 +423,9 @@ def test_trace_rule_skips_layers_whose_fisher_trace_did_not_move():
 def test_a_failed_inversion_keeps_the_previous_inverse_and_the_run_goes_on():
     torch.manual_seed(5)
     model = TinyLM(tied=False).double()
-    opt = THOR(model, lr=0.05, damping=DAMPING, frequency=2, stats_every=1)
+    # running statistics: a broken factor stays until the next gathering (MindSpore's variant
+    # replaces it at every refresh)
+    opt = THOR(model, lr=0.05, damping=DAMPING, frequency=2, stats_every=1, **NBZOO)
     snaps = _run(model, opt, 2)
     lin = next(g for g in opt.groups if g.uses[0].name == "lin")
     lin.uses[0].col.value.fill_(float("inf"))  # what a diverging run leaves behind

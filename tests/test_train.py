@@ -7,7 +7,15 @@ import pytest
 import torch
 
 from nbzoo import device
-from nbzoo.train import TrainConfig, epoch_batches, find_checkpoint, fit, save_checkpoint
+from nbzoo.train import (
+    TrainConfig,
+    epoch_batches,
+    find_checkpoint,
+    fit,
+    save_checkpoint,
+    step_shares,
+    steps_per_epoch,
+)
 
 JOBS = Path(__file__).parent / "jobs"
 
@@ -66,6 +74,66 @@ def test_gradient_accumulation_matches_one_large_batch():
     )
     for p, q in zip(a.parameters(), b.parameters(), strict=False):
         torch.testing.assert_close(p, q, atol=1e-6, rtol=1e-5)
+
+
+def test_accumulated_micro_batches_of_unequal_size_weigh_by_their_sentences():
+    """20 sentences as micro-batches of 8, 8 and 4 (grad_accum 3) take the step of one batch of 20:
+    the loss is the mean over the 20 sentences, not the mean of the three micro-batches' means
+    (which would count each of the last 4 sentences twice as much)."""
+    rt = device.Runtime("cpu", "fp32")
+    whole, accumulated = toy_model(), toy_model()
+    data = toy_data(20)
+    one = fit(whole, data, torch.optim.SGD(whole.parameters(), lr=0.5), rt,
+              TrainConfig(epochs=1, batch_size=20), loss_fn=loss_fn)  # fmt: skip
+    three = fit(accumulated, data, torch.optim.SGD(accumulated.parameters(), lr=0.5), rt,
+                TrainConfig(epochs=1, batch_size=8, grad_accum=3), loss_fn=loss_fn)  # fmt: skip
+    assert one.steps == three.steps == 1
+    assert three.history[0]["loss"] == pytest.approx(one.history[0]["loss"], rel=1e-6)
+    for p, q in zip(whole.parameters(), accumulated.parameters(), strict=True):
+        torch.testing.assert_close(p, q, atol=1e-6, rtol=1e-5)
+
+
+def two_term_loss(m, batch):
+    """A loss of two means over different things: the labelled rows (``keep``) and all rows."""
+    logits = m(batch["x"])
+    keep = batch["keep"]
+    picked = torch.nn.functional.cross_entropy(logits[keep], batch["labels"][keep], reduction="sum")
+    return {"picked": picked / keep.sum(), "all": logits.pow(2).mean()}
+
+
+def two_term_counts(batch):
+    return {"picked": int(batch["keep"].sum()), "all": len(batch["x"])}
+
+
+def test_a_loss_of_several_means_weighs_each_term_by_its_own_items():
+    """Masked-LM + NSP: each term is averaged over the step's own items (masked tokens, samples),
+    whatever the micro-batch they fall in."""
+    rt = device.Runtime("cpu", "fp32")
+    data = [
+        {**item, "keep": torch.tensor(i % 3 == 0 or i < 4)} for i, item in enumerate(toy_data(24))
+    ]
+    whole, accumulated = toy_model(), toy_model()
+    one = fit(whole, data, torch.optim.SGD(whole.parameters(), lr=0.5), rt,
+              TrainConfig(epochs=1, batch_size=24), loss_fn=two_term_loss,
+              loss_counts=two_term_counts)  # fmt: skip
+    four = fit(accumulated, data, torch.optim.SGD(accumulated.parameters(), lr=0.5), rt,
+               TrainConfig(epochs=1, batch_size=6, grad_accum=4), loss_fn=two_term_loss,
+               loss_counts=two_term_counts)  # fmt: skip
+    assert four.history[0]["loss"] == pytest.approx(one.history[0]["loss"], rel=1e-6)
+    for p, q in zip(whole.parameters(), accumulated.parameters(), strict=True):
+        torch.testing.assert_close(p, q, atol=1e-6, rtol=1e-5)
+
+
+def test_one_micro_batch_on_one_process_weighs_exactly_one():
+    assert step_shares([{"loss": 7, "mlm": 3.0}]) == [{"loss": 1.0, "mlm": 1.0}]
+    assert step_shares([{"t": 3}, {"t": 1}]) == [{"t": 0.75}, {"t": 0.25}]
+    assert step_shares([{"t": 0}, {"t": 0}]) == [{"t": 0.0}, {"t": 0.0}]
+
+
+def test_the_optimizer_steps_of_an_epoch_count_the_global_batch():
+    assert steps_per_epoch(100, batch_size=8) == 13
+    assert steps_per_epoch(100, batch_size=8, world_size=2, grad_accum=3) == 3
+    assert steps_per_epoch(96, batch_size=12, world_size=1, grad_accum=8) == 1
 
 
 def test_evaluation_runs_each_epoch_and_every_n_steps():
@@ -181,6 +249,11 @@ def test_two_process_gloo_training_keeps_ranks_identical(tmp_path):
     assert sum(r0["losses"][-6:]) < 0.8 * sum(r0["losses"][:6])
 
 
+def entries(folder) -> list[str]:
+    """What a checkpoint folder holds, but nbzoo's marker (nbzoo.safe_write)."""
+    return sorted(p.name for p in folder.iterdir() if p.name != ".nbzoo-owned")
+
+
 def two_checkpoints(tmp_path):
     """A finished 2-epoch run: ``last`` at step 4, ``previous`` at step 2."""
     rt = device.Runtime("cpu", "fp32")
@@ -201,7 +274,7 @@ def test_a_truncated_checkpoint_is_set_aside_and_the_run_resumes_from_the_one_be
     tmp_path, capsys, victim
 ):
     rt, cfg = two_checkpoints(tmp_path)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["last", "previous"]
+    assert entries(tmp_path) == ["last", "previous"]
     broken = tmp_path / "last" / victim
     data = broken.read_bytes()
     broken.write_bytes(data[: len(data) // 2])
@@ -234,7 +307,7 @@ def test_a_full_disk_leaves_no_temporary_folder_and_the_last_checkpoint_intact(
     for _ in range(3):
         with pytest.raises(OSError, match="No space left"):
             save_checkpoint(tmp_path, model, opt, None, rt.grad_scaler(), TrainState(step=5))
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["last"]
+    assert entries(tmp_path) == ["last"]
     assert (tmp_path / "last" / "trainer_state.pt").read_bytes() == before
 
 
@@ -247,9 +320,11 @@ def test_temporary_folders_of_dead_saves_are_cleaned(tmp_path):
         capture_output=True,
         check=True,
     )
-    (tmp_path / f".tmp-{gone.stdout.strip()}").mkdir()  # a save killed mid-way
     rt = device.Runtime("cpu", "fp32")
     model = toy_model()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     save_checkpoint(tmp_path, model, opt, None, rt.grad_scaler(), TrainState(step=1))
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["last"]
+    dead = tmp_path / f".next.nbzoo-tmp-{gone.stdout.strip()}-0a1b2c3d"  # a save killed mid-way
+    (dead / "half").mkdir(parents=True)
+    save_checkpoint(tmp_path, model, opt, None, rt.grad_scaler(), TrainState(step=2))
+    assert entries(tmp_path) == ["last", "previous"]

@@ -57,6 +57,20 @@ def test_paired_items_see_a_difference_that_separate_error_bars_hide():
     assert not unpaired.significant and paired.significant and paired.leader == "a"
 
 
+def test_a_few_items_scored_differently_are_judged_exactly_not_by_the_normal_approximation():
+    """4 items right in a and wrong in b, none the other way: z = 2.0 by the normal
+    approximation, but McNemar's exact test gives p = 0.125: no significant difference."""
+    a = np.zeros(2000)
+    a[:1000] = 1
+    b = a.copy()
+    b[:4] = 0
+    v = verdicts.compare(verdicts.proportion_of_items("a", a), verdicts.proportion_of_items("b", b))
+    assert not v.significant and "p = 0.12" in v.text and "a right on 4 items" in v.text
+    b[:6] = 0  # 6 of 6 one way: p = 0.031
+    v = verdicts.compare(verdicts.proportion_of_items("a", a), verdicts.proportion_of_items("b", b))
+    assert v.significant and v.leader == "a"
+
+
 def test_weighted_items_give_the_weighted_accuracy():
     e = verdicts.proportion_of_items("m", [1, 0, 1, 1], weights=[1, 1, 0, 2])
     assert e.value == pytest.approx(3 / 4) and e.n == 3

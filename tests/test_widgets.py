@@ -12,6 +12,7 @@ import re
 import numpy as np
 import pytest
 import torch
+from matplotlib.backends.backend_agg import FigureCanvasAgg
 from transformers import (
     AlbertConfig,
     AlbertForSequenceClassification,
@@ -23,6 +24,7 @@ from transformers import (
 
 from nbzoo import patching, widgets
 from nbzoo.text import word_tokenizer
+from tests import figure_check
 
 SENTENCES = [
     "this film feels quite moving .",
@@ -365,7 +367,58 @@ def test_explorer_static_figure_and_sliders():
     with pytest.raises(IndexError, match="layers 0..1, heads 0..1 and hash rounds 0..1"):
         maps.matrix(2, 0)
     fig = widgets.plot_attention(maps, 1, 1, hash_round=1)
-    assert len(fig.axes) == 3  # matrix, its colour bar, the bucket strip
+    assert len(fig.axes) == 4  # the sorted buckets over the matrix, the matrix, the strip, colours
+    FigureCanvasAgg(fig)
+    assert figure_check.problems(fig) == []
+
+
+def _image(fig):
+    return next(ax for ax in fig.axes if ax.images).images[0]
+
+
+def test_an_lsh_layer_is_drawn_sorted_by_bucket_as_the_layer_works():
+    torch.manual_seed(0)
+    maps, _ = _reformer_run(_reformer(num_hashes=2))
+    for hash_round in range(2):
+        order = np.argsort(maps.buckets(1, 0)[hash_round], kind="stable")
+        shown = _image(widgets.plot_attention(maps, 1, 0, hash_round)).get_array()
+        expected = maps.matrix(1, 0, hash_round)[np.ix_(order, order)]
+        np.testing.assert_array_equal(shown.filled(0.0), expected)
+        in_text_order = widgets.plot_attention(maps, 1, 0, hash_round, sort_by_bucket=False)
+        np.testing.assert_array_equal(
+            _image(in_text_order).get_array().filled(0.0), maps.matrix(1, 0, hash_round)
+        )
+    fig = widgets.plot_attention(maps, 1, 0)
+    named = [t.get_text() for legend in fig.legends for t in legend.get_texts()]
+    assert named == [f"bucket {b}" for b in range(int(maps.buckets(1, 0).max()) + 1)]
+    local = widgets.plot_attention(maps, 0, 0)  # a local layer stays in text order
+    np.testing.assert_array_equal(_image(local).get_array().filled(0.0), maps.matrix(0, 0))
+
+
+def test_small_weights_on_global_tokens_show_on_the_colour_scale():
+    """A trained window peaks near 0.6; every row's weight on a global token may be 0.01: on a
+    linear scale it would be 2% of the colour range, on the logarithmic one a third of it."""
+    n = 32
+    weights = np.zeros((n, n), np.float32)
+    for i in range(n):
+        weights[i, max(0, i - 2) : i + 3] = 0.05
+        weights[i, i] = 0.6
+    weights[:, 0] = 0.01  # every row attends a little to the global token at 0
+    maps = widgets.AttentionMaps(
+        tokens=[str(i) for i in range(n)],
+        num_layers=1,
+        num_heads=1,
+        matrix_fn=lambda *_: weights,
+        global_positions=[0],
+    )
+    fig = widgets.plot_attention(maps)
+    image = _image(fig)
+    assert image.norm(0.01) > 0.3  # on a linear 0..0.6 scale: 0.017
+    assert image.get_array().mask[5, 20]  # never computed: drawn in the "not computed" colour
+    FigureCanvasAgg(fig)
+    assert figure_check.problems(fig) == []
+    labels = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+    assert labels == ["not computed", "global token"]
 
 
 def test_dense_attention_of_a_full_attention_model(classifier):
@@ -448,3 +501,22 @@ def test_jupyterlab_in_this_environment_saves_widget_state_with_the_notebook():
         labextensions_path=jupyter_path("labextensions"),
     )
     assert found["schema"]["properties"]["saveState"]["default"] is True
+
+
+def test_thousands_of_buckets_are_coloured_along_a_colour_bar():
+    """A checkpoint's factorised hash (64 x 128 buckets) cannot name each bucket in a legend."""
+    n = 64
+    buckets = np.random.default_rng(0).integers(0, 8192, (1, n))
+    maps = widgets.AttentionMaps(
+        tokens=[str(i) for i in range(n)],
+        num_layers=1,
+        num_heads=1,
+        matrix_fn=lambda *_: np.full((n, n), 1 / n, np.float32),
+        buckets_fn=lambda *_: buckets,
+    )
+    fig = widgets.plot_attention(maps)
+    assert not fig.legends
+    bars = [a.get_ylabel() or a.get_xlabel() for a in fig.axes if getattr(a, "_colorbar", None)]
+    assert bars == ["attention weight (log scale)", "LSH bucket"]
+    FigureCanvasAgg(fig)
+    assert figure_check.problems(fig) == []

@@ -15,12 +15,11 @@ after the input file as ais_bench does) and prints the accuracy.
 from __future__ import annotations
 
 import os
-import shutil
 from pathlib import Path
 
 import numpy as np
 
-from nbzoo import metrics
+from nbzoo import metrics, safe_write
 from nbzoo.data.glue import GlueSplit
 
 INPUT_NAMES = ("input_ids", "attention_mask", "token_type_ids")
@@ -40,8 +39,9 @@ def preprocess(
 ) -> Path:
     """Tokenize an SST-2 split with labels into the seed's layout under ``save_dir``.
 
-    The folder is built under a temporary name and renamed when complete (replacing an older one),
-    so a crash never leaves a partial ``save_dir`` behind.
+    The folder is built under a temporary name and renamed when complete, so a crash never leaves
+    a partial ``save_dir`` behind; it replaces only an earlier ``save_dir`` of nbzoo's
+    (nbzoo.safe_write), never a folder of the user's.
     """
     if split.labels is None:
         raise ValueError("preprocess needs a labelled split (SST-2 train or dev), not test")
@@ -59,9 +59,9 @@ def preprocess(
         return_attention_mask=True,
         return_tensors="np",
     )
-    tmp = save_dir.with_name(f".{save_dir.name}.partial-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
+    with safe_write.new_folder(
+        save_dir, "nbzoo.data.albert_preprocess", what="save_dir", hint="name another save_dir"
+    ) as tmp:
         for name in INPUT_NAMES:
             folder = tmp / name
             folder.mkdir(parents=True)
@@ -69,14 +69,6 @@ def preprocess(
             for i in range(n):
                 np.save(folder / f"{i}.npy", data[i : i + 1])
         np.save(tmp / "label.npy", np.asarray(split.labels[:n], dtype=np.int64))
-        old = save_dir.with_name(f".{save_dir.name}.old-{os.getpid()}")
-        if save_dir.exists():
-            save_dir.rename(old)
-        save_dir.parent.mkdir(parents=True, exist_ok=True)
-        tmp.rename(save_dir)
-        shutil.rmtree(old, ignore_errors=True)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return save_dir
 
 

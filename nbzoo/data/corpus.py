@@ -21,8 +21,7 @@ import io
 import json
 import os
 import random
-import shutil
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,7 +29,8 @@ from typing import Any
 import torch
 from transformers import DataCollatorForLanguageModeling
 
-from nbzoo.data import sources, utf8
+from nbzoo import safe_write
+from nbzoo.data import sources, unknown_tokens, utf8
 
 SPLITS = ("train", "test")
 SPECIAL_TOKENS = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]  # RoBERTa's ids 0..4
@@ -96,23 +96,26 @@ def read_corpus(root: str | os.PathLike, split: str) -> list[str]:
     return docs
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+GENERATOR = "nbzoo's sample corpus generator (data_source=generate)"
+KEEP_HINT = "pass data_source=local to read it, or name an empty or new folder"
 
 
-def write_corpus(root: str | os.PathLike, split: str, docs: Iterable[str]) -> Path:
-    """Write one split, one document per line (newlines inside a document are refused)."""
-    path = layout(root).split_path(split)
+def corpus_text(docs: Iterable[str]) -> str:
+    """One split's file: one document per line (newlines inside a document are refused)."""
     lines = []
     for i, doc in enumerate(docs):
         if "\n" in doc or "\r" in doc:
             raise ValueError(f"document {i} contains a line break; the layout is one per line")
         lines.append(doc)
-    _atomic_write_text(path, "".join(line + "\n" for line in lines))
-    return path
+    return "".join(line + "\n" for line in lines)
+
+
+def write_corpus(root: str | os.PathLike, split: str, docs: Iterable[str]) -> Path:
+    """Write one split into ``root``, a folder nbzoo creates or marked (nbzoo.safe_write: a
+    folder of the user's corpus is refused, never written)."""
+    rel = layout(".").split_path(split).as_posix()
+    text = corpus_text(docs)
+    return safe_write.claim(root, GENERATOR, what="data_dir", hint=KEEP_HINT).write_text(rel, text)
 
 
 # ----------------------------------------------------------------------------- sample corpus
@@ -204,12 +207,24 @@ def generate_documents(n: int, seed: int = 0) -> list[str]:
 
 
 def write_sample_corpus(
-    root: str | os.PathLike, sizes: dict[str, int], seed: int = 0
+    root: str | os.PathLike,
+    sizes: dict[str, int],
+    seed: int = 0,
+    adopt: Callable[[Path], bool] | None = None,
 ) -> CorpusLayout:
-    """Write ``corpus/{train,test}_corpus.txt`` with generated documents (test gets its own seed)."""
-    for i, split in enumerate(SPLITS):
-        if split in sizes:
-            write_corpus(root, split, generate_documents(int(sizes[split]), seed=seed * 1000 + i))
+    """Write ``corpus/{train,test}_corpus.txt`` with generated documents (test gets its own seed)
+    into ``root``, a folder nbzoo creates or marked (nbzoo.safe_write); ``adopt`` may accept an
+    unmarked one (a folder an nbzoo without markers wrote)."""
+    files = {
+        layout(".").split_path(split).as_posix(): corpus_text(
+            generate_documents(int(sizes[split]), seed=seed * 1000 + i)
+        )
+        for i, split in enumerate(SPLITS)
+        if split in sizes
+    }
+    owned = safe_write.claim(root, GENERATOR, what="data_dir", hint=KEEP_HINT, adopt=adopt)
+    for rel, text in files.items():
+        owned.write_text(rel, text)
     return layout(root)
 
 
@@ -273,11 +288,6 @@ def train_tokenizer(
         special_tokens=SPECIAL_TOKENS,
         show_progress=False,
     )
-    out_dir = Path(out_dir)
-    tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    bpe.save_model(str(tmp))
     ids = {tok: bpe.token_to_id(tok) for tok in SPECIAL_TOKENS}
     config = {
         "model_type": model_type,
@@ -286,12 +296,17 @@ def train_tokenizer(
         "pad_token_id": ids["<pad>"],
         "eos_token_id": ids["</s>"],
     }
-    (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp.rename(out_dir)
+    with safe_write.new_folder(out_dir, TOKENIZER_WRITER, hint=TOKENIZER_HINT) as tmp:
+        bpe.save_model(str(tmp))
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
     return load_tokenizer(out_dir)
+
+
+TOKENIZER_WRITER = "nbzoo's BPE tokenizer training"
+TOKENIZER_HINT = (
+    "the full presets read the seed's own lf_token/ (data_source=local); name an empty or new "
+    "data_dir to generate the demo's"
+)
 
 
 def load_tokenizer(path: str | os.PathLike):
@@ -342,7 +357,24 @@ def prepare_data(
         )
     lay = layout(root)
     if data_source == "generate":
-        write_sample_corpus(root, dict(sample_sizes or {}), seed=seed)
+        sizes = dict(sample_sizes or {})
+
+        def generate(folder: Path) -> CorpusLayout:
+            made = write_sample_corpus(folder, sizes, seed=seed)
+            train_tokenizer(read_corpus(folder, "train"), made.tokenizer_dir, vocab_size)
+            return made
+
+        # the data_dir and its lf_token/ are asked before anything is written; an unmarked
+        # data_dir holding exactly this corpus and tokenizer (nbzoo without markers) is adopted
+        safe_write.claim(
+            root,
+            GENERATOR,
+            what="data_dir",
+            hint=KEEP_HINT,
+            adopt=lambda folder: safe_write.built_alike(folder, generate),
+        )
+        safe_write.check_replaceable(lay.tokenizer_dir, TOKENIZER_WRITER, hint=KEEP_HINT)
+        write_sample_corpus(root, sizes, seed=seed)
         tokenizer = prepare_tokenizer(root, vocab_size=vocab_size, retrain=True)
     else:
         if not lay.has_tokenizer():
@@ -352,7 +384,12 @@ def prepare_data(
                 f"seed's own vocabulary and do not train one in its place; {sources.CORPUS_HOWTO}"
             )
         tokenizer = load_tokenizer(lay.tokenizer_dir)
-    return tokenizer, {split: read_corpus(root, split) for split in SPLITS}
+    docs = {split: read_corpus(root, split) for split in SPLITS}
+    if data_source == "local":  # a generated corpus has the tokenizer learnt on it
+        unknown_tokens.tokenizer_rate(
+            tokenizer, docs["train"], lay.tokenizer_dir, lay.split_path("train")
+        )
+    return tokenizer, docs
 
 
 # ----------------------------------------------------------------------------- blocks

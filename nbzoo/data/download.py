@@ -8,6 +8,17 @@ nothing may be an HTML page). An interrupted download resumes from the ``.part``
 start where the partial file ends (``Content-Range``), a ``416`` must say the file is exactly as
 long as the partial one; otherwise the partial file is dropped and the download starts again.
 
+Without a published checksum nothing at the end can tell a file spliced from two versions of
+it, so a ``.part`` is continued only when the file is provably the one it was started from: the
+``ETag`` / ``Last-Modified`` of the first response are kept beside it (``<dest>.part.json``), sent
+back as ``If-Range`` (a server that honours it sends the whole file when it changed) and compared
+with the answer's own. A ``.part`` without them, one of a changed file, and one answered with
+``416`` (which says nothing of its bytes) start again from zero.
+
+A damaged file already at ``dest`` (an HTML page saved as the archive, an archive cut short)
+stays where it is until a verified download replaces it: a failed download never costs the file
+that was there.
+
 Two environment variables reroute a download without changing what is checked:
 
 * ``NBZOO_MIRROR``: a base URL that serves the published URLs' files under ``<host><path>``
@@ -26,11 +37,14 @@ checks ``Content-Range`` against the requested offset for us.
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import hashlib
 import http.client
+import json
 import os
 import re
+import secrets
 import shutil
 import tarfile
 import urllib.error
@@ -41,6 +55,8 @@ from pathlib import Path
 from typing import Any
 
 from tqdm.auto import tqdm
+
+from nbzoo import safe_write
 
 CHUNK = 1 << 20
 _CONTENT_RANGE = re.compile(r"^bytes\s+(?:(\d+)-(\d+)|\*)/(\d+|\*)$")
@@ -157,22 +173,76 @@ def _content_range(value: str | None) -> tuple[int | None, int | None, int | Non
     )
 
 
-def _fetch(url: str, dest: Path, part: Path, timeout: float, resume: bool) -> int | None:
+def _validators_path(part: Path) -> Path:
+    return part.with_name(part.name + ".json")
+
+
+def _validators(headers) -> dict[str, str]:
+    """The server's ``ETag`` (strong ones only: a weak one does not promise the same bytes) and
+    ``Last-Modified`` of a response."""
+    found = {}
+    etag = (headers.get("ETag") or "").strip()
+    if etag and not etag.startswith("W/"):
+        found["etag"] = etag
+    if modified := (headers.get("Last-Modified") or "").strip():
+        found["last_modified"] = modified
+    return found
+
+
+def _read_validators(part: Path, url: str) -> dict[str, str]:
+    try:
+        data = json.loads(_validators_path(part).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(data, dict) or data.get("url") != url:
+        return {}
+    return {k: v for k, v in data.items() if k in ("etag", "last_modified") and isinstance(v, str)}
+
+
+def _same_file(started: dict[str, str], now: dict[str, str]) -> bool:
+    """The answer is of the file the ``.part`` was started from: every validator both sides
+    state agrees, and they share at least one."""
+    shared = [k for k in started if k in now]
+    return bool(shared) and all(started[k] == now[k] for k in shared)
+
+
+def _drop_part(part: Path) -> None:
+    part.unlink(missing_ok=True)
+    _validators_path(part).unlink(missing_ok=True)
+
+
+def _fetch(
+    url: str, dest: Path, part: Path, timeout: float, resume: bool, checksum: bool
+) -> int | None:
     """Write ``url``'s body into ``part`` (appending when a resumed transfer is valid); return the
-    whole file's length as the server stated it, or None when it stated none."""
+    whole file's length as the server stated it, or None when it stated none. ``checksum``: a
+    published sha256 will verify the result, so a ``.part`` may resume without validators."""
     have = part.stat().st_size if resume and part.exists() else 0
-    request = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
+    started = _read_validators(part, url) if have else {}
+    if have and not checksum and not started:
+        raise _Restart(
+            f"{part.name} has no record of the file it was started from and no checksum is "
+            "published, so its bytes cannot be trusted"
+        )
+    headers = {}
+    if have:
+        headers["Range"] = f"bytes={have}-"
+        if condition := started.get("etag") or started.get("last_modified"):
+            headers["If-Range"] = condition
+    request = urllib.request.Request(url, headers=headers)
     try:
         response = urllib.request.urlopen(request, timeout=timeout)
     except urllib.error.HTTPError as exc:
         with exc:
             if exc.code == 416 and have:
                 total = _content_range(exc.headers.get("Content-Range"))[2]
-                if total == have:
+                if total == have and (checksum or _same_file(started, _validators(exc.headers))):
                     return total  # the partial file holds every byte; verified by the caller
                 raise _Restart(
                     f"the server refused to resume at byte {have} (HTTP 416; the file has "
-                    f"{'an unstated number of' if total is None else total} bytes)"
+                    f"{'an unstated number of' if total is None else total} bytes"
+                    + ("" if checksum else ", and nothing shows the partial file is of it")
+                    + ")"
                 ) from None
             raise DownloadError(f"cannot download {url}: HTTP {exc.code} {exc.reason}") from None
     except (urllib.error.URLError, TimeoutError, OSError, http.client.HTTPException) as exc:
@@ -180,6 +250,7 @@ def _fetch(url: str, dest: Path, part: Path, timeout: float, resume: bool) -> in
     with response:
         length = response.headers.get("Content-Length")
         length = int(length) if length is not None and length.strip().isdigit() else None
+        now = _validators(response.headers)
         if response.status == 206:
             start, end, total = _content_range(response.headers.get("Content-Range"))
             if start != have:
@@ -191,11 +262,17 @@ def _fetch(url: str, dest: Path, part: Path, timeout: float, resume: bool) -> in
                 raise _Restart(
                     f"Content-Range {start}-{end} disagrees with Content-Length {length}"
                 )
+            if started and not _same_file(started, now):
+                raise _Restart(
+                    f"the file changed on the server since {part.name} was started "
+                    f"({started} then, {now or 'no ETag / Last-Modified'} now)"
+                )
             if total is None and length is not None:
                 total = have + length
             mode = "ab"
-        else:  # the whole file, also from a server that ignores Range
+        else:  # the whole file: a changed file (If-Range), or a server that ignores Range
             have, total, mode = 0, length, "wb"
+            _validators_path(part).write_text(json.dumps({"url": url, **now}), encoding="utf-8")
         with (
             open(part, mode) as out,
             tqdm(
@@ -220,13 +297,19 @@ def _fetch(url: str, dest: Path, part: Path, timeout: float, resume: bool) -> in
     return total
 
 
-def _check_existing(dest: Path, url: str, sha256: str | None) -> bool:
+def _check_existing(
+    dest: Path, url: str, sha256: str | None, owner: safe_write.Owned | None
+) -> bool:
     """True when ``dest`` may be used as it is. A file that is not what its name says (an HTML
-    page saved as a .zip) is removed, so that it is fetched again; a well-formed file with
-    another sha256 is left alone and refused."""
+    page saved as a .zip) is fetched again -- and stays until a verified file replaces it; a
+    well-formed file with another sha256 is left alone and refused."""
     if problem := format_problem(dest):
-        print(f"{dest} {problem}: removed, downloading {url} again")
-        dest.unlink()
+        if owner is not None and not safe_write.owns(dest):
+            raise DownloadError(
+                f"{dest} {problem}, and nbzoo did not write it: move it away or delete it to "
+                f"download {url}"
+            )
+        print(f"{dest} {problem}: downloading {url} again (it stays until a verified file is in)")
         return False
     if sha256 is not None and (got := sha256_of(dest)) != sha256:
         raise DownloadError(
@@ -243,13 +326,16 @@ def download(
     sha256: str | None,
     size: int | None = None,
     timeout: float = 30.0,
+    owner: safe_write.Owned | None = None,
 ) -> Path:
     """Fetch ``url`` to ``dest`` unless a verified file is already there.
 
     ``sha256`` is required: the published checksum, or None where the publisher gives none (say
     so next to the URL; see nbzoo.data.sources). ``size`` is the published length, if any.
-    Nothing unverified is ever installed at ``dest``; a verification failure removes the
-    partial file, an interrupted transfer keeps it for the next run to resume.
+    ``owner``: the nbzoo folder (nbzoo.safe_write) ``dest`` lies in; the file is installed
+    through it, so it replaces only a file nbzoo wrote. Nothing unverified is ever installed at
+    ``dest``, and what is there stays until a verified file replaces it; a verification failure
+    removes the partial file, an interrupted transfer keeps it for the next run to resume.
     """
     dest = Path(dest)
     published, source = url, mirrored(url)
@@ -257,7 +343,7 @@ def download(
     if published in (overrides := checksum_overrides()):
         sha256, size = overrides[published]
         checksum_from = f"the sha256 of {os.environ[CHECKSUMS_ENV]} ({CHECKSUMS_ENV})"
-    if dest.exists() and _check_existing(dest, url, sha256):
+    if dest.exists() and _check_existing(dest, url, sha256, owner):
         _log(
             published, None, dest, checksum_from or "no checksum published: the file found in place"
         )
@@ -270,20 +356,21 @@ def download(
     dest.parent.mkdir(parents=True, exist_ok=True)
     part = dest.with_name(dest.name + ".part")
     if part.exists() and size is not None and part.stat().st_size > size:
-        part.unlink()  # longer than the published file: it belongs to something else
+        _drop_part(part)  # longer than the published file: it belongs to something else
+    checksum = sha256 is not None
     try:
-        total = _fetch(url, dest, part, timeout, resume=True)
+        total = _fetch(url, dest, part, timeout, resume=True, checksum=checksum)
     except _Restart as why:
         print(f"{dest.name}: {why}; downloading it again from the start")
-        part.unlink(missing_ok=True)
+        _drop_part(part)
         try:
-            total = _fetch(url, dest, part, timeout, resume=False)
+            total = _fetch(url, dest, part, timeout, resume=False, checksum=checksum)
         except _Restart as again:
-            part.unlink(missing_ok=True)
+            _drop_part(part)
             raise DownloadError(f"cannot download {url}: {again}") from None
 
     def reject(why: str) -> DownloadError:
-        part.unlink(missing_ok=True)
+        _drop_part(part)
         return DownloadError(f"{url}: {why}; the partial file was removed")
 
     got = part.stat().st_size
@@ -307,7 +394,11 @@ def download(
         )
     if problem := format_problem(part, dest.name):
         raise reject(f"the download {problem}")
-    os.replace(part, dest)
+    if owner is not None:
+        owner.install(dest.relative_to(owner.root), part)
+    else:
+        os.replace(part, dest)
+    _validators_path(part).unlink(missing_ok=True)
     _log(published, source, dest, checksum_from or "no checksum published: its length as stated")
     return dest
 
@@ -328,18 +419,27 @@ def _log(url: str, source: str | None, dest: Path, verified: str) -> None:
     )
 
 
-def extract_zip(archive: str | os.PathLike, into: str | os.PathLike) -> Path:
-    """Unpack a zip into ``into`` through a temporary folder, refusing paths that escape it.
+def extract_zip(
+    archive: str | os.PathLike,
+    into: str | os.PathLike,
+    owner: safe_write.Owned | None = None,
+) -> Path:
+    """Unpack a zip into ``into``, all or nothing, refusing paths that escape it.
 
-    Files already in ``into`` are kept: an archive member lands only where no file is, or where
-    the file there has the same bytes; a member that would replace a different file stops the
-    extraction before anything is moved.
+    The archive is unpacked into a temporary folder beside ``into`` first; files already in
+    ``into`` are kept: a member lands only where no file is, or where the file there has the same
+    bytes. Before anything is moved every conflict is found -- a member that would replace a
+    different file, a file where the archive has a folder, a folder where it has a file -- and
+    one of them stops the extraction with nothing written. A move that fails (a full disk) takes
+    back the members already moved. ``owner``: the nbzoo folder (nbzoo.safe_write) holding
+    ``into``; the members are recorded in its marker.
     """
     archive, into = Path(archive), Path(into)
     if problem := format_problem(archive):
         raise DownloadError(f"{archive} {problem}: delete it and download it again")
-    tmp = into.with_name(f"{into.name}.extracting-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = into.with_name(f".{into.name}.nbzoo-tmp-{os.getpid()}-{secrets.token_hex(4)}")
+    moved: list[Path] = []
+    made: list[Path] = []
     try:
         with zipfile.ZipFile(archive) as zf:
             for member in zf.namelist():
@@ -353,28 +453,52 @@ def extract_zip(archive: str | os.PathLike, into: str | os.PathLike) -> Path:
                 raise DownloadError(
                     f"{archive}: damaged zip archive ({exc}); delete it and download it again"
                 ) from None
-        files = sorted(p for p in tmp.rglob("*") if p.is_file())
-        conflicts = [
-            into / p.relative_to(tmp)
-            for p in files
-            if (into / p.relative_to(tmp)).exists()
-            and (
-                not (into / p.relative_to(tmp)).is_file()
-                or sha256_of(into / p.relative_to(tmp)) != sha256_of(p)
-            )
-        ]
+        files = sorted(p.relative_to(tmp) for p in tmp.rglob("*") if p.is_file())
+        conflicts = [rel for rel in files if _conflict(into, tmp, rel)]
         if conflicts:
-            shown = ", ".join(str(c) for c in conflicts[:5])
+            shown = ", ".join(str(into / c) for c in conflicts[:5])
             raise DownloadError(
                 f"{archive}: not unpacked, {len(conflicts)} of its files would replace different "
-                f"files already there ({shown}{', ...' if len(conflicts) > 5 else ''}); move "
-                "them away first"
+                f"files or folders already there ({shown}{', ...' if len(conflicts) > 5 else ''}"
+                "); move them away first"
             )
-        for p in files:
-            target = into / p.relative_to(tmp)
-            if not target.exists():
-                target.parent.mkdir(parents=True, exist_ok=True)
-                os.replace(p, target)
+        try:
+            for rel in files:
+                target = into / rel
+                if target.exists():
+                    continue  # the same bytes are there already
+                for parent in reversed(rel.parents[:-1]):
+                    if not (into / parent).exists():
+                        (into / parent).mkdir(parents=True)
+                        made.append(into / parent)
+                if owner is not None:
+                    owner.install(target.relative_to(owner.root), tmp / rel)
+                else:
+                    os.replace(tmp / rel, target)
+                moved.append(target)
+        except BaseException:
+            for target in reversed(moved):  # ours: the members this call put there
+                if owner is not None:
+                    owner.remove(target.relative_to(owner.root))
+                else:
+                    target.unlink(missing_ok=True)
+            for folder in reversed(made):
+                with contextlib.suppress(OSError):
+                    folder.rmdir()
+            raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return into
+
+
+def _conflict(into: Path, tmp: Path, rel: Path) -> bool:
+    """The member ``rel`` (unpacked in ``tmp``) cannot be placed in ``into`` as it is: a file
+    stands where it needs a folder, or something other than the same bytes stands in its place."""
+    for parent in rel.parents[:-1]:
+        path = into / parent
+        if path.is_symlink() or (path.exists() and not path.is_dir()):
+            return True
+    target = into / rel
+    if not target.exists() and not target.is_symlink():
+        return False
+    return target.is_symlink() or not target.is_file() or sha256_of(target) != sha256_of(tmp / rel)

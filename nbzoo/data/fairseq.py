@@ -118,6 +118,7 @@ class Dictionary:
         for symbol in extra_special_symbols:
             self.add_symbol(symbol)
         self.nspecial = len(self.symbols)
+        self.source: Path | None = None  # the dict.txt it was read from (for messages)
 
     def __len__(self) -> int:
         return len(self.symbols)
@@ -185,17 +186,22 @@ class Dictionary:
                     "only with the '#fairseq:overwrite' flag)"
                 )
             d.add_symbol(word, n=count, overwrite=overwrite)
+        d.source = path
         return d
 
-    def save(self, path: str | os.PathLike) -> Path:
-        """Write ``dict.txt`` (the symbols after the specials) atomically."""
+    def dump(self) -> bytes:
+        """The bytes of ``dict.txt``: the symbols after the specials, with their counts."""
         lines = "".join(
             f"{s} {c}\n"
             for s, c in zip(
                 self.symbols[self.nspecial :], self.counts[self.nspecial :], strict=True
             )
         )
-        return write_bytes_atomic(Path(path), lines.encode("utf-8"))
+        return lines.encode("utf-8")
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write ``dict.txt`` atomically."""
+        return write_bytes_atomic(Path(path), self.dump())
 
     def finalize(self, threshold: int = -1, nwords: int = -1, padding_factor: int = 8) -> None:
         """Sort symbols by count (ties by symbol), keep ``nwords``, pad to ``padding_factor``."""

@@ -20,6 +20,12 @@ Python, so this is our implementation of the same rules, with numpy's legacy see
 that the order and the batches are fairseq's for the same seed. One difference: where fairseq
 gives a rank with fewer batches an empty dummy batch, we give it the first batches of the
 shuffled list again (as DistributedSampler pads), so every rank steps the same number of times.
+
+Not fairseq's (nbzoo's ``packing = "length"``): with ``length_window`` the fixed order is sorted
+by length, longest first, within windows of that many sentences before step 2 -- fairseq's own
+way for the tasks that sort by size, within windows as transformers' ``group_by_length`` -- so
+that each batch holds sentences of about one length. The batches are still fixed and shuffled
+per epoch; each sentence is in exactly one of them.
 """
 
 from __future__ import annotations
@@ -101,11 +107,22 @@ class EpochBatches:
         max_sentences: int | None,
         seed: int,
         required_batch_size_multiple: int = 1,
+        length_window: int | None = None,
     ):
         n = len(num_tokens)
         shuffle = np.random.RandomState(seed).permutation(n)
         order = np.lexsort([shuffle])
         sizes = np.asarray(num_tokens, dtype=np.int64)[order]
+        if length_window is not None:
+            if length_window < 1:
+                raise ValueError(f"length_window must be at least 1, got {length_window}")
+            windows = range(0, n, length_window)
+            # longest first within each window, ties in the fixed order (a stable sort)
+            order = np.concatenate(
+                [order[w:][:length_window][np.argsort(-sizes[w:][:length_window], kind="stable")]
+                 for w in windows] or [order]
+            )  # fmt: skip
+            sizes = np.asarray(num_tokens, dtype=np.int64)[order]
         self.seed = seed
         self.batches = batch_by_size(
             order, sizes, max_tokens, max_sentences, required_batch_size_multiple

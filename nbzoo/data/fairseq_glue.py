@@ -15,12 +15,14 @@ from __future__ import annotations
 
 import datetime as _dt
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from nbzoo.data import glue, sources
+from nbzoo import safe_write
+from nbzoo.data import glue, sources, unknown_tokens
 from nbzoo.data.fairseq import (
     Dictionary,
     FairseqFormatError,
@@ -37,15 +39,27 @@ FAIRSEQ_SPLITS = {"train": "train", "dev": "valid", "test": "test"}
 LABEL_FOLDERS = ("label", "lable")
 
 
+BINARIZER = "nbzoo's SST-2 binarizer"
+BINARIZED_HINT = (
+    "pass data_source=binarized to train on it, or name an empty or new folder for the binarized "
+    "data"
+)
+
+
 def binarize_sst2(
     glue_dir: str | os.PathLike,
     dest: str | os.PathLike,
     encoder: RobertaEncoder,
     splits: tuple[str, ...] = ("train", "dev", "test"),
     label_name: str = "label",
+    adopt: Callable[[Path], bool] | None = None,
 ) -> Path:
     """``glue_dir/SST-2/*.tsv`` → ``dest/input0`` + ``dest/label``; returns ``dest``.
-    ``label_name="lable"`` writes the labels under the seed's spelling instead."""
+    ``label_name="lable"`` writes the labels under the seed's spelling instead.
+
+    ``dest`` is made whole (nbzoo.safe_write.new_folder): it must be new, empty or nbzoo's, so a
+    binarized folder of the user's is refused, never written; ``adopt`` may accept an unmarked
+    one (a folder an nbzoo without markers wrote)."""
     if label_name not in LABEL_FOLDERS:
         raise ValueError(
             f"label_name must be one of {', '.join(LABEL_FOLDERS)}; got {label_name!r}"
@@ -56,21 +70,45 @@ def binarize_sst2(
         raise ValueError(
             "binarize_sst2 needs the train split: the label dictionary is built from it"
         )
+    with safe_write.new_folder(
+        dest, BINARIZER, what="data_dir", hint=BINARIZED_HINT, adopt=adopt
+    ) as tmp:
+        _binarize_into(tmp, dest, glue_dir, data, encoder, label_name)
+    return dest
+
+
+def _binarize_into(
+    out: Path,
+    dest: Path,
+    glue_dir: str | os.PathLike,
+    data: dict[str, glue.GlueSplit],
+    encoder: RobertaEncoder,
+    label_name: str,
+) -> None:
+    """binarize_sst2's files, written into ``out`` (a temporary folder that becomes ``dest``)."""
     source_dict = encoder.dictionary
     log = [f"{_now()} | nbzoo.data.fairseq_glue.binarize_sst2 | {glue_dir} -> {dest}"]
     for split, rows in data.items():
-        prefix = dest / "input0" / FAIRSEQ_SPLITS[split]
+        prefix = out / "input0" / FAIRSEQ_SPLITS[split]
         ids = encoder.encode_batch(rows.text_a)
-        write_dataset(prefix, ids, vocab_size=len(source_dict))
         tokens = sum(len(x) for x in ids)
         unk = sum(int((x == source_dict.unk()).sum()) for x in ids)
+        # before anything is written: a dict.txt of other text gives mostly <unk>
+        unknown_tokens.check_rate(
+            unk,
+            tokens,
+            source_dict.source or "the encoder's dict.txt",
+            glue.task_path(glue_dir, "sst2", split),
+            source_dict.unk_word,
+        )
+        write_dataset(prefix, ids, vocab_size=len(source_dict))
         log.append(
             f"[input0] {glue.task_path(glue_dir, 'sst2', split)}: {len(ids)} sents, {tokens} tokens, "
             f"{100 * unk / max(tokens, 1):.3}% replaced by <unk> | dtype "
             f"{np.dtype(best_fitting_int_dtype(len(source_dict))).name}"
         )
-    source_dict.save(dest / "input0" / "dict.txt")
-    write_bytes_atomic(dest / "input0" / "preprocess.log", ("\n".join(log) + "\n").encode())
+    source_dict.save(out / "input0" / "dict.txt")
+    write_bytes_atomic(out / "input0" / "preprocess.log", ("\n".join(log) + "\n").encode())
 
     label_dict = Dictionary.build(str(label) for label in data["train"].labels)
     log = [f"{_now()} | nbzoo.data.fairseq_glue.binarize_sst2 | labels of {glue_dir}"]
@@ -78,11 +116,10 @@ def binarize_sst2(
         if rows.labels is None:  # GLUE's test split has no labels; fairseq writes none either
             continue
         items = [label_dict.encode_line(str(label)) for label in rows.labels]
-        write_dataset(dest / label_name / FAIRSEQ_SPLITS[split], items, vocab_size=len(label_dict))
+        write_dataset(out / label_name / FAIRSEQ_SPLITS[split], items, vocab_size=len(label_dict))
         log.append(f"[label] {split}: {len(items)} sents, {2 * len(items)} tokens")
-    label_dict.save(dest / label_name / "dict.txt")
-    write_bytes_atomic(dest / label_name / "preprocess.log", ("\n".join(log) + "\n").encode())
-    return dest
+    label_dict.save(out / label_name / "dict.txt")
+    write_bytes_atomic(out / label_name / "preprocess.log", ("\n".join(log) + "\n").encode())
 
 
 def _now() -> str:

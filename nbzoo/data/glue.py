@@ -16,11 +16,13 @@ import csv
 import io
 import os
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from nbzoo import safe_write
 from nbzoo.data import sources, utf8
 from nbzoo.data.download import download, extract_zip
 
@@ -130,11 +132,14 @@ def read_split(data_dir: str | os.PathLike, task: str, split: str) -> GlueSplit:
     )
 
 
-def write_split(data_dir: str | os.PathLike, split_data: GlueSplit, split: str) -> Path:
-    """Write one split in GLUE's exact column layout (atomically)."""
+GENERATOR = "nbzoo's GLUE sample generator (data_source=generate)"
+KEEP_HINT = "pass data_source=local to read it, or name an empty or new folder"
+
+
+def split_text(split_data: GlueSplit, split: str) -> str:
+    """One split as GLUE's exact column layout writes it."""
     task = split_data.task
-    path = task_path(data_dir, task, split)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path = task_path(".", task, split)
     header = COLUMNS[(task, split)]
     for text in split_data.text_a + (split_data.text_b or []):
         if "\t" in text or "\n" in text:
@@ -153,15 +158,22 @@ def write_split(data_dir: str | os.PathLike, split_data: GlueSplit, split: str) 
             if split != "test":
                 row.append(f"{split_data.labels[i]:.3f}")
             rows.append(row)
-    tmp = path.with_suffix(".tsv.tmp")
-    with open(tmp, "w", encoding="utf-8", newline="") as f:
-        writer = csv.writer(
-            f, delimiter="\t", quoting=csv.QUOTE_NONE, lineterminator="\n", escapechar=None
-        )
-        writer.writerow(header)
-        writer.writerows(rows)
-    os.replace(tmp, path)
-    return path
+    out = io.StringIO(newline="")
+    writer = csv.writer(
+        out, delimiter="\t", quoting=csv.QUOTE_NONE, lineterminator="\n", escapechar=None
+    )
+    writer.writerow(header)
+    writer.writerows(rows)
+    return out.getvalue()
+
+
+def write_split(data_dir: str | os.PathLike, split_data: GlueSplit, split: str) -> Path:
+    """Write one split in GLUE's exact column layout into ``data_dir``, a folder nbzoo creates
+    or marked (nbzoo.safe_write: a folder of the user's GLUE data is refused, never written)."""
+    rel = task_path(".", split_data.task, split)
+    text = split_text(split_data, split)
+    root = safe_write.claim(data_dir, GENERATOR, what="data_dir", hint=KEEP_HINT)
+    return root.write_text(rel.as_posix(), text)
 
 
 # --- learnable sample data -------------------------------------------------------------------
@@ -346,29 +358,68 @@ def generate_split(
     raise ValueError(f"task must be one of {', '.join(TASK_DIRS)}; got {task!r}")
 
 
+def sample_files(task: str, sizes: dict[str, int], seed: int = 0) -> dict[str, bytes]:
+    """What :func:`write_sample_dataset` writes: ``<TASK>/<split>.tsv`` → its bytes."""
+    return {
+        task_path(".", task, split).as_posix(): split_text(
+            generate_split(task, n, seed, split), split
+        ).encode("utf-8")
+        for split, n in sizes.items()
+    }
+
+
+def generated_alike(sizes: dict[str, int], seed: int = 0) -> Callable[[Path], bool]:
+    """The test that an unmarked folder holds only sample data these sizes and seed generate,
+    byte for byte (for either task): a folder an nbzoo without markers wrote, adopted."""
+
+    def alike(folder: Path) -> bool:
+        every_task = {k: v for t in TASK_DIRS for k, v in sample_files(t, sizes, seed).items()}
+        return safe_write.holds_only(folder, every_task)
+
+    return alike
+
+
 def write_sample_dataset(
     data_dir: str | os.PathLike, task: str, sizes: dict[str, int], seed: int = 0
 ) -> Path:
-    """Generate and write ``<data_dir>/<TASK>/{train,dev,test}.tsv``; returns the task folder."""
-    for split, n in sizes.items():
-        write_split(data_dir, generate_split(task, n, seed, split), split)
+    """Generate and write ``<data_dir>/<TASK>/{train,dev,test}.tsv``; returns the task folder.
+
+    ``data_dir`` must be nbzoo's (nbzoo.safe_write): new, empty or marked. A folder that an nbzoo
+    without markers filled with this very data (every file byte-identical to what these sizes
+    and seed generate, for either task) is adopted; a folder with anything else is refused with
+    one line, before anything is written."""
+    files = sample_files(task, sizes, seed)
+    root = safe_write.claim(
+        data_dir, GENERATOR, what="data_dir", hint=KEEP_HINT, adopt=generated_alike(sizes, seed)
+    )
+    for rel, data in files.items():
+        root.write_bytes(rel, data)
     return Path(data_dir) / TASK_DIRS[task]
 
 
 def download_task(data_dir: str | os.PathLike, task: str) -> Path:
     """Fetch (checking the published sha256) and unpack a GLUE task archive into ``data_dir``
-    unless its files are there; files of the user's already in the task folder are kept."""
+    unless its files are there. A ``data_dir`` holding the task's three files is only read; else
+    it must be nbzoo's (nbzoo.safe_write: new, empty or marked) -- a folder of the user's with
+    other files in it is refused before anything is fetched."""
     folder = Path(data_dir) / TASK_DIRS[task]
     if all((folder / f"{s}.tsv").exists() for s in SPLITS):
         return folder
+    root = safe_write.claim(
+        data_dir,
+        "nbzoo's GLUE download (data_source=download)",
+        what="data_dir",
+        hint="pass data_source=local to read what is there, or name an empty or new folder",
+    )
     remote = ARCHIVES[task]
     archive = download(
         remote.url,
-        Path(data_dir) / f"{TASK_DIRS[task]}.zip",
+        root.path(f"{TASK_DIRS[task]}.zip"),
         sha256=remote.sha256,
         size=remote.size,
+        owner=root,
     )
-    extract_zip(archive, data_dir)
+    extract_zip(archive, data_dir, owner=root)
     return folder
 
 

@@ -18,15 +18,16 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from nbzoo import safe_write
 from nbzoo.data import sources, utf8
-from nbzoo.data.download import download
+from nbzoo.data.download import DownloadError, download, format_problem
 from nbzoo.data.fairseq import Dictionary, FairseqFormatError, write_bytes_atomic
 
 # What examples/roberta/preprocess_GLUE_tasks.sh fetches (no checksum published: sources.py).
@@ -157,13 +158,35 @@ class RobertaEncoder:
 
 
 def train_bpe(
-    texts: Iterable[str], folder: str | os.PathLike, vocab_size: int = 512, min_frequency: int = 2
+    texts: Iterable[str],
+    folder: str | os.PathLike,
+    vocab_size: int = 512,
+    min_frequency: int = 2,
+    adopt: Callable[[Path], bool] | None = None,
 ) -> Path:
     """Learn a byte-level BPE on ``texts`` and write encoder.json, vocab.bpe and dict.txt in
     fairseq's layout; dict.txt is built from the BPE-encoded texts the way fairseq-preprocess
-    builds one (counts, sorted by frequency, padded to a multiple of 8)."""
+    builds one (counts, sorted by frequency, padded to a multiple of 8).
+
+    The folder is made whole (nbzoo.safe_write.new_folder): it must be new, empty or nbzoo's;
+    ``adopt`` may accept an unmarked one (a folder an nbzoo without markers wrote)."""
     texts = [t.strip() for t in texts]
-    folder = Path(folder)
+    with safe_write.new_folder(
+        folder, BPE_WRITER, what="bpe_dir", hint=BPE_HINT, adopt=adopt
+    ) as tmp:
+        write_bpe_files(texts, tmp, vocab_size, min_frequency)
+    return Path(folder)
+
+
+BPE_WRITER = "nbzoo's BPE learner (data_source=generate)"
+BPE_HINT = "name an empty or new folder for the generated BPE files, or move this one away"
+
+
+def write_bpe_files(
+    texts: list[str], folder: Path, vocab_size: int = 512, min_frequency: int = 2
+) -> None:
+    """:func:`train_bpe`'s three files, written into ``folder`` as it is (a temporary folder of
+    its caller's)."""
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     trainer = trainers.BpeTrainer(
@@ -185,12 +208,27 @@ def train_bpe(
     bpe = GPT2BPE(folder / "encoder.json", folder / "vocab.bpe")
     lines = (" ".join(map(str, ids)) for ids in bpe.encode_batch(texts))
     Dictionary.build(lines).save(folder / "dict.txt")
-    return folder
 
 
 def download_gpt2_bpe(folder: str | os.PathLike) -> Path:
-    """fairseq's public encoder.json, vocab.bpe and dict.txt (as preprocess_GLUE_tasks.sh gets them)."""
+    """fairseq's public encoder.json, vocab.bpe and dict.txt (as preprocess_GLUE_tasks.sh gets
+    them). Files already there are used as they are (the offline route: placed by hand); the
+    missing ones are fetched into a folder that is nbzoo's (nbzoo.safe_write)."""
     folder = Path(folder)
+    if all((folder / name).is_file() for name in GPT2_BPE_FILES):
+        for name, remote in GPT2_BPE_FILES.items():
+            if problem := format_problem(folder / name):
+                raise DownloadError(
+                    f"{folder / name} {problem}: put the file of {remote.url} there"
+                )
+        return folder
+    root = safe_write.claim(
+        folder,
+        "nbzoo's GPT-2 BPE download (data_source=download)",
+        what="bpe_dir",
+        hint="place encoder.json, vocab.bpe and dict.txt there yourself, or name an empty or new "
+        "folder",
+    )
     for name, remote in GPT2_BPE_FILES.items():
-        download(remote.url, folder / name, sha256=remote.sha256, size=remote.size)
+        download(remote.url, root.path(name), sha256=remote.sha256, size=remote.size, owner=root)
     return folder

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from tfrecord import example_pb2
 
+from nbzoo import safe_write
 from nbzoo.data import sources
 
 # name -> (protobuf list kind, which length applies)
@@ -208,6 +209,44 @@ def decode_example(
     return out
 
 
+@dataclass(frozen=True)
+class Limits:
+    """What a model can take from a record: token ids below ``vocab_size``, segment ids below
+    ``type_vocab_size``, at most ``max_positions`` tokens. A record beyond them would end in an
+    IndexError deep inside the embedding or the gather of the masked positions."""
+
+    vocab_size: int
+    type_vocab_size: int = 2
+    max_positions: int | None = None
+
+
+def check_limits(sample: dict[str, np.ndarray], limits: Limits, where: str) -> None:
+    """Raise :class:`TFRecordError` naming ``where`` (shard and record), the feature, the value
+    and its index when a record holds a value the model cannot take."""
+    seq = len(sample["input_ids"])
+    if limits.max_positions is not None and seq > limits.max_positions:
+        raise TFRecordError(
+            f"{where}: feature 'input_ids' holds {seq} tokens, more than the model's "
+            f"{limits.max_positions} positions"
+        )
+    bounds = {
+        "input_ids": (limits.vocab_size, f"the vocabulary of {limits.vocab_size} tokens"),
+        "masked_lm_ids": (limits.vocab_size, f"the vocabulary of {limits.vocab_size} tokens"),
+        "segment_ids": (limits.type_vocab_size, f"{limits.type_vocab_size} segment types"),
+        "masked_lm_positions": (seq, f"the sequence of {seq} tokens"),
+        "next_sentence_labels": (2, "labels 0 (is next) and 1 (random)"),
+    }
+    for name, (stop, what) in bounds.items():
+        values = sample[name]
+        outside = np.flatnonzero((values < 0) | (values >= stop))
+        if len(outside):
+            i = int(outside[0])
+            raise TFRecordError(
+                f"{where}: feature {name!r} holds {int(values[i])} at index {i}, outside "
+                f"{what} (0 to {stop - 1})"
+            )
+
+
 def write_shard(path: str | os.PathLike, samples: Iterable[dict[str, Sequence]]) -> Path:
     return write_records(path, (encode_example(s) for s in samples))
 
@@ -274,6 +313,7 @@ class PretrainingShards(torch.utils.data.Dataset):
         start: int = 0,
         stop: int | None = None,
         in_memory: bool = False,
+        limits: Limits | None = None,
     ):
         self._files: dict[int, object] = {}  # first: __del__ closes them even if the listing fails
         paths = list_shards(shards) if isinstance(shards, str | os.PathLike) else shards
@@ -294,6 +334,7 @@ class PretrainingShards(torch.utils.data.Dataset):
                 f"sample range [{start}, {stop}) is outside the {total} samples of {len(self.paths)} shards"
             )
         self.start, self.stop = start, stop
+        self.limits = limits  # every record read is checked against them
         self.lengths: dict[str, int] = {}
         self._arrays: dict[str, np.ndarray] | None = None
         if in_memory:
@@ -313,7 +354,11 @@ class PretrainingShards(torch.utils.data.Dataset):
             f = self._files[s] = open(self.paths[s], "rb")  # noqa: SIM115 (kept open for reuse)
         size = os.fstat(f.fileno()).st_size
         payload, _ = _read_frame(f, self.paths[s], offset, size)
-        return decode_example(payload, f"{self.paths[s]}: byte offset {offset}", self.lengths)
+        where = f"{self.paths[s]}: record {g - int(self._cum[s])} (byte offset {offset})"
+        sample = decode_example(payload, where, self.lengths)
+        if self.limits is not None:
+            check_limits(sample, self.limits, where)
+        return sample
 
     def __getitem__(self, i: int) -> dict[str, np.ndarray]:
         if not 0 <= i < len(self):
@@ -344,10 +389,13 @@ class PretrainingShards(torch.utils.data.Dataset):
 
 
 def eval_split(
-    folder: str | os.PathLike, samples: int = EVAL_SAMPLES, in_memory: bool = False
+    folder: str | os.PathLike,
+    samples: int = EVAL_SAMPLES,
+    in_memory: bool = False,
+    limits: Limits | None = None,
 ) -> PretrainingShards:
     """The seed's evaluation set: the first ``samples`` consecutive samples (shards in name order)."""
-    return PretrainingShards(folder, 0, samples, in_memory=in_memory)
+    return PretrainingShards(folder, 0, samples, in_memory=in_memory, limits=limits)
 
 
 def train_split(
@@ -355,13 +403,13 @@ def train_split(
     skip: int = EVAL_SAMPLES,
     limit: int | None = None,
     in_memory: bool = False,
+    limits: Limits | None = None,
 ) -> PretrainingShards:
-    """Training samples: everything after the evaluation samples (at most ``limit`` of them).
-
-    The seed evaluates on samples of its training set; we leave them out of training so the
-    evaluation is held out (10,000 of 9.6M samples: no material change to the full run)."""
+    """Training samples from sample ``skip`` on (at most ``limit`` of them): ``skip = 0`` is the
+    seed's training set, all samples, its evaluation samples included; ``skip = samples`` of
+    :func:`eval_split` leaves the evaluation samples out of training (a held-out evaluation)."""
     return PretrainingShards(
-        folder, skip, None if limit is None else skip + limit, in_memory=in_memory
+        folder, skip, None if limit is None else skip + limit, in_memory=in_memory, limits=limits
     )
 
 
@@ -494,17 +542,34 @@ def generate_sample_shards(
     seed: int = 0,
 ) -> list[Path]:
     """Write ``num_samples`` synthetic samples as ``part-XXXXX-of-NNNNN.tfrecord`` shards, plus the
-    language's ``vocab.txt``. Deterministic for a given spec and seed."""
+    language's ``vocab.txt``. Deterministic for a given spec and seed.
+
+    The folder is made whole (nbzoo.safe_write.new_folder): new, empty or nbzoo's -- a folder of
+    the user's shards is refused, never written. An unmarked folder holding exactly these files
+    (written by an nbzoo without markers) is adopted."""
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    arrays = generate_samples(spec, num_samples, seed)
-    total = -(-num_samples // samples_per_shard)
-    paths = []
-    for s in range(total):
-        rows = range(s * samples_per_shard, min((s + 1) * samples_per_shard, num_samples))
-        samples = ({k: v[i] for k, v in arrays.items()} for i in rows)
-        paths.append(write_shard(folder / shard_name(s, total), samples))
-    tmp = folder / f".vocab.txt.tmp-{os.getpid()}"
-    tmp.write_text("\n".join(sample_vocab(spec)) + "\n", encoding="utf-8")
-    os.replace(tmp, folder / "vocab.txt")
-    return paths
+
+    def write(out: Path) -> list[str]:
+        out.mkdir(parents=True, exist_ok=True)
+        arrays = generate_samples(spec, num_samples, seed)
+        total = -(-num_samples // samples_per_shard)
+        names = []
+        for s in range(total):
+            rows = range(s * samples_per_shard, min((s + 1) * samples_per_shard, num_samples))
+            samples = ({k: v[i] for k, v in arrays.items()} for i in rows)
+            names.append(write_shard(out / shard_name(s, total), samples).name)
+        (out / "vocab.txt").write_text("\n".join(sample_vocab(spec)) + "\n", encoding="utf-8")
+        return names
+
+    with safe_write.new_folder(
+        folder,
+        GENERATOR,
+        what="data_dir",
+        hint="pass data_source=local to read the shards there, or name an empty or new folder",
+        adopt=lambda existing: safe_write.built_alike(existing, write),
+    ) as tmp:
+        names = write(tmp)
+    return [folder / name for name in names]
+
+
+GENERATOR = "nbzoo's MLPerf sample shard generator (data_source=generate)"

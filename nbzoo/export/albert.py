@@ -1,6 +1,6 @@
 """ALBERT's offline-inference flow (the second half of seeds/002_albert.md) on top of the generic
 export and runner modules: the seed's file names, its export shapes, the stage pipeline
-export → simplify → optimize (plus the int8 quantization of the plain export), the static models
+export → simplify → optimize → int8 (dynamic quantization of the optimized graph), the static models
 and the OM step (ATC, ais_bench, postprocess), PyTorch-eager timing on the runner's batches, and
 the sweep seq × batch × stage that notebook 02 tabulates.
 
@@ -102,7 +102,8 @@ def build_stages(
 ) -> Stages:
     """The seed's pipeline on the dynamic-shape model: export → ``_sim`` → ``_opt`` (ORT's
     fused transformer kernels), each checked against PyTorch on real samples; with ``int8`` also
-    ``_int8``, ORT's dynamic quantization of the plain export (the fused graph does not quantize)."""
+    ``_int8``, ORT's dynamic quantization of the optimized graph (its fused Attention becomes
+    QAttention, the way ORT's quantization guide does it for transformers)."""
     cfg = model.config
     steps = ["export", "simplify", "optimize"] + (["quantize int8"] if int8 else []) + ["parity"]
     bar = progress.bar(total=len(steps), desc="ONNX export", disable=not show_progress)
@@ -121,7 +122,9 @@ def build_stages(
         paths = {"onnx": raw, "onnx_sim": sim, "onnx_opt": opt.path}
         if int8:
             bar.set_postfix_str("quantize int8", refresh=False)
-            paths["onnx_int8"] = quantize.quantize_dynamic(raw)
+            paths["onnx_int8"] = quantize.quantize_dynamic(
+                opt.path, opt.path.with_name(f"{raw.stem}_int8{raw.suffix}")
+            )
             bar.update()
         bar.set_postfix_str("parity", refresh=False)
         sample = {k: v[:parity_samples] for k, v in features.items()}
@@ -264,8 +267,8 @@ def sweep(
     """For every sequence length × batch size, and at the shape of every converted ``.om``:
     PyTorch eager and each ONNX stage (through the ais_bench-style runner, outputs written and
     read back by the postprocess), and the ``.om`` through ais_bench → accuracy, agreement with
-    PyTorch's predictions, median throughput with its interquartile range, latency and the
-    largest logit difference from PyTorch. The grid is ``seq_lengths`` (default: every length in
+    PyTorch's predictions, median throughput with its interquartile range, latency, the
+    largest logit difference from PyTorch and the predicted class of every sample. The grid is ``seq_lengths`` (default: every length in
     ``data_dirs``) × ``batch_sizes``; an ``.om`` shape outside it gets PyTorch, the stages named
     in ``om_companions`` and the ``.om`` only. Returns a DataFrame."""
     import pandas as pd
@@ -350,6 +353,7 @@ def _row(stage, backend, seq_len, bs, logits, labels, stats, ref) -> dict:
         "latency p50 (ms)": stats["p50"],
         "latency p99 (ms)": stats["p99"],
         "max |Δlogit| vs PyTorch": float(np.abs(logits.astype(np.float64) - ref).max()),
+        "predictions": logits.argmax(-1),  # per sample: for paired comparisons (not recorded)
     }
 
 
@@ -361,7 +365,104 @@ def with_spread(table, value: str = "samples/s", spread: str = "samples/s IQR", 
     )
 
 
-# --- the headline speed-up --------------------------------------------------------------------
+# --- the benchmark at one shape ------------------------------------------------------------------
+
+TORCH = "pytorch_eager"
+
+
+@dataclass
+class Benchmark:
+    """Samples/s of PyTorch eager and of each ONNX model at one shape: one figure per model per
+    round, the rounds alternating the models on the same batches so that a busy neighbour slows
+    all alike; the 1, 5 and 15-minute load averages before and after."""
+
+    samples_per_second: dict[str, list[float]]  # TORCH first, then each model, per round
+    seq_len: int
+    batch_size: int
+    batches_per_round: int
+    threads: int
+    spinning: bool
+    load_before: tuple[float, float, float]
+    load_after: tuple[float, float, float]
+    omp_wait_policy: str = "default"
+
+    @property
+    def rounds(self) -> int:
+        return len(self.samples_per_second[TORCH])
+
+    def ratios(self, name: str, base: str = TORCH) -> list[float]:
+        """``name``'s samples/s over ``base``'s, round by round (paired)."""
+        a, b = self.samples_per_second[name], self.samples_per_second[base]
+        return [x / y for x, y in zip(a, b, strict=True)]
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "samples_per_second": self.samples_per_second,
+            "seq_len": self.seq_len,
+            "batch_size": self.batch_size,
+            "batches_per_round": self.batches_per_round,
+            "rounds": self.rounds,
+            "threads": self.threads,
+            "ort_spinning": self.spinning,
+            "omp_wait_policy": self.omp_wait_policy,
+            "load_average_before": list(self.load_before),
+            "load_average_after": list(self.load_after),
+        }
+
+
+def benchmark(
+    model,
+    paths: Mapping[str, str | os.PathLike],
+    features: Mapping[str, np.ndarray],
+    batch_size: int,
+    n_batches: int = 4,
+    rounds: int = 3,
+    threads: int | None = None,
+    spinning: bool = True,
+) -> Benchmark:
+    """PyTorch eager and every ONNX model in ``paths`` on the same ``n_batches`` batches of
+    ``features`` with the same thread count, ``rounds`` times. Each round times every one of
+    them once, starting one place further along each round, so that neither a neighbour's burst
+    nor the position in the round favours one. ``spinning=False`` makes ORT's idle threads
+    sleep, as ``OMP_WAIT_POLICY=PASSIVE`` does for PyTorch's."""
+    threads = threads or torch.get_num_threads()
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    data = batches(features, batch_size)[:n_batches]
+    device = next(model.parameters()).device
+    tfeeds = [{k: torch.from_numpy(v).to(device) for k, v in b.items()} for b in data]
+    model.eval()
+    runners = {TORCH: lambda feed_index: model(**tfeeds[feed_index])}
+    for name, path in paths.items():
+        backend = infer.OrtBackend(path, ep="cpu", threads=threads, spinning=spinning)
+        runners[name] = lambda feed_index, backend=backend: backend(data[feed_index])
+    samples = len(data) * batch_size
+    per_second: dict[str, list[float]] = {name: [] for name in runners}
+    names = list(runners)
+    load_before = os.getloadavg()
+    try:
+        with torch.inference_mode():
+            for run in runners.values():
+                run(0)  # warm-up: first-call allocations and ORT's kernel set-up
+            for r in range(rounds):
+                for name in names[r % len(names) :] + names[: r % len(names)]:
+                    tick = time.perf_counter()
+                    for i in range(len(data)):
+                        runners[name](i)
+                    per_second[name].append(samples / (time.perf_counter() - tick))
+    finally:
+        torch.set_num_threads(previous)
+    return Benchmark(
+        per_second,
+        seq_len=int(features[INPUT_NAMES[0]].shape[1]),
+        batch_size=batch_size,
+        batches_per_round=len(data),
+        threads=threads,
+        spinning=spinning,
+        load_before=load_before,
+        load_after=os.getloadavg(),
+        omp_wait_policy=os.environ.get("OMP_WAIT_POLICY", "default"),
+    )
 
 
 def _quartiles(values: Sequence[float]) -> list[float]:
@@ -378,66 +479,32 @@ def speedup(
     threads: int | None = None,
     spinning: bool = True,
 ) -> dict[str, object]:
-    """ONNX Runtime samples/s over PyTorch eager samples/s on the same batches and thread count,
-    measured in alternating rounds (PyTorch, then each ONNX model) so that a noisy neighbour slows
-    all alike. Each round gives a paired ratio; ``onnx_speedup`` is their median over the rounds,
-    ``onnx_speedup_iqr`` their interquartile range, and each side's samples/s is its median over
-    the rounds (with its IQR). ``onnx_path`` may map names to several models
-    (``{"onnx_opt": ..., "onnx_int8": ...}``): each gets ``<name>_speedup`` etc.; the first is
-    also reported under the plain ``onnx_`` keys. ``spinning=False`` makes ORT's idle threads
-    sleep, as ``OMP_WAIT_POLICY=PASSIVE`` does for PyTorch's."""
+    """:func:`benchmark` as one flat record (bench/onnx_speedup.py prints it): per model
+    ``<name>_speedup`` (the median of the per-round ratios to PyTorch) with its IQR, and each
+    side's median samples/s with its IQR; the first model is also reported under ``onnx_``."""
     paths = dict(onnx_path) if isinstance(onnx_path, Mapping) else {"onnx": onnx_path}
-    threads = threads or torch.get_num_threads()
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    data = batches(features, batch_size)[:n_batches]
-    backends = {
-        name: infer.OrtBackend(p, ep="cpu", threads=threads, spinning=spinning)
-        for name, p in paths.items()
-    }
-    device = next(model.parameters()).device
-    tfeeds = [{k: torch.from_numpy(v).to(device) for k, v in b.items()} for b in data]
-    model.eval()
-    samples = len(data) * batch_size
-    torch_sps: list[float] = []
-    ort_sps: dict[str, list[float]] = {name: [] for name in backends}
-    try:
-        with torch.inference_mode():
-            model(**tfeeds[0])
-            for backend in backends.values():
-                backend(data[0])
-            for _ in range(rounds):
-                tick = time.perf_counter()
-                for feed in tfeeds:
-                    model(**feed)
-                torch_sps.append(samples / (time.perf_counter() - tick))
-                for name, backend in backends.items():
-                    tick = time.perf_counter()
-                    for feed in data:
-                        backend(feed)
-                    ort_sps[name].append(samples / (time.perf_counter() - tick))
-    finally:
-        torch.set_num_threads(previous)
+    bench = benchmark(model, paths, features, batch_size, n_batches, rounds, threads, spinning)
     result: dict[str, object] = {}
-    for i, (name, sps) in enumerate(ort_sps.items()):
-        ratios = [o / t for o, t in zip(sps, torch_sps, strict=True)]
-        keys = [name] + (["onnx"] if i == 0 and name != "onnx" else [])
-        for key in keys:
+    for i, name in enumerate(paths):
+        ratios = bench.ratios(name)
+        sps = bench.samples_per_second[name]
+        for key in [name] + (["onnx"] if i == 0 and name != "onnx" else []):
             result[f"{key}_speedup"] = float(np.median(ratios))
             result[f"{key}_speedup_iqr"] = _quartiles(ratios)
             result[f"{key}_samples_per_second"] = float(np.median(sps))
             result[f"{key}_samples_per_second_iqr"] = _quartiles(sps)
+    torch_sps = bench.samples_per_second[TORCH]
     return result | {
         "torch_samples_per_second": float(np.median(torch_sps)),
         "torch_samples_per_second_iqr": _quartiles(torch_sps),
-        "threads": threads,
+        "threads": bench.threads,
         "batch_size": batch_size,
-        "seq_len": int(features[INPUT_NAMES[0]].shape[1]),
+        "seq_len": bench.seq_len,
         "rounds": rounds,
-        "batches_per_round": len(data),
+        "batches_per_round": bench.batches_per_round,
         "ort_spinning": spinning,
-        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default"),
-        "load_average_1min": os.getloadavg()[0],
+        "omp_wait_policy": bench.omp_wait_policy,
+        "load_average_1min": bench.load_after[0],
     }
 
 

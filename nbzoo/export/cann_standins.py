@@ -41,6 +41,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from nbzoo import safe_write
+
 MARKER = "nbzoo-cann-standin"
 OM_MAGIC = b"NBZOO-STANDIN-OM 1\n"  # first line of a stand-in .om; a real .om is never this
 
@@ -137,21 +139,34 @@ def _launcher(entry: str) -> str:
     )
 
 
+WRITER = "nbzoo.export.cann_standins"
+
+
 def write(folder: str | os.PathLike) -> StandIns:
-    """Write the stand-ins into ``folder`` (created; files of an earlier call replaced)."""
+    """Write the stand-ins into ``folder``: a folder nbzoo creates or marked (nbzoo.safe_write),
+    where only stand-ins an earlier call wrote are replaced -- a folder holding anything of the
+    user's (their own ``bin/atc``) is refused, never written."""
     out = StandIns(Path(folder).resolve())
-    out.bin.mkdir(parents=True, exist_ok=True)
-    (out.python / "ais_bench").mkdir(parents=True, exist_ok=True)
-    for name, entry in (("atc", "atc_main"), ("npu-smi", "npu_smi_main")):
-        path = out.bin / name
-        path.write_text(_launcher(entry))
-        path.chmod(path.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
-    (out.python / "ais_bench" / "__init__.py").write_text(
-        f'"""{MARKER}: test tooling written by nbzoo.export.cann_standins, not ais_bench."""\n'
+    root = safe_write.claim(
+        out.root,
+        WRITER,
+        hint="name an empty or new folder for the stand-ins, or move this one away",
     )
-    (out.python / "ais_bench" / "__main__.py").write_text(
-        _launcher("ais_bench_main").split("\n", 1)[1]
-    )
+    files = {
+        "bin/atc": _launcher("atc_main"),
+        "bin/npu-smi": _launcher("npu_smi_main"),
+        "python/ais_bench/__init__.py": (
+            f'"""{MARKER}: test tooling written by nbzoo.export.cann_standins, not ais_bench."""\n'
+        ),
+        "python/ais_bench/__main__.py": _launcher("ais_bench_main").split("\n", 1)[1],
+    }
+    for rel in files:
+        root.check(rel)  # every file before the first is written
+    for rel, text in files.items():
+        with root.file(rel) as tmp:
+            tmp.write_text(text)
+            if rel.startswith("bin/"):
+                tmp.chmod(tmp.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
     return out
 
 
@@ -311,34 +326,42 @@ def ais_bench_main(argv: Sequence[str]) -> int:
     for folder in folders:
         names = [f for f in os.listdir(folder) if f.lower().endswith((".npy", ".bin"))]
         files.append([os.path.join(folder, f) for f in sorted(sorted(names), key=_natural_key)])
+    if clash := _same_output_name(files[0], opts.outfmt.lower()):
+        return _fail("ais_bench", clash)
     # ais_bench: files per batch = the input tensor's size / one file's size; last batch padded
     per_file = np.load(files[0][0]).shape[0]
     per_batch = opts.batchsize // per_file
     out_dir = Path(opts.output) / opts.output_dirname
-    out_dir.mkdir(parents=True, exist_ok=True)
+    summary_name = f"{opts.output_dirname}_summary.json"
     fmt = opts.outfmt.lower()
     times, filesinfo = [], {}
     n = len(files[0])
-    session.run(None, _feed(descs, files, 0, per_batch, n))  # ais_bench's one warm-up run
-    for b in range(-(-n // per_batch)):
-        feed = _feed(descs, files, b, per_batch, n)
-        tick = time.perf_counter()
-        outputs = session.run(None, feed)
-        times.append((time.perf_counter() - tick) * 1000.0)
-        for j in range(per_batch):
-            i = b * per_batch + j
-            if i >= n:  # a padding row
-                continue
-            infiles = [fs[i] for fs in files]
-            record = filesinfo.setdefault(i, {"infiles": infiles, "outfiles": []})
-            for k, out in enumerate(outputs):
-                part = np.array_split(np.asarray(out), per_batch, axis=0)[j]
-                path = out_dir / f"{os.path.basename(infiles[0]).split('.')[0]}_{k}.{fmt}"
-                if fmt == "npy":
-                    np.save(path, part)
-                else:
-                    part.tofile(path)
-                record["outfiles"].append(str(path))
+    try:
+        with safe_write.new_folder(
+            out_dir, f"{WRITER} (ais_bench)", hint="move it away", beside=[summary_name]
+        ) as tmp:
+            session.run(None, _feed(descs, files, 0, per_batch, n))  # ais_bench's one warm-up
+            for b in range(-(-n // per_batch)):
+                feed = _feed(descs, files, b, per_batch, n)
+                tick = time.perf_counter()
+                outputs = session.run(None, feed)
+                times.append((time.perf_counter() - tick) * 1000.0)
+                for j in range(per_batch):
+                    i = b * per_batch + j
+                    if i >= n:  # a padding row
+                        continue
+                    infiles = [fs[i] for fs in files]
+                    record = filesinfo.setdefault(i, {"infiles": infiles, "outfiles": []})
+                    for k, out in enumerate(outputs):
+                        part = np.array_split(np.asarray(out), per_batch, axis=0)[j]
+                        name = f"{_output_stem(infiles[0])}_{k}.{fmt}"
+                        if fmt == "npy":
+                            np.save(tmp / name, part)
+                        else:
+                            part.tofile(tmp / name)
+                        record["outfiles"].append(str(out_dir / name))
+    except safe_write.NotOursError as exc:
+        return _fail("ais_bench", str(exc))
     t = np.asarray(times)
     stats = {
         "min": float(t.min()), "max": float(t.max()), "mean": float(t.mean()),
@@ -357,11 +380,33 @@ def ais_bench_main(argv: Sequence[str]) -> int:
         "pid": os.getpid(),
         "standin": f"{MARKER}: ONNX Runtime on the CPU, not an Ascend NPU",
     }
-    with open(f"{out_dir}_summary.json", "w") as f:
-        json.dump(summary, f)
+    safe_write.write_beside(out_dir, summary_name, json.dumps(summary).encode(), WRITER)
     print(f"[INFO] throughput 1000*batchsize.mean({opts.batchsize})/NPU_compute_time.mean"
           f"({stats['mean']}): {summary['throughput']} (stand-in: ONNX Runtime on the CPU)")  # fmt: skip
     return 0
+
+
+def _output_stem(infile: str) -> str:
+    """ais_bench's name for a sample's outputs: its first input file's name up to the first dot
+    (ais_bench/infer/io_oprations.py, save_tensors_to_file: ``basename(f).split('.')[0]``)."""
+    return os.path.basename(infile).split(".")[0]
+
+
+def _same_output_name(infiles: Sequence[str], fmt: str) -> str | None:
+    """Two samples whose outputs ais_bench's naming would write to one file (``s.0.npy`` and
+    ``s.1.npy`` both give ``s_0``): real ais_bench overwrites one with the other and lists the
+    file twice; the stand-in refuses before writing anything."""
+    seen: dict[str, str] = {}
+    for path in infiles:
+        stem = _output_stem(path)
+        if stem in seen:
+            return (
+                f"{seen[stem]} and {os.path.basename(path)} would both be written as {stem}_0.{fmt} "
+                "(ais_bench names a sample's outputs after its first input file up to the first "
+                "dot); rename the input files"
+            )
+        seen[stem] = os.path.basename(path)
+    return None
 
 
 def _feed(descs, files, b, per_batch, n):
@@ -381,7 +426,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         description="TEST TOOLING: write stand-in atc, npu-smi and ais_bench into FOLDER.",
     )
     p.add_argument("folder")
-    out = write(p.parse_args(argv).folder)
+    folder = p.parse_args(argv).folder
+    try:
+        out = write(folder)
+    except safe_write.NotOursError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # a read-only folder, a full disk
+        print(f"error: {safe_write.write_error(folder, exc)}", file=sys.stderr)
+        return 1
     print(f"export PATH={shlex.quote(str(out.bin))}:$PATH")
     print(f"export PYTHONPATH={shlex.quote(str(out.python))}${{PYTHONPATH:+:$PYTHONPATH}}")
     return 0

@@ -157,13 +157,16 @@ def run_ais_bench(argv: Sequence[str], cwd: str | os.PathLike) -> AisBenchRun:
     opts = dict(zip(argv[3::2], argv[4::2], strict=False))
     output_dir = Path(cwd) / opts["--output"] / opts["--output_dirname"]
     summary_path = output_dir.with_name(f"{output_dir.name}_summary.json")
-    # a previous run's summary must not pass for this run's when ais_bench dies before writing
-    summary_path.unlink(missing_ok=True)
+    # a previous run's summary must not pass for this run's when ais_bench dies before writing;
+    # it is told apart by its identity, not deleted (it may be a file of the user's)
+    before = _identity(summary_path)
     done = subprocess.run(list(argv), cwd=cwd, capture_output=True, text=True, check=False)
     line = shlex.join(argv)
     if done.returncode != 0:
         tail = "\n".join((done.stdout + done.stderr).strip().splitlines()[-20:])
         raise OmError(f"ais_bench failed (exit {done.returncode}):\n{line}\n{tail}")
+    if before is not None and _identity(summary_path) == before:
+        raise OmError(f"{summary_path}: ais_bench exited 0 but left the previous run's summary")
     summary = read_summary(summary_path)
     npu = summary["NPU_compute_time"]
     times = np.asarray(summary.get("npu_compute_time_list") or [npu["median"]], dtype=np.float64)
@@ -178,6 +181,14 @@ def run_ais_bench(argv: Sequence[str], cwd: str | os.PathLike) -> AisBenchRun:
     return AisBenchRun(
         line, Path(cwd), output_dir, summary, done.stdout, latency, float(summary["throughput"])
     )
+
+
+def _identity(path: Path) -> tuple[int, int, int] | None:
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return None
+    return st.st_ino, st.st_size, st.st_mtime_ns
 
 
 def read_outputs(run: AisBenchRun, samples: int, output_index: int = 0) -> np.ndarray:

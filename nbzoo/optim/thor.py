@@ -6,27 +6,30 @@ inputs and ``G = E[g gᵀ]`` over the gradients of its outputs, and the update i
 gradient ``(G + √λ I)⁻¹ ∇W (A + √λ I)⁻¹``. What we take from MindSpore (``nn/optim/thor.py``,
 ``nn/layer/thor_layer.py`` and the BERT model-zoo config), and what we add:
 
-* Layers. Every ``nn.Linear`` (its bias folded into ``A`` as a constant input 1, as the paper's
-  formulation has it; MindSpore leaves biases first-order). Every ``nn.Embedding`` the way
+* Layers. Every ``nn.Linear``: its bias first-order as MindSpore's, or (``fold_bias``) folded into
+  ``A`` as a constant input 1, as the paper's formulation has it. Every ``nn.Embedding`` the way
   ``EmbeddingThor`` does it: its input is one-hot, so ``A`` is diagonal, the expected count of each
   token per sequence. MindSpore converts every Embedding, BERT's position table included, and gives
   LayerNorm parameters a diagonal rule, ``g / (g²/b + √λ)``; both are our defaults, and
   ``first_order=("position_embeddings",)`` / ``layernorm="first_order"`` leave them to the plain
   gradient instead. Any other parameter takes the first-order update, explicitly;
   :meth:`THOR.layer_table` lists which parameter gets which rule.
-* A weight shared by two layers -- BERT's word embedding, reused (tied) by the MLM decoder. Its
-  Fisher block is approximated by the *sum* of the two layers' Kronecker products,
-  ``F = P₁⊗Q₁ + P₂⊗Q₂`` (P: the vocabulary side, Q: the hidden side; the decoder's bias becomes one
-  more hidden column, which the embedding never touches), and we apply the exact damped inverse of
-  that sum. MindSpore instead preconditions the summed gradient with the embedding's factors alone,
-  which ignores the decoder's curvature. Inverting a sum of two Kronecker products is cheap through a
-  generalized eigen-decomposition per side (``XᵀP₁X = I, XᵀP₂X = S``; ``YᵀQ₁Y = I, YᵀQ₂Y = T``):
+* A weight shared by two layers -- BERT's word embedding, reused (tied) by the MLM decoder.
+  MindSpore (``tied="embedding"``, the default) preconditions the summed gradient with the
+  embedding's factors alone, which ignores the decoder's curvature. With ``tied="kronecker_sum"``
+  its Fisher block is approximated by the *sum* of the two layers' Kronecker products,
+  ``F = P₁⊗Q₁ + P₂⊗Q₂`` (P: the vocabulary side, Q: the hidden side; a folded decoder bias becomes
+  one more hidden column, which the embedding never touches), and we apply the exact damped
+  inverse of that sum. Inverting a sum of two Kronecker products is cheap through a generalized
+  eigen-decomposition per side (``XᵀP₁X = I, XᵀP₂X = S``; ``YᵀQ₁Y = I, YᵀQ₂Y = T``):
   ``F⁻¹ vec(R) = vec(X [(Xᵀ R Y) / (1 + s tᵀ)] Yᵀ)``.
 * Scaling as MindSpore: ``A = Σ a aᵀ / N`` over the N rows (tokens) of a step, ``G = b² Σ g gᵀ / N`` with
   b the number of sequences (undoing the mean over the batch in the loss), damping ``√λ`` added to
   each factor.
-* Running averages of the factors (``stat_decay``), gathered every ``stats_every`` steps; the
-  damped inverses are recomputed every ``frequency`` steps (MindSpore: 100) and reused in between.
+* Statistics: MindSpore's (``statistics="refresh"``, the default) are those of each refresh step's
+  own batch; ``"running"`` gathers them every ``stats_every`` steps into a running average
+  (``stat_decay``). The damped inverses are recomputed every ``frequency`` optimizer steps
+  (MindSpore: 100) and reused in between. :data:`VARIANTS` names the two sets of choices.
 * Factors split into diagonal blocks of ``block_size`` (MindSpore: 128): only the block-diagonal
   part is ever gathered, stored or inverted, so a 30522-row decoder factor costs 239 blocks of
   128², not 30522².
@@ -64,7 +67,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-__all__ = ["THOR", "PolySchedule", "MINDSPORE_BERT"]
+__all__ = ["THOR", "PolySchedule", "MINDSPORE_BERT", "VARIANTS"]
 
 
 @dataclass(frozen=True)
@@ -92,6 +95,23 @@ MINDSPORE_BERT = {
     "clip_norm": 1.0,
 }
 
+
+# The two sets of THOR's structural choices (the ``thor_variant`` of notebook 06):
+# - "mindspore", MindSpore's bert_thor (``nn/optim/thor.py``, ``nn/layer/thor_layer.py``): A and G
+#   are the statistics of each refresh step's own batch (``DenseThor`` assigns ``x^T x / N`` when
+#   its ``thor`` flag is on, at every ``frequency``-th step; no average over steps), biases take
+#   the plain gradient (``BiasAdd`` after the THOR matmul), and BERT's tied word embedding is
+#   preconditioned with the embedding's factors alone (the MLM decoder is a plain matmul with the
+#   embedding table, not a THOR layer);
+# - "nbzoo": statistics gathered every ``stats_every`` steps into a running average
+#   (``stat_decay``), biases folded into A as a constant input 1 (the paper's formulation), and
+#   the tied weight's Fisher block as the sum of both layers' Kronecker products.
+VARIANTS = {
+    "mindspore": {"statistics": "refresh", "fold_bias": False, "tied": "embedding"},
+    "nbzoo": {"statistics": "running", "fold_bias": True, "tied": "kronecker_sum"},
+}
+STATISTICS = ("refresh", "running")
+TIED = ("embedding", "kronecker_sum")
 
 # At most this many layers per batched preconditioning product: the stacked gradients and their
 # products are temporary copies (BERT-Large's 98 layers of 1024 × 1025 would be 400 MB each).
@@ -198,6 +218,7 @@ class _Use:
     has_bias_col: bool  # the group folds a bias: this use's column space has one more coordinate
     rows: int = 0  # N (tokens) accumulated this step
     seqs: int = 0  # b (sequences) accumulated this step
+    calls: int = 0  # forwards accumulated this step: its micro-batches (grad_accum)
 
 
 class _Group:
@@ -240,10 +261,21 @@ class THOR(torch.optim.Optimizer):
         lr, damping: a number or a schedule ``step -> value`` (e.g. :class:`PolySchedule`).
         momentum, weight_decay: as MindSpore's ApplyMomentum and decay filter (no decay for
             LayerNorm parameters and biases).
-        frequency: steps between refreshes of the damped inverses (refresh at steps 0, f, 2f, ...).
-        stats_every: steps between gatherings of the factor statistics; must divide ``frequency``.
-        stat_decay: running-average decay of the factors (0: the last gathered step only, as
-            MindSpore).
+        frequency: optimizer steps (``step()`` calls) between refreshes of the damped inverses
+            (refresh at steps 0, f, 2f, ...). With gradient accumulation the statistics of a
+            gathering step are summed over all its micro-batches (every forward / backward before
+            its ``step()``).
+        statistics: ``"refresh"`` (MindSpore) -- A and G are the statistics of each refresh
+            step's own batch; ``"running"`` -- gathered every ``stats_every`` steps into a running
+            average with decay ``stat_decay``.
+        stats_every: (``"running"``) steps between gatherings; must divide ``frequency``.
+        stat_decay: (``"running"``) running-average decay of the factors.
+        fold_bias: fold each Linear's bias into A as a constant input 1 (the paper); False
+            (MindSpore): biases take the first-order update.
+        tied: a weight shared by an Embedding and a Linear (BERT's word embedding and MLM
+            decoder): ``"embedding"`` (MindSpore) -- the summed gradient preconditioned with the
+            embedding's factors alone; ``"kronecker_sum"`` -- the exact damped inverse of the sum
+            of both layers' Kronecker products.
         block_size: factors are split into diagonal blocks of this size.
         trace_threshold: the paper's rule -- a layer's inverse is recomputed at a refresh only if
             its damped Fisher trace changed by more than this fraction since its last inversion.
@@ -274,14 +306,29 @@ class THOR(torch.optim.Optimizer):
         precondition: bool = True,
         first_order: Iterable[str] = (),
         layernorm: str = "diagonal",
+        statistics: str = "refresh",
+        fold_bias: bool = False,
+        tied: str = "embedding",
     ):
-        if frequency < 1 or stats_every < 1 or frequency % stats_every:
+        if statistics not in STATISTICS:
             raise ValueError(
-                f"stats_every ({stats_every}) must be ≥ 1 and divide frequency ({frequency}), "
-                "so that every refresh sees fresh statistics"
+                f"statistics must be one of {', '.join(STATISTICS)}; got {statistics!r}"
             )
-        if not 0.0 <= stat_decay < 1.0:
-            raise ValueError(f"stat_decay must be in [0, 1); got {stat_decay}")
+        if tied not in TIED:
+            raise ValueError(f"tied must be one of {', '.join(TIED)}; got {tied!r}")
+        if frequency < 1:
+            raise ValueError(f"frequency must be ≥ 1; got {frequency}")
+        if statistics == "running":
+            if stats_every < 1 or frequency % stats_every:
+                raise ValueError(
+                    f"stats_every ({stats_every}) must be ≥ 1 and divide frequency ({frequency}), "
+                    "so that every refresh sees fresh statistics"
+                )
+            if not 0.0 <= stat_decay < 1.0:
+                raise ValueError(f"stat_decay must be in [0, 1); got {stat_decay}")
+        else:  # each refresh step's own statistics: gathered at refreshes, nothing averaged
+            stats_every, stat_decay = frequency, 0.0
+        self.statistics, self.fold_bias, self.tied = statistics, fold_bias, tied
         params, seen = [], set()
         for p in model.parameters():
             if p.requires_grad and id(p) not in seen:
@@ -317,6 +364,10 @@ class THOR(torch.optim.Optimizer):
         self._no_decay = self._layernorm | {
             p for n, p in model.named_parameters() if n.endswith("bias")
         }
+        self._uses_of: dict[int, int] = {}  # layers using each weight (2: a tied weight)
+        for m in {id(m): m for m in model.modules()}.values():
+            if isinstance(m, nn.Linear | nn.Embedding):
+                self._uses_of[id(m.weight)] = self._uses_of.get(id(m.weight), 0) + 1
         self.groups: list[_Group] = self._build_groups(model) if precondition else []
         self._hooks = [
             u.module.register_forward_hook(self._forward_hook(u))
@@ -343,8 +394,14 @@ class THOR(torch.optim.Optimizer):
                     f"weight shared by {len(unique)} layers ({', '.join(n for n, _ in unique)}): "
                     "THOR handles a weight used by one or two layers"
                 )
+            if len(unique) == 2 and self.tied == "embedding":
+                # MindSpore: the embedding's factors precondition the summed gradient; the
+                # other layer (the decoder) gathers nothing, its bias is first-order
+                embeddings = [(n, m) for n, m in unique if isinstance(m, nn.Embedding)]
+                unique = embeddings[:1] or unique[:1]
             biases = [m.bias for _, m in unique if isinstance(m, nn.Linear) and m.bias is not None]
-            bias = biases[0] if len(biases) == 1 and biases[0].requires_grad else None
+            foldable = self.fold_bias and len(biases) == 1 and biases[0].requires_grad
+            bias = biases[0] if foldable else None
             weight = unique[0][1].weight
             dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
             uses = []
@@ -378,9 +435,11 @@ class THOR(torch.optim.Optimizer):
                 f" ⊗ {u.col.dim}×{u.col.dim} ({u.row.nb}+{u.col.nb} blocks)"
                 for u in g.uses
             )
-            tag = (
-                "THOR, shared weight (sum of 2 Kronecker products)" if len(g.uses) == 2 else "THOR"
-            )
+            tag = "THOR"
+            if len(g.uses) == 2:
+                tag = "THOR, shared weight (sum of 2 Kronecker products)"
+            elif self._uses_of.get(id(g.weight), 1) > 1 and g.uses[0].kind == "embedding":
+                tag = "THOR, shared weight (the embedding's factors alone, as MindSpore)"
             how[g.weight] = f"{tag}: {kinds} | {shape}"
             if g.bias is not None:
                 how[g.bias] = f"{tag}: folded into {self._names[g.weight]} as a constant input"
@@ -420,6 +479,8 @@ class THOR(torch.optim.Optimizer):
 
     @property
     def collecting(self) -> bool:
+        """Whether this optimizer step gathers statistics (every forward / backward before its
+        ``step()``, all micro-batches of a gradient accumulation included)."""
         return self.precondition and self.steps % self.stats_every == 0
 
     def _forward_hook(self, use: _Use):
@@ -429,6 +490,7 @@ class THOR(torch.optim.Optimizer):
             tick = time.perf_counter()
             x = args[0]
             use.seqs += x.shape[0] if x.dim() > 1 else 1
+            use.calls += 1
             if use.kind == "linear":
                 a = x.detach().reshape(-1, x.shape[-1]).to(use.col.value.dtype)
                 if use.has_bias_col:
@@ -478,8 +540,14 @@ class THOR(torch.optim.Optimizer):
             for u in g.uses:
                 if u.rows == 0:
                     continue
-                self._batch = u.seqs
-                scale_g = u.seqs**2 / u.rows  # b² / N: per-sequence gradients, averaged over rows
+                # LayerNorm's rule divides by the per-device batch (MindSpore's batch_size): the
+                # sequences of one micro-batch, so that grad_accum k on one device and k devices
+                # take the same step
+                self._batch = max(1, round(u.seqs / u.calls))
+                # b² / N: per-sequence gradients, averaged over rows. With grad_accum the step's
+                # loss is the mean over the sequences of all its micro-batches (each micro-batch
+                # weighted by its share), so b counts them all.
+                scale_g = u.seqs**2 / u.rows
                 if u.kind == "linear":
                     scales = {"row": ("mul", scale_g), "col": ("div", u.rows)}
                 else:
@@ -496,7 +564,7 @@ class THOR(torch.optim.Optimizer):
                         f.value.copy_(value)
                         f.initialized = True
                 u.row.sum = u.col.sum = None
-                u.rows = u.seqs = 0
+                u.rows = u.seqs = u.calls = 0
         self._scale = None
         self.timings["statistics"] += time.perf_counter() - tick
 

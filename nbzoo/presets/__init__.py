@@ -12,6 +12,7 @@ checks ``-p`` values against it before a kernel starts, and :func:`resolve` chec
 
 from __future__ import annotations
 
+import math
 import tomllib
 import types
 from collections.abc import Mapping
@@ -30,6 +31,7 @@ TRAINING_DEFAULTS = {
     "node_rank": 0,  # this machine's index (node 0 writes the results)
     "master_addr": "127.0.0.1",  # node 0's address (several machines)
     "master_port": 29500,  # a free port on node 0 (several machines)
+    "rendezvous_timeout": 300,  # seconds the machines wait for each other (several machines)
     "mode": "train",  # train | eval (evaluate init_checkpoint, or this preset's own checkpoint)
     "init_checkpoint": "",  # a checkpoint to start from (train) or to evaluate (eval)
 }
@@ -85,9 +87,29 @@ def describe(domain: Mapping[str, Any]) -> str:
     return " and ".join(parts)
 
 
+def non_finite(value: Any, where: str = "") -> tuple[str, float] | None:
+    """The first NaN or infinity in ``value`` (a number, or a dict / list holding numbers) and
+    where it is (``""``: the value itself, ``"['lr']"``: inside it); None where all are finite.
+    ``1e999`` parses as inf, and a learning rate of inf passes ``> 0`` and trains to NaN."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return where, value
+    if isinstance(value, Mapping):
+        items = value.items()
+    elif isinstance(value, list | tuple):
+        items = enumerate(value)
+    else:
+        return None
+    for key, item in items:
+        if (found := non_finite(item, f"{where}[{key!r}]")) is not None:
+            return found
+    return None
+
+
 def in_domain(value: Any, domain: Mapping[str, Any]) -> bool:
     if value is None:  # None: "take the preset's value", not a value of its own
         return True
+    if non_finite(value) is not None:
+        return False
     if "choices" in domain and value not in domain["choices"]:
         return False
     checks = {
@@ -103,7 +125,15 @@ def in_domain(value: Any, domain: Mapping[str, Any]) -> bool:
 
 
 def check_domain(stem: str, name: str, value: Any) -> None:
-    """Raise :class:`PresetError` naming the knob and its domain when ``value`` is outside it."""
+    """Raise :class:`PresetError` naming the knob and its domain when ``value`` is outside it,
+    or when it holds NaN or an infinity (every knob, declared in domains.toml or not)."""
+    if (found := non_finite(value)) is not None:
+        where, bad = found
+        raise PresetError(
+            f"parameter {name} must be a finite number, got {value!r}"
+            if not where
+            else f"parameter {name} must hold finite numbers only: {name}{where} is {bad!r}"
+        )
     domain = domains(stem).get(name)
     if domain is not None and not in_domain(value, domain):
         raise PresetError(
