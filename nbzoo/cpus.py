@@ -23,8 +23,9 @@ def share() -> int:
 
 
 def cpuinfo(path: str | os.PathLike = "/proc/cpuinfo") -> tuple[str, set[str]]:
-    """The first CPU's ``model name`` and feature flags (x86 ``flags``, ARM ``Features``) from
-    ``/proc/cpuinfo``; ``("", set())`` where it cannot be read (not Linux)."""
+    """The first CPU's name (x86 ``model name``; ARM ``Model`` or ``Hardware``) and feature flags
+    (x86 ``flags``, ARM ``Features``) from ``/proc/cpuinfo``; ``("", set())`` where it cannot be
+    read (not Linux)."""
     try:
         with open(path, encoding="utf-8", errors="replace") as f:
             text = f.read()
@@ -34,7 +35,7 @@ def cpuinfo(path: str | os.PathLike = "/proc/cpuinfo") -> tuple[str, set[str]]:
     for line in text.splitlines():
         key, _, value = line.partition(":")
         key = key.strip()
-        if key == "model name" and not model:
+        if key in ("model name", "Model", "Hardware") and not model:
             model = value.strip()
         elif key in ("flags", "Features") and flags is None:
             flags = set(value.split())

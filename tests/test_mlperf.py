@@ -318,6 +318,12 @@ def test_paired_step_times_alternate_thor_and_adamw_and_feed_the_ratio():
     grid = {"thor": timed("thor", 2.0), "sgd": timed("sgd", 1.0), "adamw": timed("adamw", 1.0)}
     m = optimizer_comparison.comparison_metrics(grid, 0.1, {"ratio": 1.1})
     assert m["thor_step_time_ratio"] == 1.1 and m["thor_step_time_ratio_sequential"] == 2.0
+    # over whole refresh periods (every 3rd THOR step also inverts) where the timing spans two
+    thor_ms, adamw_ms = [1.0, 1.0, 4.0] * 4, [1.0] * 12
+    paired = {"ratio": 1.0, "thor_step_ms": thor_ms, "adamw_step_ms": adamw_ms, "skipped": 0}
+    m = optimizer_comparison.comparison_metrics(grid, 0.1, paired, frequency=3)
+    assert m["thor_step_time_ratio"] == pytest.approx(2.0)
+    assert m["thor_step_time_ratio_each_step"] == 1.0
 
 
 def test_a_grid_trained_in_parallel_processes_equals_the_sequential_grid(tmp_path, capsys):

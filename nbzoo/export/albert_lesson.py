@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from nbzoo import lesson, metrics, verdicts
+from nbzoo import cpus, lesson, metrics, verdicts
 from nbzoo.export import albert, quantize
 from nbzoo.export import onnx as onnx_export
 from nbzoo.export import profile as ort_profile
@@ -52,17 +52,10 @@ def label(stage: str) -> str:
 # --- the machine ----------------------------------------------------------------------------------
 
 
-def cpu_name(path: str | os.PathLike = "/proc/cpuinfo") -> str:
-    try:
-        for line in Path(path).read_text(errors="replace").splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() in ("model name", "Model", "Hardware"):
-                return value.strip()
-    except OSError:
-        pass
+def cpu_name() -> str:
     import platform
 
-    return platform.processor() or platform.machine()
+    return cpus.cpuinfo()[0] or platform.processor() or platform.machine()
 
 
 def machine(threads: int, bench: albert.Benchmark | None = None):
