@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import ast
 import contextlib
+import logging
 import os
 import signal
 import sys
@@ -170,6 +171,14 @@ def cmd_run(args: argparse.Namespace) -> int:
         return exit_status(exc)
     print(f"done in {seconds:.1f} s", flush=True)
     return 0
+
+
+def quiet_shutdown() -> None:
+    """Once the user has stopped a run, it ends in one line of ours: papermill's report of the
+    kernel it shuts down ("Kernel died while waiting for execute reply") and asyncio's of the
+    abandoned cell's DeadKernelError are the stop's own echo, not news."""
+    for name in ("papermill", "asyncio"):
+        logging.getLogger(name).disabled = True
 
 
 def stopped_by(exc: KeyboardInterrupt) -> str:
@@ -398,7 +407,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         # SIGTERM / SIGHUP (kill, timeout) stop a run as Ctrl-C does: the kernel is shut down, and
         # with it every process the notebook started (nbzoo.lifeline)
-        with lifeline.signals_as_interrupt():
+        with lifeline.signals_as_interrupt(on_stop=quiet_shutdown):
             return args.func(args)
     except UsageError as exc:
         print(f"nbzoo: error: {exc}", file=sys.stderr)

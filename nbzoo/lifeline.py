@@ -35,7 +35,7 @@ import runpy
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 PARENT_ENV = "NBZOO_LIFELINE_PARENT"  # the pid a child should die with
 _PR_SET_PDEATHSIG = 1  # linux/prctl.h
@@ -92,15 +92,26 @@ class Terminated(KeyboardInterrupt):
 
 
 @contextlib.contextmanager
-def signals_as_interrupt() -> Iterator[None]:
+def signals_as_interrupt(on_stop: Callable[[], None] | None = None) -> Iterator[None]:
     """Within the block, SIGTERM and SIGHUP raise :class:`Terminated` (a KeyboardInterrupt) in
-    the main thread, so that ``finally`` blocks and papermill's kernel shutdown run."""
+    the main thread, so that ``finally`` blocks and papermill's kernel shutdown run; SIGINT
+    (Ctrl-C) raises KeyboardInterrupt as always, unless it is ignored (a background job). Each
+    runs ``on_stop`` first."""
 
     def raise_terminated(signum, _frame):
+        if on_stop is not None:
+            on_stop()
         raise Terminated(signum)
 
-    wanted = (signal.SIGTERM, signal.SIGHUP)
-    saved = {sig: signal.signal(sig, raise_terminated) for sig in wanted}
+    def raise_interrupt(_signum, _frame):
+        if on_stop is not None:
+            on_stop()
+        raise KeyboardInterrupt
+
+    wanted = {signal.SIGTERM: raise_terminated, signal.SIGHUP: raise_terminated}
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+        wanted[signal.SIGINT] = raise_interrupt
+    saved = {sig: signal.signal(sig, handler) for sig, handler in wanted.items()}
     try:
         yield
     finally:

@@ -751,7 +751,7 @@ def stoppable_main(argv: list[str] | None = None) -> int:
     from nbzoo import cli, lifeline
 
     try:
-        with lifeline.signals_as_interrupt():
+        with lifeline.signals_as_interrupt(on_stop=cli.quiet_shutdown):
             return main(argv)
     except KeyboardInterrupt as exc:
         print(f"rehearsal: {cli.stopped_by(exc)}", file=sys.stderr, flush=True)

@@ -208,6 +208,25 @@ def test_a_run_that_fails_keeps_the_previous_notebook_and_one_that_succeeds_repl
     assert sorted(p.name for p in out.iterdir()) == ["01_probe.failed.ipynb", "01_probe.ipynb"]
 
 
+def test_a_stop_silences_papermills_echo_of_the_kernel_it_shuts_down(capsys):
+    """Ctrl-C reaches nbzoo run and its kernel at once; whichever the shutdown races, the stop ends
+    in nbzoo's one line, without papermill's "Kernel died" or asyncio's unretrieved DeadKernelError."""
+    from nbzoo import lifeline
+
+    echoes = [logging.getLogger(name) for name in ("papermill", "asyncio")]
+    try:
+        with lifeline.signals_as_interrupt(on_stop=cli.quiet_shutdown):
+            with pytest.raises(KeyboardInterrupt):
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(5)
+        for logger in echoes:
+            logger.error("Kernel died while waiting for execute reply.")
+        assert "Kernel died" not in capsys.readouterr().err
+    finally:
+        for logger in echoes:
+            logger.disabled = False
+
+
 @pytest.mark.slow
 def test_ctrl_c_during_a_run_ends_in_one_line_and_writes_nothing(tmp_path):
     env = probe_project(tmp_path, "import time\ntime.sleep(60)", PROBE)
