@@ -39,7 +39,15 @@ from nbzoo.data import mlperf
 from nbzoo.data.fairseq_batching import EpochBatches
 from nbzoo.presets import Config
 from nbzoo.train import TrainConfig, epoch_batches, fit
-from tests.test_packing import TOL, albert, grad_error, make_items, run
+from tests.test_packing import (
+    TOL,
+    albert,
+    grad_error,
+    make_items,
+    mlperf_samples,
+    run,
+    tiny_pretraining_model,
+)
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -264,31 +272,9 @@ def test_a_length_grouped_bert_pretraining_step_in_one_row_matches_it_padded():
 
 
 def test_a_length_grouped_mlperf_step_in_one_row_gives_notebook_06s_loss_and_gradients():
-    torch.manual_seed(0)
-    bert = pretraining.build_model(
-        dict(vocab_size=120, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-             intermediate_size=64, max_position_embeddings=64, hidden_dropout_prob=0.0,
-             attention_probs_dropout_prob=0.0),
-        seed=0,
-    )  # fmt: skip
-    bert.set_attn_implementation("sdpa")
-    model = pretraining.PretrainingModel(bert).train().double()
-    rng = np.random.default_rng(0)
-    samples = []
-    for n in LENGTHS * 2:
-        ids = np.zeros(WIDTH, dtype=np.int64)
-        ids[:n] = rng.integers(5, 120, n)
-        k = max(1, n // 6)
-        positions = np.zeros(5, dtype=np.int64)
-        positions[:k] = np.sort(rng.choice(n, k, replace=False))
-        weights = np.zeros(5, dtype=np.float32)
-        weights[:k] = 1
-        samples.append({
-            "input_ids": ids, "input_mask": (np.arange(WIDTH) < n).astype(np.int64),
-            "segment_ids": ((np.arange(WIDTH) >= n // 2) & (np.arange(WIDTH) < n)).astype(np.int64),
-            "masked_lm_positions": positions, "masked_lm_ids": ids[positions] * (weights > 0),
-            "masked_lm_weights": weights, "next_sentence_labels": np.array([n % 2]),
-        })  # fmt: skip
+    bert, model = tiny_pretraining_model()
+    model = model.double()
+    samples = mlperf_samples(LENGTHS * 2, WIDTH)
     cfg = Config(packing="length", batch_size=4, seed=0)  # 2 mega-batches of 4 steps of 4
     steps = list(pretraining.batch_plan_for("adamw", cfg, samples)(0, 0, 1))
     collate = pretraining.collate_for("adamw", cfg)

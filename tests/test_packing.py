@@ -267,9 +267,9 @@ def test_an_unpacked_batch_goes_to_upstream_unchanged():
     assert torch.equal(ref, got)
 
 
-def test_packed_mlperf_batches_give_notebook_06s_loss_and_gradients():
-    import numpy as np
-
+def tiny_pretraining_model():
+    """Notebook 06's model at a tiny size, without dropout: (the BertForPreTraining, its
+    PretrainingModel wrapper in training mode)."""
     from nbzoo import pretraining
 
     torch.manual_seed(0)
@@ -280,11 +280,18 @@ def test_packed_mlperf_batches_give_notebook_06s_loss_and_gradients():
         seed=0,
     )  # fmt: skip
     bert.set_attn_implementation("sdpa")
-    model = pretraining.PretrainingModel(bert).train()
+    return bert, pretraining.PretrainingModel(bert).train()
+
+
+def mlperf_samples(lengths, width: int) -> list[dict]:
+    """MLPerf pretraining samples (the TFRecord fields) of these token lengths, padded to
+    ``width``: random ids, about one masked position in six, sentence B in the second half."""
+    import numpy as np
+
     rng = np.random.default_rng(0)
     samples = []
-    for n in LENGTHS:
-        ids = np.zeros(32, dtype=np.int64)
+    for n in lengths:
+        ids = np.zeros(width, dtype=np.int64)
         ids[:n] = rng.integers(5, 120, n)
         k = max(1, n // 6)
         positions = np.zeros(5, dtype=np.int64)
@@ -292,11 +299,17 @@ def test_packed_mlperf_batches_give_notebook_06s_loss_and_gradients():
         weights = np.zeros(5, dtype=np.float32)
         weights[:k] = 1
         samples.append({
-            "input_ids": ids, "input_mask": (np.arange(32) < n).astype(np.int64),
-            "segment_ids": ((np.arange(32) >= n // 2) & (np.arange(32) < n)).astype(np.int64),
+            "input_ids": ids, "input_mask": (np.arange(width) < n).astype(np.int64),
+            "segment_ids": ((np.arange(width) >= n // 2) & (np.arange(width) < n)).astype(np.int64),
             "masked_lm_positions": positions, "masked_lm_ids": ids[positions] * (weights > 0),
             "masked_lm_weights": weights, "next_sentence_labels": np.array([n % 2]),
         })  # fmt: skip
+    return samples
+
+
+def test_packed_mlperf_batches_give_notebook_06s_loss_and_gradients():
+    _, model = tiny_pretraining_model()
+    samples = mlperf_samples(LENGTHS, 32)
     from nbzoo.data import mlperf
 
     padded = mlperf.collate(samples)
