@@ -370,6 +370,13 @@ def attention_implementation(
         raise ValueError(
             f"packing attention must be auto or one of {', '.join(ATTENTIONS)}; got {requested!r}"
         )
+    if requested == "flex_attention" and device_kind == "cpu":
+        # torch 2.13's compiled CPU FlexAttention gives logits 0.3 off with one thread on an
+        # AVX2-only CPU (found by CI's AVX2 run): refused rather than silently wrong
+        raise ValueError(
+            "packing attention flex_attention is not used on a CPU (torch's CPU kernel is wrong "
+            "on some CPUs); take sdpa, the same block-diagonal mask"
+        )
     if requested == varlen_attention.NAME:
         varlen_attention.register()
     return requested

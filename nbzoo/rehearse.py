@@ -696,7 +696,13 @@ def main(argv: list[str] | None = None) -> int:
         done.unlink(missing_ok=True)
         shutil.rmtree(s.mirror, ignore_errors=True)  # the rehearsal's own mirror of before
         c0 = cpu_seconds()
-        build_standins(s.root, with_bert_large, log=lambda m: print(m, flush=True))
+        try:
+            build_standins(s.root, with_bert_large, log=lambda m: print(m, flush=True))
+        except OSError as exc:  # a full disk (BERT-Large's stand-ins take about 6 GB), read-only
+            where = exc.filename or s.root
+            print(f"cannot rehearse: {safe_write.write_error(where, exc)}", file=sys.stderr,
+                  flush=True)  # fmt: skip
+            return 1
         done.write_text(identity + "\n")
         summary["standins"] = {
             "wall_seconds": round(time.perf_counter() - start, 1),

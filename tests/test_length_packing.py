@@ -347,3 +347,9 @@ def test_length_packing_attends_with_varlen_and_plain_rows_with_a_mask():
     assert packing.attention_implementation("cuda", compiled=False) == "sdpa"
     with pytest.raises(ValueError, match="packing attention must be auto or one of"):
         packing.attention_implementation("cpu", "varlen")
+
+
+def test_flex_attention_asked_for_on_a_cpu_is_refused_in_favour_of_sdpa():
+    with pytest.raises(ValueError, match="flex_attention is not used on a CPU.*take sdpa"):
+        packing.attention_implementation("cpu", "flex_attention")
+    assert packing.attention_implementation("cuda", "flex_attention") == "flex_attention"

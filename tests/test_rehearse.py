@@ -3,6 +3,7 @@ own code paths), its local mirror of the download hosts and the checksum refusal
 
 from __future__ import annotations
 
+import errno
 import json
 from pathlib import Path
 
@@ -205,3 +206,15 @@ def test_a_run_whose_record_shows_no_download_fails(tmp_path):
         rehearse.check_record(run, record)
     record["downloaded"] = [{"url": r.url} for r in rehearse.NBZOO_DOWNLOADS["03_roberta_sst2"]]
     rehearse.check_record(run, record)
+
+
+def test_a_full_disk_while_building_the_stand_ins_ends_in_one_line(tmp_path, monkeypatch, capsys):
+    def no_space(root, with_bert_large, log=print):
+        raise OSError(errno.ENOSPC, "No space left on device", str(root / "mirror" / "SST-2.zip"))
+
+    monkeypatch.setattr(rehearse, "BUILD", str(tmp_path / "rehearse"))
+    monkeypatch.setattr(rehearse, "build_standins", no_space)
+    assert rehearse.main(["--only", "01_albert_glue"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("cannot rehearse: cannot write ") and len(err.splitlines()) == 1, err
+    assert err.endswith("SST-2.zip: no space left on the device"), err
