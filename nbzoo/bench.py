@@ -670,6 +670,16 @@ def update_readme(
 # ----------------------------------------------------------------------------- entry points
 
 
+def _runtime(device: str, precision: str) -> Runtime | None:
+    """The device to measure on, or None after one line saying why it cannot be had (a device
+    that is absent, an unknown name or precision)."""
+    try:
+        return setup(device, precision, seed=0)
+    except (ValueError, RuntimeError) as exc:
+        print(f"nbzoo bench: {exc}", file=sys.stderr)
+        return None
+
+
 def main(args: argparse.Namespace) -> int:
     """Run the cases named in ``args`` (all when none); the ``nbzoo bench`` sub-command."""
     if args.table and not args.lengths:
@@ -707,7 +717,9 @@ def main(args: argparse.Namespace) -> int:
     if args.steps < 1:
         print(f"nbzoo bench: --steps must be at least 1, got {args.steps}", file=sys.stderr)
         return 2
-    rt = setup(args.device, args.precision or "bf16", seed=0)
+    rt = _runtime(args.device, args.precision or "bf16")
+    if rt is None:
+        return 2
     compile_arg = args.compile
     compile_ = compile_arg == "on" or (
         compile_arg == "auto" and not (args.quick and rt.kind == "cpu")
@@ -784,7 +796,9 @@ def _main_lengths(args: argparse.Namespace, names: list[str]) -> int:
         print(f"nbzoo bench: --rounds must be at least 1, got {args.rounds}", file=sys.stderr)
         return 2
     # fp32 on a CPU unless asked: bf16 autocast is emulated on CPUs without AVX512-BF16 / AMX
-    rt = setup(args.device, args.precision or "auto", seed=0)
+    rt = _runtime(args.device, args.precision or "auto")
+    if rt is None:
+        return 2
     compile_ = {"on": True, "off": False}.get(args.compile)
     folder = bench_lengths.output_dir(rt.kind + ("/quick" if args.quick else ""), args.out)
     print(

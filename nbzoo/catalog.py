@@ -22,14 +22,18 @@ def available_notebooks() -> list[str]:
 
 
 def find_notebook(name: str) -> Path:
-    """Accept a stem (01_albert_glue), a name without its number (albert_glue) or a path."""
+    """Accept a stem (01_albert_glue), its number (01), a name without its number (albert_glue)
+    or a path."""
     stems = available_notebooks()
-    stem = Path(name).stem
-    matches = [s for s in stems if s == stem or s.split("_", 1)[1] == stem]
-    if len(matches) != 1:
+    if not stems:
         raise UsageError(
-            f"unknown notebook {name!r}; choose one of: {', '.join(stems) or '(none found)'}"
+            f"no notebooks in {notebooks_dir()}: run nbzoo inside its checkout (or a folder below "
+            "it), or set NBZOO_ROOT to the checkout"
         )
+    stem = Path(name).stem
+    matches = [s for s in stems if stem in (s, *s.split("_", 1))]
+    if len(matches) != 1:
+        raise UsageError(f"unknown notebook {name!r}; choose one of: {', '.join(stems)}")
     return notebooks_dir() / f"{matches[0]}.ipynb"
 
 

@@ -97,6 +97,18 @@ def test_unknown_case_is_a_usage_error(capsys):
     assert "unknown case 'nope'" in err and "albert_base_cls" in err
 
 
+@pytest.mark.parametrize("case", ["albert_base_cls", "albert_base_sst2"])
+@pytest.mark.parametrize(
+    "device, message",
+    [("npu", "device='npu' but no usable Ascend NPU"), ("tpu", "device must be one of")],
+)
+def test_a_device_that_cannot_be_had_is_one_line(case, device, message, capsys):
+    args = bench.build_parser().parse_args([case, "--quick", "--device", device])
+    assert bench.main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"nbzoo bench: {message}") and len(err.splitlines()) == 1, err
+
+
 def test_the_committed_readme_shows_the_committed_gpu_records():
     """bench/README.md's tables are generated from results/bench/*.json, and kept in step."""
     from pathlib import Path

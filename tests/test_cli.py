@@ -3,6 +3,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -75,6 +76,14 @@ def test_user_mistakes_exit_2_with_one_line(args, message):
     assert lines[0].startswith("nbzoo: error: ") and message in lines[0]
 
 
+def test_run_outside_the_checkout_says_where_it_looked_for_notebooks(tmp_path, monkeypatch):
+    monkeypatch.delenv("NBZOO_ROOT", raising=False)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(cli.UsageError, match=f"no notebooks in {tmp_path / 'notebooks'}: run nbzoo "
+                       "inside its checkout .* or set NBZOO_ROOT"):  # fmt: skip
+        cli.find_notebook("01_albert_glue")
+
+
 def test_values_are_parsed_as_the_declared_type():
     assert cli.convert("epochs", "3", "Optional[int]") == 3
     assert cli.convert("lr", "1", "Optional[float]") == 1.0 and isinstance(
@@ -95,6 +104,7 @@ def test_list_shows_notebooks_and_presets():
 
 def test_notebook_names_resolve_with_or_without_their_number():
     assert cli.find_notebook("albert_glue").name == "01_albert_glue.ipynb"
+    assert cli.find_notebook("01").name == "01_albert_glue.ipynb"
     assert cli.find_notebook("notebooks/01_albert_glue.ipynb").name == "01_albert_glue.ipynb"
 
 
@@ -191,11 +201,11 @@ def test_a_run_that_fails_keeps_the_previous_notebook_and_one_that_succeeds_repl
         tmp_path, "assert not fail, 'failed on purpose\\nmore'\nprint('ran')", PROBE
     )
     out = tmp_path / "out"
-    out.mkdir()
-    (out / "01_probe.ipynb").write_text("the previous run")
+    assert nbzoo("run", "01_probe", "--output-dir", str(out), env=env).returncode == 0
+    previous = (out / "01_probe.ipynb").read_bytes()
     proc = nbzoo("run", "01_probe", "--output-dir", str(out), "-p", "fail=true", env=env)
     assert "AssertionError: failed on purpose ..." in one_line_error(proc, code=1)
-    assert (out / "01_probe.ipynb").read_text() == "the previous run"
+    assert (out / "01_probe.ipynb").read_bytes() == previous
     failed = nbformat.read(out / "01_probe.failed.ipynb", as_version=4)
     assert any(o.get("ename") == "AssertionError" for o in failed.cells[-1].outputs)
     (tmp_path / "notebooks" / "01_probe.failed.ipynb").write_text("{}")  # as in `make notebooks`
@@ -205,24 +215,78 @@ def test_a_run_that_fails_keeps_the_previous_notebook_and_one_that_succeeds_repl
     assert proc.returncode == 0, proc.stderr
     executed = json.loads((out / "01_probe.ipynb").read_text())
     assert "ran" in "".join(executed["cells"][-1]["outputs"][0]["text"])
-    assert sorted(p.name for p in out.iterdir()) == ["01_probe.failed.ipynb", "01_probe.ipynb"]
+    assert (out / "01_probe.ipynb").read_bytes() != previous
+    made = [".nbzoo-owned", "01_probe.failed.ipynb", "01_probe.ipynb"]  # out/: made, so marked
+    assert sorted(p.name for p in out.iterdir()) == made
 
 
-def test_a_stop_silences_papermills_echo_of_the_kernel_it_shuts_down(capsys):
-    """Ctrl-C reaches nbzoo run and its kernel at once; whichever the shutdown races, the stop ends
-    in nbzoo's one line, without papermill's "Kernel died" or asyncio's unretrieved DeadKernelError."""
+def test_a_notebook_of_the_users_where_the_run_would_go_is_refused_before_the_run(tmp_path):
+    env = probe_project(tmp_path, "print('ran')", PROBE)
+    source = nbformat.read(tmp_path / "notebooks" / "01_probe.ipynb", as_version=4)
+    edited = nbformat.from_dict(source)
+    edited.cells.append(nbformat.v4.new_markdown_cell("my own notes"))
+    for name, mine in (("01_probe.ipynb", "my notebook"), ("01_probe.failed.ipynb", edited)):
+        out = tmp_path / f"out-{name}"
+        out.mkdir()
+        (out / name).write_text(mine if isinstance(mine, str) else nbformat.writes(mine))
+        before = (out / name).read_bytes()
+        proc = nbzoo("run", "01_probe", "--output-dir", str(out), env=env)
+        line = one_line_error(proc)
+        assert f"{name} exists and is not an earlier run of 01_probe.ipynb" in line, line
+        assert "move it away or name another --output-dir" in line
+        assert (out / name).read_bytes() == before and [p.name for p in out.iterdir()] == [name]
+
+
+def test_an_unedited_run_of_an_older_version_of_the_notebook_is_replaced_an_edited_one_kept(
+    tmp_path,
+):
+    notebook = cli.find_notebook("01_albert_glue")
+    older = nbformat.read(notebook, as_version=4)
+    older.cells[0].source += "\n(an older version of the lesson)"
+    (tmp_path / "older.ipynb").write_bytes(cli.stamped(nbformat.writes(older).encode()))
+    recognise = cli.earlier_run_of(notebook)
+    assert recognise(tmp_path / "older.ipynb")
+    edited = nbformat.read(tmp_path / "older.ipynb", as_version=4)
+    edited.cells[1].source += "\nmy own line"
+    nbformat.write(edited, tmp_path / "edited.ipynb")
+    assert not recognise(tmp_path / "edited.ipynb")
+    (tmp_path / "junk.ipynb").write_text("{}")
+    assert not recognise(tmp_path / "junk.ipynb") and recognise(notebook)
+
+
+@pytest.mark.slow
+def test_a_kernel_that_dies_ends_in_one_line_and_keeps_the_cells_it_ran(tmp_path):
+    code = "print('before')\nimport os, signal\nos.kill(os.getpid(), signal.SIGKILL)"
+    env = probe_project(tmp_path, code, PROBE)
+    out = tmp_path / "out"
+    proc = nbzoo("run", "01_probe", "--output-dir", str(out), env=env)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("nbzoo: the notebook's kernel died (killed by the system"), last
+    assert last.endswith(str(out / "01_probe.failed.ipynb"))
+    assert sorted(p.name for p in out.iterdir()) == [".nbzoo-owned", "01_probe.failed.ipynb"]
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_stop_silences_papermills_echo_of_the_kernel_it_shuts_down(signum, capsys):
+    """Ctrl-C (or kill) reaches nbzoo run and its kernel at once; whichever the shutdown races, the
+    stop ends in nbzoo's one line, without papermill's "Kernel died" or asyncio's unretrieved
+    DeadKernelError. SIGINT as a terminal delivers it, whatever this test process inherited (a
+    background job, such as CI's `bash .ci/run &`, inherits SIGINT ignored)."""
     from nbzoo import lifeline
 
     echoes = [logging.getLogger(name) for name in ("papermill", "asyncio")]
+    inherited = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         with lifeline.signals_as_interrupt(on_stop=cli.quiet_shutdown):
             with pytest.raises(KeyboardInterrupt):
-                os.kill(os.getpid(), signal.SIGINT)
+                os.kill(os.getpid(), signum)
                 time.sleep(5)
         for logger in echoes:
             logger.error("Kernel died while waiting for execute reply.")
         assert "Kernel died" not in capsys.readouterr().err
     finally:
+        signal.signal(signal.SIGINT, inherited)
         for logger in echoes:
             logger.disabled = False
 
@@ -232,7 +296,8 @@ def test_ctrl_c_during_a_run_ends_in_one_line_and_writes_nothing(tmp_path):
     env = probe_project(tmp_path, "import time\ntime.sleep(60)", PROBE)
     out = tmp_path / "out"
     out.mkdir()
-    (out / "01_probe.ipynb").write_text("the previous run")
+    shutil.copy(tmp_path / "notebooks" / "01_probe.ipynb", out / "01_probe.ipynb")  # a run of it
+    previous = (out / "01_probe.ipynb").read_bytes()
     proc = subprocess.Popen(
         [sys.executable, "-m", "nbzoo.cli", "run", "01_probe", "--output-dir", str(out)],
         stdout=subprocess.PIPE,
@@ -253,4 +318,4 @@ def test_ctrl_c_during_a_run_ends_in_one_line_and_writes_nothing(tmp_path):
     proc.stderr = stderr
     assert one_line_error(proc, code=cli.EXIT_INTERRUPTED).startswith("nbzoo: interrupted")
     assert sorted(p.name for p in out.iterdir()) == ["01_probe.ipynb"]
-    assert (out / "01_probe.ipynb").read_text() == "the previous run"
+    assert (out / "01_probe.ipynb").read_bytes() == previous

@@ -675,6 +675,27 @@ def _launch_record(tmp_path, monkeypatch):
     )
 
 
+def _executed_notebook(tmp_path, monkeypatch):
+    import nbformat
+
+    from nbzoo import cli, safe_write
+
+    notebook = tmp_path / "notebooks" / "01_probe.ipynb"
+    notebook.parent.mkdir()
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("print('ran')")])
+    nb.metadata["kernelspec"] = {
+        "name": "python3",
+        "display_name": "Python 3",
+        "language": "python",
+    }
+    nbformat.write(nb, notebook)
+    return Writer(
+        lambda folder: cli.execute(notebook, folder / "01_probe.ipynb", {}, "python3"),
+        {"01_probe.ipynb": b'{"cells": []}', "01_probe.failed.ipynb": b"my notes"},
+        lambda mp: mp.setattr(safe_write.os, "replace", _full),
+    )
+
+
 def _results_record(tmp_path, monkeypatch):
     from nbzoo import device, metrics, safe_write
 
@@ -782,6 +803,7 @@ WRITERS = {
     "convert_fairseq": _convert_fairseq,
     "torchrun launch records": _launch_record,
     "results record": _results_record,
+    "executed notebook (nbzoo run)": _executed_notebook,
     "nbzoo.infer": _infer,
     "cann_standins": _cann_standins,
     "stand-in checkpoints (rehearsal)": _standin_checkpoint,
