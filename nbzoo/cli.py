@@ -17,8 +17,6 @@ from __future__ import annotations
 import argparse
 import ast
 import contextlib
-import hashlib
-import json
 import logging
 import os
 import signal
@@ -36,6 +34,7 @@ from nbzoo.catalog import (
     notebook_parameters,
     notebooks_dir,
 )
+from nbzoo.run_outputs import WRITER, check_outputs, failed_path, install
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130  # what a shell reports for a command ended by SIGINT
@@ -232,94 +231,16 @@ def writable_folder(folder: Path) -> Path:
     return folder
 
 
-def failed_path(output: Path) -> Path:
-    """Where a run that failed in a cell leaves its notebook (with the traceback)."""
-    return output.with_name(f"{output.stem}.failed.ipynb")
-
-
-WRITER = "nbzoo run"
-
-
-def _cells_digest(cells: list) -> str:
-    return hashlib.sha256(json.dumps(cells, sort_keys=True).encode()).hexdigest()
-
-
-def stamped(executed: bytes) -> bytes:
-    """The executed notebook with nbzoo's stamp in its metadata: the digest of its cells, so that
-    a later run knows the file as its own while nobody has edited it."""
-    import nbformat
-
-    nb = nbformat.reads(executed.decode("utf-8"), as_version=4)
-    nb.metadata["nbzoo"] = {"written_by": WRITER, "cells_sha256": _cells_digest(nb.cells)}
-    return nbformat.writes(nb).encode("utf-8")
-
-
-def earlier_run_of(notebook: Path):
-    """Recognises a file a new run of ``notebook`` may replace: an output of nbzoo run nobody has
-    edited since (its stamp's digest still matches its cells: a run of an older version of the
-    notebook too), or an executed copy of this notebook (its cells, less those papermill adds --
-    the injected parameters, a failed run's error cells -- are the notebook's own). Nothing in
-    either is the user's but the outputs of a run; anything else is left alone."""
-    added = {"injected-parameters", "papermill-error-cell-tag"}
-
-    def read(path: Path) -> dict | None:
-        import nbformat
-
-        try:  # as nbformat reads it (each source one string), as the stamp was computed
-            nb = nbformat.reads(path.read_text(encoding="utf-8"), as_version=4)
-            return nb if isinstance(nb.get("cells"), list) else None
-        except Exception:  # noqa: BLE001  (whatever nbformat cannot read is not nbzoo's output)
-            return None
-
-    def sources(nb: dict | None) -> list[tuple[str, str]] | None:
-        try:
-            return [
-                (c["cell_type"], "".join(c["source"]))
-                for c in nb["cells"]
-                if not added & set(c.get("metadata", {}).get("tags", []))
-            ]
-        except (KeyError, TypeError):
-            return None
-
-    own = sources(read(notebook))
-
-    def recognise(path: Path) -> bool:
-        nb = read(path)
-        if nb is None:
-            return False
-        stamp = (nb.get("metadata") or {}).get("nbzoo") or {}
-        if stamp.get("cells_sha256") == _cells_digest(nb["cells"]):
-            return True
-        return own is not None and sources(nb) == own
-
-    return recognise
-
-
-def check_outputs(path: Path, output: Path) -> None:
-    """Refuse (:class:`safe_write.NotOursError`) when ``output`` or its ``.failed`` twin is a file
-    nbzoo may not replace."""
-    recognise = earlier_run_of(path)
-    for final in (output, failed_path(output)):
-        if (final.exists() or final.is_symlink()) and not (
-            safe_write.owns(final) or (final.is_file() and recognise(final))
-        ):
-            raise safe_write.NotOursError(
-                f"{paths.shown(final)} exists and is not an earlier run of {path.name} (nbzoo "
-                "did not write it, or it was edited since); nbzoo run replaces only its own "
-                "outputs: move it away or name another --output-dir"
-            )
-
-
 def execute(
     path: Path, output: Path, parameters: dict[str, Any], kernel: str, verbose: bool = False
 ) -> float:
     """Run one notebook with papermill from its own folder; return the seconds it took.
 
-    papermill writes under a temporary name beside ``output``, renamed to ``output`` when the
-    run succeeds; a run that fails in a cell is renamed to :func:`failed_path` (its traceback
-    inside), anything else (Ctrl-C, a kernel that dies at start) leaves no file: the previous
+    papermill writes under a temporary name beside ``output``, installed as ``output`` when the
+    run succeeds; a run that fails in a cell or whose kernel dies is installed as
+    :func:`failed_path` (its traceback inside), anything else (Ctrl-C) leaves no file: the previous
     ``output`` is never replaced by a run that did not finish, nor a file that is not an earlier
-    run of the notebook (:func:`check_outputs`, asked before the run and again at its end)."""
+    run of the notebook (:mod:`nbzoo.run_outputs`, asked before the run and again at its end)."""
     import papermill
     from nbclient.exceptions import DeadKernelError
 
@@ -347,27 +268,15 @@ def execute(
                 shutdown_kernel="immediate",
             )
         install(path, partial, output)
-    except papermill.PapermillExecutionError as exc:
-        if exc.ename == "KeyboardInterrupt":  # Ctrl-C reached the kernel first
+    except (papermill.PapermillExecutionError, DeadKernelError) as exc:
+        if getattr(exc, "ename", None) == "KeyboardInterrupt":  # Ctrl-C reached the kernel first
             raise KeyboardInterrupt from None
-        if partial.exists():
-            install(path, partial, failed_path(output))
-        raise
-    except DeadKernelError:  # killed (out of memory) or crashed: the cells it ran are kept
-        if partial.exists():
+        if partial.exists():  # a cell failed, or the kernel died: the cells it ran are kept
             install(path, partial, failed_path(output))
         raise
     finally:  # installed under its final name, or not at all
         partial.unlink(missing_ok=True)
     return time.perf_counter() - start
-
-
-def install(notebook: Path, executed: Path, final: Path) -> None:
-    """The executed notebook in its place, replacing only an earlier run of ``notebook``."""
-    safe_write.write_output_file(
-        final, stamped(executed.read_bytes()), WRITER, recognise=earlier_run_of(notebook),
-        hint="move it away or name another --output-dir",
-    )  # fmt: skip
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

@@ -13,7 +13,7 @@ import nbformat
 import papermill
 import pytest
 
-from nbzoo import cli
+from nbzoo import cli, run_outputs
 from tests.conftest import probe_project
 
 NOTEBOOKS = cli.available_notebooks()
@@ -243,8 +243,8 @@ def test_an_unedited_run_of_an_older_version_of_the_notebook_is_replaced_an_edit
     notebook = cli.find_notebook("01_albert_glue")
     older = nbformat.read(notebook, as_version=4)
     older.cells[0].source += "\n(an older version of the lesson)"
-    (tmp_path / "older.ipynb").write_bytes(cli.stamped(nbformat.writes(older).encode()))
-    recognise = cli.earlier_run_of(notebook)
+    (tmp_path / "older.ipynb").write_bytes(run_outputs.stamped(nbformat.writes(older).encode()))
+    recognise = run_outputs.earlier_run_of(notebook)
     assert recognise(tmp_path / "older.ipynb")
     edited = nbformat.read(tmp_path / "older.ipynb", as_version=4)
     edited.cells[1].source += "\nmy own line"
